@@ -1,0 +1,34 @@
+# The two set-up commands of the README. Both create (or reuse) .venv, keyed on a hash of
+# pyproject.toml so a second run installs nothing.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: demo test env lint docs bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test,docs,bench,plot]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+## the main job: real her2st sections -> SPADE -> prediction, metrics and figures in results/
+demo: $(STAMP)
+	$(VENV)/bin/python -m sq_spade.demo --out results
+
+## the test suite (CI calls exactly this)
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup tests
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) docs/_build results

@@ -1,0 +1,48 @@
+"""Package-wide settings, in the style of ``scanpy.settings``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_data_dir() -> Path | None:
+    env = os.environ.get("SQ_SPADE_DATA_DIR")
+    return Path(env).expanduser() if env else None
+
+
+@dataclass
+class Settings:
+    """Global settings of sq_spade.
+
+    Attributes
+    ----------
+    progress
+        Show tqdm progress bars on long work.
+    device
+        Default device for torch work: ``"auto"`` picks cuda, then mps, then cpu.
+    num_workers
+        Default number of DataLoader workers for patch loading (0: in the main process).
+    data_dir
+        Folder of public datasets (``SQ_SPADE_DATA_DIR``); ``None`` uses pooch's cache.
+    memory_budget_bytes
+        A pyramid level larger than this is read window by window instead of into memory.
+    seed
+        Default random seed.
+
+    Examples
+    --------
+    >>> import sq_spade as sqs
+    >>> sqs.settings.progress = False
+    """
+
+    progress: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    data_dir: Path | None = field(default_factory=_default_data_dir)
+    memory_budget_bytes: int = 2 * 1024**3
+    seed: int = 0
+
+
+settings = Settings()

@@ -1,0 +1,113 @@
+"""Shared argument checks. Every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sq_spade import _constants as K
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def is_spatialdata(obj: Any) -> bool:
+    """Whether ``obj`` is a SpatialData without importing spatialdata eagerly."""
+    return type(obj).__name__ == "SpatialData" and hasattr(obj, "tables")
+
+
+def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLE_KEY, *,
+              arg: str = "sdata") -> AnnData:
+    """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``)."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data
+    if not is_spatialdata(data):
+        raise TypeError(f"`{arg}` must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    table_key = K.TABLE_KEY if table_key is None else table_key
+    if table_key not in data.tables:
+        raise KeyError(
+            f"`table_key={table_key!r}` is not a table of `{arg}`; "
+            f"expected one of {sorted(data.tables)}."
+        )
+    return data.tables[table_key]
+
+
+def check_choice(value: Any, arg: str, options: Iterable[Any]) -> Any:
+    """Raise unless ``value`` is one of ``options``."""
+    options = list(options)
+    if value not in options:
+        raise ValueError(f"`{arg}` must be one of {options}, got {value!r}.")
+    return value
+
+
+def check_positive(value: Any, arg: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    """Raise unless ``value`` is a positive (or non-negative) finite number."""
+    kind = "integer" if integer else "number"
+    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
+    if isinstance(value, bool) or not ok or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"`{arg}` must be a {sign} {kind}, got {value!r}.")
+    return value
+
+
+def check_obsm(adata: AnnData, key: str, *, arg: str = "features_key") -> np.ndarray:
+    """Return ``adata.obsm[key]`` as a 2-D float32 array, or raise naming ``arg``."""
+    if key not in adata.obsm:
+        raise KeyError(f"`{arg}={key!r}` is not in `obsm`; available keys: {sorted(adata.obsm)}.")
+    x = np.asarray(adata.obsm[key], dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != adata.n_obs:
+        raise ValueError(f"`obsm[{key!r}]` must be (n_obs, D), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"`obsm[{key!r}]` contains NaN or infinite values.")
+    return x
+
+
+def check_obs_column(adata: AnnData, key: str, *, arg: str) -> Any:
+    """Return ``adata.obs[key]`` or raise naming ``arg``."""
+    if key not in adata.obs:
+        raise KeyError(f"`{arg}={key!r}` is not a column of `obs`; available: {list(adata.obs.columns)}.")
+    return adata.obs[key]
+
+
+def check_sections(adata: AnnData, sections: Sequence[str] | str | None, *, arg: str) -> list[str]:
+    """Validate a list of section ids against ``obs['section']``; ``None`` means all."""
+    present = list(section_ids(adata))
+    if sections is None:
+        return present
+    if isinstance(sections, str):
+        sections = [sections]
+    missing = [s for s in sections if s not in present]
+    if missing:
+        raise ValueError(f"`{arg}` names sections {missing} that are not in the table; present: {present}.")
+    return list(sections)
+
+
+def section_ids(adata: AnnData) -> np.ndarray:
+    """Section ids in order of first appearance (one id ``'section'`` if the column is absent)."""
+    if K.SECTION_KEY not in adata.obs:
+        return np.array(["section"])
+    return np.asarray(list(dict.fromkeys(adata.obs[K.SECTION_KEY].astype(str))))
+
+
+def section_labels(adata: AnnData) -> np.ndarray:
+    """Per-row section id as a string array."""
+    if K.SECTION_KEY not in adata.obs:
+        return np.full(adata.n_obs, "section", dtype=object)
+    return adata.obs[K.SECTION_KEY].astype(str).to_numpy()
+
+
+def check_rgb_uint8(image: np.ndarray, *, arg: str = "image") -> np.ndarray:
+    """Raise unless ``image`` is an ``(H, W, 3)`` uint8 array."""
+    if image.ndim == 2:
+        raise ValueError(f"`{arg}` must be an RGB image (H, W, 3) of uint8, got a grayscale image {image.shape}.")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"`{arg}` must be an RGB image (H, W, 3) of uint8, got shape {image.shape} "
+                         "(RGBA images: drop the alpha channel first).")
+    if image.dtype != np.uint8:
+        raise ValueError(f"`{arg}` must be 8-bit (uint8) RGB, got dtype {image.dtype}; rescale it to 0..255 first.")
+    return image

@@ -1,0 +1,374 @@
+"""Patches around spots, defined physically (um and um/px) and served lazily.
+
+A patch is the square of side ``patch_size_um`` micrometres centred on a spot, resampled to
+``patch_px`` pixels (so its resolution is ``patch_size_um / patch_px`` um/px). It is read from
+the coarsest pyramid level that is at least as fine as that resolution; pixels outside the
+image take the value ``fill`` (255, slide-glass white, by default). ``patch_px`` alone (no
+``patch_size_um``) asks for native-pixel crops of the finest level, as mclSTExp uses.
+
+:class:`Patches` holds, per section, one pyramid level as a numpy array (or, when the level is
+larger than ``settings.memory_budget_bytes``, the lazy dask array, read window by window) and
+the spot centres in that level's pixels. It is a map-style dataset: ``patches[i]`` is the
+``(patch_px, patch_px, 3)`` uint8 patch of table row ``i``; a torch DataLoader can iterate it
+directly, with workers (numpy levels are shared copy-on-write; dask reads use the synchronous
+scheduler inside workers, which avoids the fork deadlock of threaded dask).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sq_spade import _constants as K
+from sq_spade._settings import settings
+from sq_spade._utils import progress
+from sq_spade._validation import check_positive, get_table, is_spatialdata
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+DEFAULT_PATCH_UM = 112.0
+DEFAULT_MPP = 0.5
+DEFAULT_FILL = 255
+#: A pixel is tissue when its channels spread by at least this much (glass and masked
+#: backgrounds are grey, white or black; H&E stains are saturated).
+TISSUE_CHROMA = 15
+
+
+@dataclass
+class PatchGeometry:
+    """How patches are cut; stored in ``uns['sq_spade_patches']`` by :func:`extract_patches`."""
+
+    patch_size_um: float
+    mpp: float
+    patch_px: int
+    fill: int = DEFAULT_FILL
+    mode: str = "physical"  # or "native"
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _resolve_geometry(patch_size_um: float | None, mpp: float | None, patch_px: int | None) -> tuple[str, float | None, float | None, int | None]:
+    if patch_px is not None:
+        check_positive(patch_px, "patch_px", integer=True)
+    if patch_size_um is not None:
+        check_positive(patch_size_um, "patch_size_um")
+    if mpp is not None:
+        check_positive(mpp, "mpp")
+    if patch_px is not None and patch_size_um is None and mpp is None:
+        return "native", None, None, int(patch_px)
+    if patch_size_um is None and mpp is None:
+        patch_size_um, mpp = DEFAULT_PATCH_UM, DEFAULT_MPP
+    if patch_size_um is None:
+        if patch_px is None:
+            raise ValueError("Give `patch_size_um` with `mpp`, or `patch_px` with one of them.")
+        patch_size_um = patch_px * mpp
+    if mpp is None:
+        mpp = patch_size_um / patch_px if patch_px is not None else DEFAULT_MPP
+    out = int(round(patch_size_um / mpp)) if patch_px is None else int(patch_px)
+    if patch_px is not None and not math.isclose(patch_px * mpp, patch_size_um, rel_tol=1e-3):
+        raise ValueError(f"`patch_px * mpp` ({patch_px} * {mpp}) must equal `patch_size_um` ({patch_size_um}).")
+    return "physical", float(patch_size_um), float(mpp), out
+
+
+class _Level:
+    """One pyramid level of one image: (c, y, x) numpy or lazy dask array."""
+
+    def __init__(self, data: Any, in_memory: bool):
+        self.data = data
+        self.in_memory = in_memory
+        self.height, self.width = int(data.shape[1]), int(data.shape[2])
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, fill: int) -> np.ndarray:
+        """Window [y0, y1) x [x0, x1) as (h, w, 3) uint8, padded with ``fill`` outside the level."""
+        h, w = y1 - y0, x1 - x0
+        cy0, cy1 = max(y0, 0), min(y1, self.height)
+        cx0, cx1 = max(x0, 0), min(x1, self.width)
+        if cy0 >= cy1 or cx0 >= cx1:
+            return np.full((h, w, 3), fill, np.uint8)
+        win = self.data[:, cy0:cy1, cx0:cx1]
+        if not self.in_memory:
+            import dask
+
+            with dask.config.set(scheduler="synchronous"):
+                win = win.compute()
+        win = np.moveaxis(np.asarray(win), 0, -1)
+        if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
+            return np.ascontiguousarray(win)
+        out = np.full((h, w, 3), fill, np.uint8)
+        out[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] = win
+        return out
+
+
+class Patches:
+    """Patches of every table row, served on demand (a map-style, torch-compatible dataset).
+
+    Build it with :func:`sq_spade.pp.extract_patches` or :func:`sq_spade.pp.patches`.
+
+    Examples
+    --------
+    >>> sd = sqs.datasets.synthetic_section()
+    >>> p = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    >>> p[0].shape
+    (32, 32, 3)
+    """
+
+    def __init__(self, levels: list[_Level], level_of_row: np.ndarray, centers: np.ndarray,
+                 windows: np.ndarray, patch_px: int, fill: int, geometry: PatchGeometry, obs_names: Sequence[str],
+                 rows: np.ndarray):
+        self._levels = levels
+        self._level_of_row = level_of_row
+        self._centers = centers  # (n, 2) x, y in continuous level pixels
+        self._windows = windows  # (n,) window side in level pixels
+        self.patch_px = patch_px
+        self.fill = fill
+        self.geometry = geometry
+        self.obs_names = np.asarray(obs_names)
+        #: table row (integer position) of each patch
+        self.rows = np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self._level_of_row)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"patch index {i} out of range for {len(self)} patches")
+        i = int(i) % len(self)
+        level = self._levels[self._level_of_row[i]]
+        cx, cy = self._centers[i]
+        w = self._windows[i]
+        out = self.patch_px
+        if abs(w - out) < 1e-6:
+            # native resolution: exact pixels, no resampling
+            x0 = int(math.floor(cx - out / 2 + 0.5))
+            y0 = int(math.floor(cy - out / 2 + 0.5))
+            return level.read(y0, y0 + out, x0, x0 + out, self.fill)
+        from PIL import Image
+
+        bx0, by0 = cx - w / 2, cy - w / 2
+        ix0, iy0 = int(math.floor(bx0)) - 1, int(math.floor(by0)) - 1
+        ix1, iy1 = int(math.ceil(bx0 + w)) + 1, int(math.ceil(by0 + w)) + 1
+        win = level.read(iy0, iy1, ix0, ix1, self.fill)
+        box = (bx0 - ix0, by0 - iy0, bx0 - ix0 + w, by0 - iy0 + w)
+        return np.asarray(Image.fromarray(win).resize((out, out), Image.BILINEAR, box=box))
+
+    def batch(self, indices: Sequence[int]) -> np.ndarray:
+        """Stack the patches of ``indices`` into ``(B, patch_px, patch_px, 3)`` uint8."""
+        out = np.empty((len(indices), self.patch_px, self.patch_px, 3), np.uint8)
+        for j, i in enumerate(indices):
+            out[j] = self[i]
+        return out
+
+    def iter_batches(self, batch_size: int = 64, indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Yield consecutive uint8 batches (in table order unless ``indices`` is given)."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
+        for s in range(0, len(idx), batch_size):
+            yield self.batch(idx[s: s + batch_size])
+
+    def padded_fraction(self) -> np.ndarray:
+        """Fraction of each patch's window that lies outside its image."""
+        out = np.empty(len(self))
+        for i in range(len(self)):
+            level = self._levels[self._level_of_row[i]]
+            cx, cy = self._centers[i]
+            w = self._windows[i]
+            ox = max(0.0, min(cx + w / 2, level.width) - max(cx - w / 2, 0.0))
+            oy = max(0.0, min(cy + w / 2, level.height) - max(cy - w / 2, 0.0))
+            out[i] = 1.0 - ox * oy / (w * w)
+        return out
+
+
+def tissue_fraction(patch: np.ndarray) -> float:
+    """Fraction of a patch's pixels that look stained (channel spread >= ``TISSUE_CHROMA``)."""
+    p = patch.astype(np.int16)
+    chroma = p.max(-1) - p.min(-1)
+    return float((chroma >= TISSUE_CHROMA).mean())
+
+
+def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
+    from sq_spade.io._sections import image_levels
+
+    levels = image_levels(sdata.images[image_key])
+    lv0 = levels[0]
+    c = lv0.sizes.get("c", 0)
+    if c != 3:
+        kind = {1: "grayscale", 4: "RGBA"}.get(c, f"{c}-channel")
+        raise ValueError(f"`image_key={image_key!r}` is a {kind} image; patches need 8-bit RGB (3 channels).")
+    if lv0.dtype != np.uint8:
+        raise ValueError(f"`image_key={image_key!r}` has dtype {lv0.dtype}; patches need 8-bit RGB (uint8). "
+                         "Rescale it to 0..255 first.")
+    return levels
+
+
+def patches(
+    sdata: SpatialData,
+    *,
+    table_key: str = K.TABLE_KEY,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    patch_size_um: float | None = None,
+    mpp: float | None = None,
+    patch_px: int | None = None,
+    fill: int = DEFAULT_FILL,
+    level: int | None = None,
+) -> Patches:
+    """Build the lazy patch source of every table row without writing anything.
+
+    Parameters are those of :func:`extract_patches`; with none of ``patch_size_um``, ``mpp``
+    and ``patch_px`` the geometry recorded by the last :func:`extract_patches` call is reused,
+    or else SPADE's default (112 um at 0.5 um/px, 224 px).
+    """
+    if not is_spatialdata(sdata):
+        raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
+    from sq_spade.io._sections import (
+        affine_to,
+        get_sections,
+        microns_per_pixel,
+        spot_centers_um,
+    )
+
+    table = get_table(sdata, table_key)
+    if patch_size_um is None and mpp is None and patch_px is None and K.PATCHES_UNS in table.uns:
+        g = table.uns[K.PATCHES_UNS]
+        if g.get("mode") == "native":
+            patch_px = int(g["patch_px"])
+        else:
+            patch_size_um, mpp, patch_px = float(g["patch_size_um"]), float(g["mpp"]), int(g["patch_px"])
+        fill = int(g.get("fill", fill))
+    mode, size_um, target_mpp, out = _resolve_geometry(patch_size_um, mpp, patch_px)
+    if not (isinstance(fill, (int, np.integer)) and 0 <= fill <= 255):
+        raise ValueError(f"`fill` must be an integer in 0..255, got {fill!r}.")
+    if level is not None:
+        check_positive(level, "level", integer=True, allow_zero=True)
+    sections = get_sections(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key)
+    n = table.n_obs
+    level_of_row = np.full(n, -1, np.int64)
+    centers = np.zeros((n, 2))
+    windows = np.zeros(n)
+    levels: list[_Level] = []
+    geometry = PatchGeometry(patch_size_um=size_um or float("nan"), mpp=target_mpp or float("nan"),
+                             patch_px=out, fill=int(fill), mode=mode)
+    for sec in sections:
+        if sec.image_key is None:
+            raise ValueError(f"Section {sec.section!r} has no image with a transformation to {sec.coordinate_system!r}; "
+                             "pass `image_key`.")
+        arrays = _image_levels_checked(sdata, sec.image_key)
+        img_aff = affine_to(sdata.images[sec.image_key], sec.coordinate_system)
+        mpp0 = microns_per_pixel(img_aff, what=f"image {sec.image_key!r}")
+        w0 = arrays[0].sizes["x"]
+        level_mpps = [mpp0 * w0 / a.sizes["x"] for a in arrays]
+        if mode == "native":
+            chosen, sec_mpp, sec_size = 0, level_mpps[0], out * level_mpps[0]
+        else:
+            sec_mpp, sec_size = target_mpp, size_um
+            ok = [i for i, m in enumerate(level_mpps) if m <= target_mpp * (1 + 1e-3)]
+            chosen = max(ok) if ok else 0
+            if not ok:
+                warnings.warn(
+                    f"Section {sec.section!r}: the finest image level is {level_mpps[0]:.3g} um/px, coarser than the "
+                    f"requested {target_mpp:g} um/px; patches are upsampled.", UserWarning, stacklevel=2)
+        if level is not None:
+            if level >= len(arrays):
+                raise ValueError(f"`level={level}` but image {sec.image_key!r} has {len(arrays)} levels.")
+            chosen = level
+        arr = arrays[chosen]
+        nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
+        in_memory = nbytes <= settings.memory_budget_bytes
+        data = np.asarray(arr.data.compute()) if in_memory else arr.data
+        levels.append(_Level(data, in_memory))
+        lmpp = level_mpps[chosen]
+        xy_um, _ = spot_centers_um(sdata, sec, table_key=table_key)
+        inv = np.linalg.inv(img_aff)
+        xy0 = xy_um @ inv[:2, :2].T + inv[:2, 2]  # level-0 pixels (continuous)
+        factor = level_mpps[chosen] / level_mpps[0]
+        level_of_row[sec.rows] = len(levels) - 1
+        centers[sec.rows] = xy0 / factor
+        windows[sec.rows] = sec_size / lmpp
+        geometry.sections[sec.section] = {
+            "image_key": sec.image_key, "shapes_key": sec.shapes_key, "level": int(chosen),
+            "level_microns_per_pixel": float(lmpp), "patch_microns_per_pixel": float(sec_mpp) if mode == "physical" else float(lmpp),
+            "patch_size_um": float(sec_size), "upsampled": bool(lmpp > sec_size / out * (1 + 1e-3)),
+        }
+    rows = np.flatnonzero(level_of_row >= 0)
+    return Patches(levels, level_of_row[rows], centers[rows], windows[rows], out, int(fill), geometry,
+                   table.obs_names[rows], rows)
+
+
+def extract_patches(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str = K.TABLE_KEY,
+    patch_size_um: float | None = None,
+    mpp: float | None = None,
+    patch_px: int | None = None,
+    fill: int = DEFAULT_FILL,
+    level: int | None = None,
+    tissue: bool = True,
+) -> Patches:
+    """Define the patch around every spot, record its geometry, and return the lazy patches.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData from :mod:`sq_spade.io` (one or several sections).
+    image_key
+        Image to cut from; by default each section's finest image.
+    shapes_key
+        Restrict to one section's spots (default: every region of the table).
+    table_key
+        The table whose rows are the spots.
+    patch_size_um
+        Side of the patch in micrometres (default 112 um, SPADE's and HEST's).
+    mpp
+        Resolution of the patch in um/px (default 0.5, so 224 px).
+    patch_px
+        Side in pixels. Alone, it asks for native-pixel crops of the finest level (mclSTExp:
+        ``patch_px=224``).
+    fill
+        Value of pixels outside the image (255: white, like bare glass).
+    level
+        Force a pyramid level (testing and debugging); by default the coarsest level at
+        least as fine as ``mpp``.
+    tissue
+        Read every patch once to record ``obs['patch_tissue_fraction']`` (the share of
+        stained pixels).
+
+    Returns
+    -------
+    :class:`Patches`, a map-style dataset of ``(patch_px, patch_px, 3)`` uint8 patches in
+    table row order. The table gains ``obs['patch_tissue_fraction']``,
+    ``obs['patch_padded_fraction']`` and ``uns['sq_spade_patches']`` (the geometry, per
+    section the image, level and um/px). Nothing is written if an error is raised.
+
+    Examples
+    --------
+    >>> sd = sqs.datasets.synthetic_section()
+    >>> p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=1.0)
+    >>> len(p), p[0].shape
+    (64, (32, 32, 3))
+    >>> float(sd.tables["table"].obs["patch_tissue_fraction"].min()) > 0.5
+    True
+    """
+    p = patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
+                patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=fill, level=level)
+    padded = p.padded_fraction()
+    tissue_frac = None
+    if tissue:
+        tissue_frac = np.array([tissue_fraction(p[i]) for i in progress(range(len(p)), total=len(p), desc="patches")])
+    table = get_table(sdata, table_key)
+    for key, values in ((K.PATCH_TISSUE, tissue_frac), (K.PATCH_PADDED, padded)):
+        if values is not None:
+            col = np.full(table.n_obs, np.nan)
+            col[p.rows] = values
+            table.obs[key] = col
+    table.uns[K.PATCHES_UNS] = p.geometry.to_dict()
+    return p

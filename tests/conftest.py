@@ -1,0 +1,75 @@
+"""Shared fixtures: real data from ../shared/data (fail under CI, skip elsewhere), synthetic sections."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SQ_SPADE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+os.environ.setdefault("SQ_SPADE_DATA_DIR", str(DATA_DIR))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+import sq_spade as sqs  # noqa: E402
+
+sqs.settings.progress = False
+sqs.settings.data_dir = DATA_DIR
+
+
+def require_data(*relpaths: str) -> Path:
+    """Path of the data folder, failing under CI (skipping elsewhere) when a file is missing."""
+    missing = [p for p in relpaths if not (DATA_DIR / p).exists()]
+    if missing:
+        msg = f"real data missing under {DATA_DIR}: {missing} (set SQ_SPADE_DATA_DIR)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return DATA_DIR
+
+
+HER2ST_FILES = {
+    s: [f"her2st/data/ST-cnts/{s}.tsv.gz", f"her2st/data/ST-spotfiles/{s}_selection.tsv"]
+    for s in ("A1", "A2", "B4", "C2", "C3", "C4")
+}
+
+
+@pytest.fixture(scope="session")
+def her2st_section():
+    """Factory reading (and caching) her2st sections from the shared data folder."""
+    cache: dict[str, object] = {}
+
+    def get(section: str):
+        require_data(*HER2ST_FILES[section])
+        if section not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cache[section] = sqs.datasets.her2st(section)
+        return cache[section]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mob_section():
+    cache: dict[str, object] = {}
+
+    def get(section: str):
+        require_data(f"stutility/inst/extdata/counts/{section}.tsv")
+        if section not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cache[section] = sqs.datasets.stutility_mob(section)
+        return cache[section]
+
+    return get
+
+
+@pytest.fixture
+def synth():
+    return sqs.datasets.synthetic_section()

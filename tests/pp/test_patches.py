@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+import spatialdata as sd_mod
+
+import sq_spade as sqs
+from sq_spade import _constants as K
+
+
+def _pattern(**kw):
+    return sqs.datasets.synthetic_section(image="pattern", **kw)
+
+
+def _image(sd):
+    return np.moveaxis(np.asarray(sqs.io._sections.image_levels(next(iter(sd.images.values())))[0]), 0, -1)
+
+
+def test_native_patch_centre_is_the_spot_pixel():
+    sd = _pattern(n_rows=3, n_cols=3, pitch_px=37, margin_px=30)
+    img = _image(sd)
+    p = sqs.pp.extract_patches(sd, patch_px=33)
+    xy = sd.tables["table"].obsm["spatial"]
+    for i in range(len(p)):
+        x, y = (int(np.floor(v)) for v in xy[i])
+        assert np.array_equal(p[i][16, 16], img[y, x])
+
+
+def test_resampled_patch_centre_is_the_spot_pixel():
+    sd = _pattern(n_rows=3, n_cols=3, pitch_px=60, margin_px=50, microns_per_pixel=1.0)
+    img = _image(sd)
+    # 64 um at 0.5 um/px: 128 px, upsampled 2x from the 1 um/px image
+    with pytest.warns(UserWarning, match="upsampled"):
+        p = sqs.pp.extract_patches(sd, patch_size_um=64, mpp=0.5)
+    xy = sd.tables["table"].obsm["spatial"]
+    for i in range(len(p)):
+        x, y = (int(np.floor(v)) for v in xy[i])
+        got = p[i][63:65, 63:65].astype(float).mean((0, 1))
+        assert np.abs(got - img[y, x]).max() <= 1.5
+
+
+def test_corner_spot_is_padded_to_full_size():
+    sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2, margin_px=0, pitch_px=40)
+    p = sqs.pp.extract_patches(sd, patch_px=20, fill=7)
+    first = p[0]  # spot at pixel (0, 0)
+    assert first.shape == (20, 20, 3)
+    assert (first[:10, :, :] == 7).all() and (first[:, :10, :] == 7).all()
+    assert not (first[10:, 10:] == 7).all()
+    padded = sd.tables["table"].obs[K.PATCH_PADDED].to_numpy()
+    assert padded[0] == pytest.approx(0.75)
+
+
+def test_same_patch_from_two_pyramid_levels():
+    # a smooth image large enough for a 2-level pyramid
+    h = w = 2200
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 100 * np.sin(xx / 90), 128 + 100 * np.cos(yy / 70), 128 + 60 * np.sin((xx + yy) / 120)],
+                   -1).astype(np.uint8)
+    centers = np.array([[500.0, 600.0], [1500.3, 1200.7], [1000.0, 1800.0]])
+    sd = sqs.io.section_from_arrays(np.ones((3, 2)), genes=["a", "b"], spot_ids=["1", "2", "3"],
+                                    centers_px=centers, image=img, section="big", microns_per_pixel=1.0,
+                                    spot_diameter_um=55)
+    levels = sqs.io._sections.image_levels(sd.images["big_image"])
+    assert len(levels) >= 2
+    auto = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0)
+    assert auto.geometry.sections["big"]["level"] == 1
+    fine = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0, level=0)
+    for i in range(3):
+        diff = np.abs(auto[i].astype(float) - fine[i].astype(float))
+        assert diff.mean() < 3 and np.percentile(diff, 99) < 12
+
+
+def test_patches_are_lazy_and_dataloader_friendly():
+    torch = pytest.importorskip("torch")
+    sd = sqs.datasets.synthetic_section(n_rows=4, n_cols=4)
+    p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=1.0, tissue=False)
+    loader = torch.utils.data.DataLoader(p, batch_size=5, num_workers=2)
+    batches = list(loader)
+    assert sum(b.shape[0] for b in batches) == 16
+    assert batches[0].dtype == torch.uint8 and tuple(batches[0].shape[1:]) == (32, 32, 3)
+    assert np.array_equal(batches[1][0].numpy(), p[5])
+
+
+def test_geometry_recorded_and_reused(synth):
+    sqs.pp.extract_patches(synth, patch_size_um=48, mpp=1.5)
+    g = synth.tables["table"].uns[K.PATCHES_UNS]
+    assert g["patch_px"] == 32 and g["mpp"] == 1.5
+    assert g["sections"]["synth"]["level"] == 0
+    assert sqs.pp.patches(synth)[0].shape == (32, 32, 3)
+
+
+def test_her2st_c2_patches_sit_on_tissue(her2st_section):
+    sd = sqs.io.combine_sections([her2st_section("C2")])  # a copy of the table: no mutation of the cache
+    with pytest.warns(UserWarning, match="upsampled"):
+        p = sqs.pp.extract_patches(sd)
+    assert len(p) == 187 and p[0].shape == (224, 224, 3)
+    tissue = sd.tables["table"].obs[K.PATCH_TISSUE]
+    assert tissue.median() > 0.8
+    assert (tissue > 0.3).mean() > 0.95
+    # native crops are the mclSTExp geometry: 224 px at ~0.69 um/px
+    nat = sqs.pp.patches(sd, patch_px=224)
+    assert nat.geometry.mode == "native"
+    assert nat.geometry.sections["C2"]["patch_size_um"] == pytest.approx(224 * 0.688, rel=0.01)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    ({"image_key": "nope"}, KeyError, "image_key='nope'"),
+    ({"shapes_key": "nope"}, KeyError, "shapes_key='nope'"),
+    ({"table_key": "nope"}, KeyError, "table_key='nope'"),
+    ({"patch_px": 0}, ValueError, "patch_px"),
+    ({"mpp": -1.0}, ValueError, "mpp"),
+    ({"fill": 300}, ValueError, "fill"),
+    ({"patch_size_um": 10, "mpp": 1.0, "patch_px": 12}, ValueError, "patch_size_um"),
+])
+def test_bad_arguments_leave_object_unchanged(synth, kwargs, exc, match):
+    before = set(synth.tables["table"].obs.columns), set(synth.tables["table"].uns)
+    with pytest.raises(exc, match=match):
+        sqs.pp.extract_patches(synth, **kwargs)
+    assert (set(synth.tables["table"].obs.columns), set(synth.tables["table"].uns)) == before
+
+
+def test_image_without_physical_scale_refused(synth):
+    from spatialdata.transformations import remove_transformation
+
+    remove_transformation(synth.shapes["synth_spots"], "synth_um")
+    with pytest.raises(ValueError, match="no physical scale"):
+        sqs.pp.extract_patches(synth)
+
+
+@pytest.mark.parametrize(("channels", "dtype", "match"), [(1, np.uint8, "grayscale"), (4, np.uint8, "RGBA"),
+                                                           (3, np.uint16, "uint16")])
+def test_non_rgb8_images_refused(synth, channels, dtype, match):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(synth.images["synth_image"], get_all=True)
+    arr = np.zeros((channels, 50, 50), dtype)
+    synth.images["synth_image"] = Image2DModel.parse(arr, dims=("c", "y", "x"), transformations=tr)
+    with pytest.raises(ValueError, match=match):
+        sqs.pp.extract_patches(synth)
+
+
+def test_anndata_input_refused(synth):
+    with pytest.raises(TypeError, match="SpatialData"):
+        sqs.pp.extract_patches(synth.tables["table"])
+
+
+def test_written_and_read_back(tmp_path, synth):
+    synth.write(tmp_path / "s.zarr")
+    back = sd_mod.read_zarr(tmp_path / "s.zarr")
+    a = sqs.pp.patches(synth, patch_size_um=32, mpp=1.0)
+    b = sqs.pp.patches(back, patch_size_um=32, mpp=1.0)
+    assert np.array_equal(a[3], b[3])
