@@ -3,6 +3,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+# the shared data folder beside the clone serves as the dataset cache unless one is set
+ifneq ($(wildcard ../shared/data),)
+export SQ_SPADE_DATA_DIR ?= $(abspath ../shared/data)
+endif
 
 .PHONY: demo test env lint docs bench clean
 

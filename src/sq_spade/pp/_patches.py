@@ -185,6 +185,20 @@ class Patches:
         return out
 
 
+def _materialise(arr: Any) -> np.ndarray:
+    """Load a level into one preallocated array: chunk by chunk, never two copies at once."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    import dask
+    import dask.array as da
+
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    # synchronous: threads would keep several source blocks alive at once and raise the peak
+    with dask.config.set(scheduler="synchronous"):
+        da.store(arr, out, lock=False)
+    return out
+
+
 def tissue_fraction(patch: np.ndarray) -> float:
     """Fraction of a patch's pixels that look stained (channel spread >= ``TISSUE_CHROMA``)."""
     p = patch.astype(np.int16)
@@ -281,7 +295,7 @@ def patches(
         arr = arrays[chosen]
         nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
         in_memory = nbytes <= settings.memory_budget_bytes
-        data = np.asarray(arr.data.compute()) if in_memory else arr.data
+        data = _materialise(arr.data) if in_memory else arr.data
         levels.append(_Level(data, in_memory))
         lmpp = level_mpps[chosen]
         xy_um, _ = spot_centers_um(sdata, sec, table_key=table_key)

@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmarks: data folder, machine description, RSS."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SQ_SPADE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+os.environ.setdefault("SQ_SPADE_DATA_DIR", str(DATA_DIR))
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}, {gpu}, python {platform.python_version()}, torch {torch.__version__}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
