@@ -73,3 +73,22 @@ def mob_section():
 @pytest.fixture
 def synth():
     return sqs.datasets.synthetic_section()
+
+
+@pytest.fixture(scope="session")
+def lite0_features(her2st_section, mob_section):
+    """Lite0 features (default patches) of a real section, computed once per test session."""
+    cache: dict[str, object] = {}
+
+    def get(section: str):
+        if section not in cache:
+            sd = mob_section(section) if section.startswith("MOB") else her2st_section(section)
+            t = sd.tables["table"]
+            if "X_efficientnet_lite0" not in t.obsm:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    sqs.pp.compute_features(sd, backbone="efficientnet_lite0")
+            cache[section] = t.obsm["X_efficientnet_lite0"]
+        return cache[section]
+
+    return get

@@ -1,6 +1,31 @@
 """Preprocessing: patches around spots, gene panels, normalisation, frozen backbone features."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from sq_spade.pp._features import compute_features
 from sq_spade.pp._genes import normalize, select_genes
 from sq_spade.pp._patches import Patches, extract_patches, patches
 
-__all__ = ["Patches", "extract_patches", "normalize", "patches", "select_genes"]
+
+def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
+    """Register a user backbone under ``name`` (see :func:`sq_spade.nn.backbones.register_backbone`).
+
+    ``factory(weights)`` returns a torch module mapping float ``(B, 3, H, W)`` in [0, 1]
+    (after the normalisation given by ``mean``/``std``) to ``(B, D)`` features.
+
+    Examples
+    --------
+    >>> import torch
+    >>> def tiny(weights=None, pretrained=True):
+    ...     return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    >>> sqs.pp.register_backbone("mean_rgb", tiny, dim=3, overwrite=True)
+    """
+    from sq_spade.nn.backbones import register_backbone as _register
+
+    return _register(name, factory, **kwargs)
+
+
+__all__ = ["Patches", "compute_features", "extract_patches", "normalize", "patches", "register_backbone",
+           "select_genes"]

@@ -1,0 +1,177 @@
+"""Batched feature extraction: uint8 patch batches in, float32 features out.
+
+This module knows nothing of AnnData or SpatialData: it takes any iterable of uint8
+``(B, H, W, 3)`` batches (typically a :class:`torch.utils.data.DataLoader`, pinned or not) and
+a :class:`~sq_spade.nn.backbones.Backbone`, and returns an ``(N, D)`` array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sq_spade._utils import progress as _progress
+from sq_spade._utils import resolve_device
+
+__all__ = ["dihedral_transforms", "embed_batches"]
+
+
+def dihedral_transforms(x: Tensor) -> list[Tensor]:
+    """The 8 dihedral views of images ``x`` (``(..., H, W)``): 4 rotations, with and without flip.
+
+    Views ``0..3`` rotate ``x`` by 0, 90, 180 and 270 degrees (``torch.rot90`` over the last
+    two dimensions); views ``4..7`` do the same to the horizontally flipped ``x``. View 0 is
+    ``x`` itself. Rotations by 90 degrees swap ``H`` and ``W``.
+
+    Parameters
+    ----------
+    x
+        Tensor whose last two dimensions are height and width, e.g. ``(B, 3, H, W)``.
+
+    Returns
+    -------
+    A list of 8 tensors.
+
+    Examples
+    --------
+    >>> x = torch.arange(4.0).view(1, 1, 2, 2)
+    >>> views = dihedral_transforms(x)
+    >>> len(views), torch.equal(views[0], x), torch.equal(views[4], x.flip(-1))
+    (8, True, True)
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim < 2:
+        raise ValueError(f"`x` must have at least 2 dimensions (..., H, W), got shape {tuple(x.shape)}.")
+    flipped = torch.flip(x, dims=(-1,))
+    return ([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+            + [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)])
+
+
+def _as_uint8_batch(batch: Tensor | np.ndarray, i: int) -> Tensor:
+    if isinstance(batch, np.ndarray):
+        if not batch.flags.writeable:  # torch warns on read-only memory
+            batch = batch.copy()
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"`batches` must yield uint8 tensors or arrays (B, H, W, 3); item {i} is "
+                        f"a {type(batch).__name__}.")
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"`batches` must yield uint8 (B, H, W, 3) batches; item {i} has dtype "
+                        f"{batch.dtype}.")
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"`batches` must yield (B, H, W, 3) batches; item {i} has shape "
+                         f"{tuple(batch.shape)}.")
+    return batch
+
+
+def embed_batches(
+    model: nn.Module,
+    batches: Iterable[Tensor | np.ndarray],
+    *,
+    device: str | torch.device = "auto",
+    tta: bool = False,
+    amp: bool | None = None,
+    channels_last: bool = True,
+    total: int | None = None,
+    desc: str = "features",
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Features of every patch of ``batches`` with ``model``, as float32 ``(N, D)``.
+
+    Each batch is moved to ``device`` (``non_blocking``, so pinned DataLoader batches overlap
+    the copy with compute), converted to float in ``[0, 1]``, permuted to ``(B, 3, H, W)`` and
+    resized (bilinear, antialiased) to ``model.input_size`` when its size differs. The forward
+    passes run under :func:`torch.inference_mode` with the model in eval mode; on CUDA the
+    model and inputs use ``channels_last`` and autocast (bfloat16 where supported, else
+    float16).
+
+    Parameters
+    ----------
+    model
+        A :class:`~sq_spade.nn.backbones.Backbone` (any module with an ``input_size``
+        attribute mapping float ``(B, 3, S, S)`` in ``[0, 1]`` to ``(B, D)``). It is moved to
+        ``device`` and left in eval mode.
+    batches
+        Iterable of uint8 ``(B, H, W, 3)`` tensors or arrays.
+    device
+        ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda[:i]"`` or a torch device.
+    tta
+        Average the outputs over the 8 dihedral views of each patch (4 rotations x optional
+        horizontal flip, see :func:`dihedral_transforms`); 8 times the compute.
+    amp
+        Mixed precision on CUDA: ``None`` or ``True`` use it there, ``False`` never. Ignored
+        on other devices (float32).
+    channels_last
+        Use the channels-last memory format on CUDA (faster convolutions).
+    total
+        Number of batches, for the progress bar.
+    desc
+        Progress bar label.
+    progress
+        Show a progress bar; ``None`` follows ``sq_spade.settings.progress``.
+
+    Returns
+    -------
+    Float32 array ``(N, D)`` in the order of the batches (``(0, D)`` when there are none and
+    ``model.dim`` is known).
+
+    Examples
+    --------
+    >>> from sq_spade.nn.backbones import get_backbone
+    >>> patches = np.zeros((5, 16, 16, 3), np.uint8)
+    >>> embed_batches(get_backbone("dummy"), [patches[:3], patches[3:]], progress=False).shape
+    (5, 64)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module (a Backbone), got {type(model).__name__}.")
+    size = getattr(model, "input_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise TypeError("`model` must have a positive integer `input_size` (use "
+                        "sq_spade.nn.backbones.get_backbone), got "
+                        f"{type(model).__name__} with input_size={size!r}.")
+    if isinstance(batches, (Tensor, np.ndarray)):
+        raise TypeError("`batches` must be an iterable of (B, H, W, 3) batches (e.g. a DataLoader "
+                        "or a list), not a single array: wrap it in a list.")
+    dev = resolve_device(device)
+    use_amp = dev.type == "cuda" and amp is not False
+    amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16)
+    fmt = torch.channels_last if channels_last and dev.type == "cuda" else torch.contiguous_format
+
+    model.to(dev)
+    if fmt is torch.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    outs: list[Tensor] = []
+    with torch.inference_mode():
+        for i, batch in enumerate(_progress(batches, total=total, desc=desc, enabled=progress)):
+            x = _as_uint8_batch(batch, i).to(dev, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            views = dihedral_transforms(x) if tta else [x]
+            y: Tensor | None = None
+            with autocast():
+                for v in views:
+                    out = model(v.contiguous(memory_format=fmt)).float()
+                    y = out if y is None else y + out
+            assert y is not None
+            y = y / len(views)
+            if y.ndim != 2 or y.shape[0] != x.shape[0]:
+                raise RuntimeError(f"`model` returned shape {tuple(y.shape)} for a batch of "
+                                   f"{x.shape[0]}, expected ({x.shape[0]}, D).")
+            outs.append(y.cpu())
+    if not outs:
+        dim = getattr(model, "dim", None)
+        return np.zeros((0, dim if isinstance(dim, int) else 0), np.float32)
+    return torch.cat(outs).numpy().astype(np.float32, copy=False)

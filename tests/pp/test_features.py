@@ -1,0 +1,87 @@
+import warnings
+
+import numpy as np
+import pytest
+
+import sq_spade as sqs
+from sq_spade import _constants as K
+
+
+def test_dummy_features_rows_follow_table_order():
+    sd = sqs.datasets.synthetic_section(n_rows=3, n_cols=3)
+    key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    t = sd.tables["table"]
+    before = dict(zip(t.obs_names, t.obsm[key], strict=True))
+    perm = np.random.default_rng(0).permutation(t.n_obs)
+    sd.tables["table"] = t[perm].copy()
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="again")
+    t2 = sd.tables["table"]
+    for name, row in zip(t2.obs_names, t2.obsm["again"], strict=True):
+        assert np.allclose(row, before[name], atol=1e-5)  # batch composition changes rounding only
+    prov = t2.uns[K.FEATURES_UNS]["again"]
+    assert prov["backbone"] == "dummy" and prov["patch_geometry"]["patch_px"] == 32
+    assert prov["sq_spade_version"] == sqs.__version__
+
+
+def test_tta_is_the_mean_of_the_eight_views():
+    import torch
+
+    from sq_spade.nn.backbones import get_backbone
+    from sq_spade.nn.inference import dihedral_transforms
+
+    sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, tta=True, key_added="tta")
+    p = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    model = get_backbone("dummy").eval()
+    x = torch.as_tensor(p.batch(range(len(p)))).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=model.input_size, mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        ref = torch.stack([model(v) for v in dihedral_transforms(x)]).mean(0).numpy()
+    assert np.allclose(sd.tables["table"].obsm["tta"], ref, atol=1e-5)
+
+
+def test_bad_arguments():
+    sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
+    with pytest.raises(KeyError, match="nope"):
+        sqs.pp.compute_features(sd, backbone="nope")
+    with pytest.raises(ValueError, match="batch_size"):
+        sqs.pp.compute_features(sd, backbone="dummy", batch_size=0)
+    with pytest.raises(TypeError, match="SpatialData"):
+        sqs.pp.compute_features(sd.tables["table"], backbone="dummy")
+    assert K.FEATURES_UNS not in sd.tables["table"].uns
+
+
+@pytest.mark.xdist_group("lite0")
+def test_lite0_features_for_every_real_section(her2st_section, mob_section, lite0_features):
+    """Done-when of the features issue: Lite0 features for every spot of 9 real sections."""
+    n = 0
+    for name in ("B4", "C2", "C3", "C4", "A1", "A2", "MOB1", "MOB2", "MOB3"):
+        f = lite0_features(name)
+        assert f.dtype == np.float32 and f.shape[1] == 1280
+        assert np.isfinite(f).all() and f.std(0).mean() > 0
+        n += len(f)
+    assert n == 283 + 187 + 180 + 184 + 346 + 325 + 379 + 407 + 438
+
+
+@pytest.mark.xdist_group("lite0")
+def test_lite0_on_real_patch_is_deterministic_and_not_random(her2st_section):
+    import timm
+    import torch
+
+    from sq_spade.nn.backbones import get_backbone
+
+    sd = her2st_section("C2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        p = sqs.pp.patches(sd)
+    x = torch.as_tensor(p.batch([0, 50, 100])).permute(0, 3, 1, 2).float() / 255
+    model = get_backbone("efficientnet_lite0").eval()
+    assert model.weights_sha256 == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    with torch.no_grad():
+        a, b = model(x), model(x)
+        torch.manual_seed(0)
+        rand = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+        r = rand((x - 0.5) / 0.5)
+    assert torch.equal(a, b)
+    cos = torch.nn.functional.cosine_similarity(a, r).mean()
+    assert cos < 0.9
