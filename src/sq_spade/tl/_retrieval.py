@@ -1,0 +1,239 @@
+"""Expression prediction by retrieval: top-k keys by similarity, weighted mean of their values.
+
+This is the inference of BLEEP and mclSTExp (and of SPADE used for expression): each query
+(the image embedding of a new spot) is compared with every key (the embeddings of annotated
+reference spots), the ``k`` most similar keys are retrieved, and the prediction is a weighted
+mean of their values (the reference spots' normalised expression).
+
+Selection uses :func:`torch.topk` on a batch of the similarity matrix. Selecting the top 200
+of 2,000 queries x 10,000 keys (256-d) on a shared 2-core CPU took 0.10-0.21 s with two torch
+threads against 0.12-0.27 s for ``numpy.argpartition`` plus sorting the selected part (15 runs
+each, interleaved; single-threaded, numpy was faster, 0.12 s against 0.20 s). torch.topk is kept
+because it scales with threads and runs where the embeddings are, GPUs included. Averaging the
+retrieved values is a sparse ``(n_query, n_keys)`` weight matrix times ``values`` on CPU: 8-10x
+faster than gathering ``(batch, k, n_values)`` blocks (3 s against 26 s for 8,000 genes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["retrieve_predict"]
+
+WEIGHTINGS = ("inverse_sq_l2", "softmax", "uniform")
+SIMILARITIES = ("cosine", "dot")
+#: Squared distances below this fraction of ``|q|^2 + |k|^2`` are within float32 rounding of
+#: zero (they are computed as ``|q|^2 + |k|^2 - 2 q.k``); they are floored there so that an
+#: exact match gets a large but finite weight, and several exact matches share it equally.
+REL_EPS = 1e-6
+#: Elements of one gathered ``(batch, k, n_values)`` block, to bound memory (64 MiB float32).
+_GATHER_ELEMENTS = 1 << 24
+
+
+def _as_matrix(x: Any, arg: str, shape: str) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{arg}` must be a numeric {shape} array, got {type(x).__name__}.") from e
+    if a.ndim != 2:
+        raise ValueError(f"`{arg}` must be a 2-D {shape} array, got shape {a.shape}.")
+    if not np.isfinite(a).all():
+        raise ValueError(f"`{arg}` contains NaN or infinite values.")
+    return np.ascontiguousarray(a)
+
+
+def _topk_stable(sim: Any, k: int) -> Any:
+    """Indices of the ``k`` largest entries of each row, by decreasing value, ties by lower index.
+
+    :func:`torch.topk` returns the right values but, among equal values, no defined subset or
+    order; ties straddling the cut are rare (duplicated keys) and are resolved here explicitly,
+    so the result is reproducible and the top-k of a smaller ``k`` is a prefix of a larger one.
+    """
+    import torch
+
+    n_keys = sim.shape[1]
+    # One extra candidate tells, per row, whether a tie straddles the cut, without a pass over
+    # the whole block: only then can topk's choice among equal values matter.
+    vals, idx = torch.topk(sim, min(k + 1, n_keys), dim=1, largest=True, sorted=True)
+    idx = idx[:, :k]
+    bad = (torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten() if k < n_keys
+           else torch.empty(0, dtype=torch.long, device=sim.device))
+    if bad.numel():
+        s = sim[bad]
+        t = vals[bad, k - 1:k]
+        tied = s == t
+        need = k - (s > t).sum(dim=1, keepdim=True)
+        keep = (s > t) | (tied & (torch.cumsum(tied.int(), dim=1) <= need))
+        idx = idx.clone()
+        idx[bad] = torch.nonzero(keep)[:, 1].reshape(len(bad), k)
+    # Ascending index first, then a stable sort by decreasing similarity.
+    idx, _ = torch.sort(idx, dim=1)
+    order = torch.sort(sim.gather(1, idx), dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def weighted_neighbor_mean(values: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``out[b] = sum_j w[b, j] * values[idx[b, j]]`` as a sparse ``(n, n_keys)`` product.
+
+    Sequential (scipy), hence deterministic; summation follows the column order of ``idx``.
+    """
+    import scipy.sparse as sp
+
+    n, k = idx.shape
+    W = sp.csr_matrix((np.asarray(w, dtype=np.float32).ravel(), np.asarray(idx).ravel(),
+                       np.arange(0, n * k + 1, k)), shape=(n, values.shape[0]))
+    return np.asarray(W @ values, dtype=np.float32)
+
+
+def _aggregate(values: Any, idx: Any, w: Any) -> Any:
+    """``sum_j w[b, j] * values[idx[b, j]]`` for each row ``b``.
+
+    On CPU, a sparse ``(batch, n_keys)`` weight matrix times ``values`` (scipy, sequential and
+    thus deterministic): 8-10x faster than gathering a ``(batch, k, n_values)`` block, which
+    is memory-bound. On accelerators, the gather in bounded blocks.
+    """
+    import torch
+
+    n, k = idx.shape
+    if values.device.type == "cpu":
+        return torch.from_numpy(weighted_neighbor_mean(values.numpy(), idx.numpy(), w.numpy()))
+    step = max(1, _GATHER_ELEMENTS // max(1, k * values.shape[1]))
+    out = torch.empty((n, values.shape[1]), dtype=values.dtype, device=values.device)
+    for s in range(0, n, step):
+        out[s:s + step] = torch.einsum("bk,bkg->bg", w[s:s + step], values[idx[s:s + step]])
+    return out
+
+
+def retrieve_predict(
+    query: Any,
+    keys: Any,
+    values: Any,
+    *,
+    k: int = 200,
+    weighting: str = "inverse_sq_l2",
+    similarity: str = "cosine",
+    temperature: float = 1.0,
+    batch_size: int = 4096,
+    device: str | Any = "cpu",
+    return_neighbors: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict values of each query as the weighted mean of the values of its ``k`` nearest keys.
+
+    Parameters
+    ----------
+    query
+        Query embeddings, ``(n_query, d)`` (e.g. image embeddings of the spots to predict).
+    keys
+        Key embeddings, ``(n_keys, d)`` (e.g. embeddings of annotated reference spots).
+    values
+        Values of the keys, ``(n_keys, n_values)`` (e.g. their log1p CP10k expression).
+    k
+        Keys retrieved per query (200 for mclSTExp on her2st, 50 for BLEEP); at most ``n_keys``.
+    weighting
+        How the retrieved values are averaged:
+
+        - ``"inverse_sq_l2"`` (mclSTExp): weights proportional to ``1 / ||q - key||^2`` between
+          the *unnormalised* embeddings, normalised to sum to 1. The squared distance is computed
+          as ``|q|^2 + |key|^2 - 2 q.key`` and floored at ``1e-6 * (|q|^2 + |key|^2)`` (float32
+          rounding of zero), so a key identical to the query dominates with a finite weight and
+          several identical keys share it equally.
+        - ``"softmax"``: ``softmax(similarity / temperature)`` over the retrieved keys.
+        - ``"uniform"`` (BLEEP): the plain mean of the retrieved values.
+    similarity
+        How keys are ranked: ``"cosine"`` (BLEEP, mclSTExp) or ``"dot"`` (raw dot product).
+    temperature
+        Softmax temperature (``weighting="softmax"`` only).
+    batch_size
+        Queries per batch: the similarity block is ``batch_size x n_keys`` float32.
+    device
+        Torch device of the computation (``"cpu"``, ``"cuda"``, ``"auto"``...).
+    return_neighbors
+        Also return the retrieved key indices and their weights.
+
+    Returns
+    -------
+    ``(n_query, n_values)`` float32 predictions; with ``return_neighbors``, also the
+    ``(n_query, k)`` int64 key indices, ordered by decreasing similarity (ties: lower key index
+    first), and their ``(n_query, k)`` float32 weights (each row sums to 1).
+
+    Notes
+    -----
+    Deterministic: ties in similarity are broken by key index, so results do not depend on
+    ``batch_size`` beyond float rounding, and the neighbours of ``k`` are a prefix of those of
+    any larger ``k``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sq_spade.tl._retrieval import retrieve_predict
+    >>> keys = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> values = np.array([[10.0], [20.0], [30.0]])
+    >>> retrieve_predict(np.array([[2.0, 0.1]]), keys, values, k=1)
+    array([[10.]], dtype=float32)
+    >>> retrieve_predict(np.array([[1.0, 0.9]]), keys, values, k=2, weighting="uniform")
+    array([[20.]], dtype=float32)
+    """
+    import torch
+
+    from sq_spade._utils import resolve_device
+
+    q = _as_matrix(query, "query", "(n_query, d)")
+    kx = _as_matrix(keys, "keys", "(n_keys, d)")
+    v = _as_matrix(values, "values", "(n_keys, n_values)")
+    if q.shape[1] != kx.shape[1]:
+        raise ValueError(f"`query` and `keys` must have the same dimension, got {q.shape[1]} and {kx.shape[1]}.")
+    if v.shape[0] != kx.shape[0]:
+        raise ValueError(f"`values` must have one row per key ({kx.shape[0]}), got {v.shape[0]} rows.")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {weighting!r}.")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"`similarity` must be one of {list(SIMILARITIES)}, got {similarity!r}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    if k > kx.shape[0]:
+        raise ValueError(f"`k={k}` exceeds the number of keys ({kx.shape[0]}); pass k <= {kx.shape[0]}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if not (isinstance(temperature, (int, float, np.number)) and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+    k = int(k)
+    dev = resolve_device(device)
+
+    n_q = q.shape[0]
+    preds = np.empty((n_q, v.shape[1]), dtype=np.float32)
+    all_idx = np.empty((n_q, k), dtype=np.int64)
+    all_w = np.empty((n_q, k), dtype=np.float32)
+    with torch.no_grad():
+        kt = torch.from_numpy(kx).to(dev)
+        vt = torch.from_numpy(v).to(dev)
+        k_norm = torch.linalg.vector_norm(kt, dim=1)
+        k_sq = k_norm.double() ** 2
+        k_rank = kt / k_norm.clamp_min(1e-12)[:, None] if similarity == "cosine" else kt
+        for s in range(0, n_q, batch_size):
+            qb = torch.from_numpy(q[s:s + batch_size]).to(dev)
+            q_norm = torch.linalg.vector_norm(qb, dim=1)
+            q_rank = qb / q_norm.clamp_min(1e-12)[:, None] if similarity == "cosine" else qb
+            sim = q_rank @ k_rank.T
+            idx = _topk_stable(sim, k)
+            s_sel = sim.gather(1, idx).double()
+            if weighting == "uniform":
+                w = torch.full(idx.shape, 1.0 / k, dtype=torch.float64, device=dev)
+            elif weighting == "softmax":
+                w = torch.softmax(s_sel / float(temperature), dim=1)
+            else:
+                ks = k_sq[idx]
+                qs = q_norm.double()[:, None] ** 2
+                dot = s_sel * q_norm.double()[:, None] * k_norm.double()[idx] if similarity == "cosine" else s_sel
+                d2 = (qs + ks - 2.0 * dot).clamp_min(REL_EPS * (qs + ks) + 1e-30)
+                inv = 1.0 / d2
+                w = inv / inv.sum(dim=1, keepdim=True)
+            w32 = w.float()
+            preds[s:s + batch_size] = _aggregate(vt, idx, w32).cpu().numpy()
+            if return_neighbors:
+                all_idx[s:s + batch_size] = idx.cpu().numpy()
+                all_w[s:s + batch_size] = w32.cpu().numpy()
+    if return_neighbors:
+        return preds, all_idx, all_w
+    return preds
