@@ -189,7 +189,7 @@ def section_from_arrays(
         obs_df[K.PATIENT_KEY] = pd.Categorical([str(patient)] * n)
     if obs is not None:
         for c in obs.columns:
-            obs_df[c] = np.asarray(obs[c])
+            obs_df[c] = obs[c].array  # keeps categoricals categorical
     adata = AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=genes))
     adata.obsm["spatial"] = centers_px.copy()
     adata.uns["sq_spade_sections"] = {
