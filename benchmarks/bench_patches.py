@@ -11,7 +11,7 @@ import time
 import warnings
 
 import numpy as np
-from _common import DATA_DIR, machine, peak_rss_mb
+from _common import DATA_DIR, machine
 
 RSS_CHILD = r"""
 import sys, time, warnings

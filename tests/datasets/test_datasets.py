@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-from tests.conftest import DATA_DIR, require_data
 
 import sq_spade as sqs
 from sq_spade.datasets._fetch import REGISTRY
+from tests.conftest import DATA_DIR, require_data
 
 
 def test_registry_matches_shared_checksums():

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 from spatialdata.models import TableModel
-from tests.conftest import require_data
 
 import sq_spade as sqs
 from sq_spade import _constants as K
+from tests.conftest import require_data
 
 
 def _mpp(sd, section):

@@ -1,0 +1,114 @@
+"""Expression-prediction accuracy on her2st: ridge, kNN, mclSTExp (frozen Lite0) and SPADE.
+
+Splits (panels chosen on each fold's training sections only; nothing tuned on a test section):
+
+- ``loso``: B4, C2, C3, C4; each held out in turn, trained on the other three (one of them,
+  the last, is the validation section for early stopping and SPADE's reference-side choice;
+  all three form the retrieval reference);
+- ``a_heldout``: trained on B4, C2, C3, C4 (C4 validation), tested on A1 and A2 (another
+  patient, downscaled images).
+
+Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
+``.venv/bin/python benchmarks/bench_accuracy.py [--split loso a_heldout] [--panel spade|histogene]
+[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+from _common import machine
+from _data import tables
+
+SPLITS = {
+    "loso": [(["C2", "C3", "C4"], ["B4"]), (["B4", "C3", "C4"], ["C2"]), (["B4", "C2", "C4"], ["C3"]),
+             (["B4", "C2", "C3"], ["C4"])],
+    "a_heldout": [(["B4", "C2", "C3", "C4"], ["A1", "A2"])],
+}
+
+
+def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k):
+    import sq_spade as sqs
+
+    train = tables(train_secs)
+    test = tables(test_secs)
+    val = [train_secs[-1]]
+    fit_secs = train_secs[:-1]
+    if panel_mode == "spade":
+        panel = sqs.pp.select_genes(train, "spade", n_top=50, train_sections=train_secs, inplace=False)
+    else:
+        panel = [g for g in sqs.datasets.histogene_genes() if g in train.var_names and g in test.var_names]
+    rows, per_gene, timing = [], [], {}
+    for method in methods:
+        t0 = time.perf_counter()
+        if method == "spade":
+            model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=fit_secs,
+                                         validation_sections=val, seed=seed, n_fine=16, n_experts=16)
+        elif method == "mclstexp":
+            model = sqs.tl.train_contrastive(train, method="mclstexp", panel=panel, epochs=epochs_mcl,
+                                             train_sections=fit_secs, validation_sections=val, seed=seed)
+        else:
+            model = sqs.tl.train_contrastive(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
+        kk = min(k, train.n_obs)
+        pred = sqs.tl.predict_expression(test, model, reference=train, k=kk)
+        res, pg = sqs.tl.evaluate_expression(pred, return_per_gene=True)
+        timing[method] = time.perf_counter() - t0
+        res.insert(0, "method", method)
+        pg.insert(0, "method", method)
+        rows.append(res)
+        per_gene.append(pg)
+    out = pd.concat(rows, ignore_index=True)
+    out["train"] = "+".join(train_secs)
+    out["seed"] = seed
+    out["n_panel"] = len(panel)
+    return out, pd.concat(per_gene, ignore_index=True), timing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", nargs="+", default=["loso", "a_heldout"], choices=list(SPLITS))
+    ap.add_argument("--methods", nargs="+", default=["ridge", "knn", "mclstexp", "spade"])
+    ap.add_argument("--panel", default="spade", choices=["spade", "histogene"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--epochs-spade", type=int, default=100)
+    ap.add_argument("--epochs-mcl", type=int, default=90)
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--out", default=None, help="CSV of the per-section results")
+    args = ap.parse_args()
+    import sq_spade as sqs
+
+    sqs.settings.progress = False
+    warnings.simplefilter("ignore", UserWarning)
+    print("machine:", machine())
+    print(f"backbone efficientnet_lite0 (frozen, ImageNet), panel {args.panel}, seeds {args.seeds}, k {args.k}")
+    allres = []
+    for split in args.split:
+        for train_secs, test_secs in SPLITS[split]:
+            for seed in args.seeds:
+                res, _, timing = run_fold(train_secs, test_secs, methods=args.methods, panel_mode=args.panel,
+                                          seed=seed, epochs_spade=args.epochs_spade, epochs_mcl=args.epochs_mcl,
+                                          k=args.k)
+                res.insert(0, "split", split)
+                allres.append(res)
+                print(f"[{split}] train {'+'.join(train_secs)} -> test {'+'.join(test_secs)} seed {seed}: "
+                      + ", ".join(f"{m} {t:.0f}s" for m, t in timing.items()), flush=True)
+    df = pd.concat(allres, ignore_index=True)
+    if args.out:
+        df.to_csv(args.out, index=False)
+    cols = ["ACG", "HEG", "MSE", "MAE"]
+    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.precision", 3):
+        print("\nper held-out section (mean over seeds):")
+        print(df.groupby(["split", "section", "method"], sort=False)[cols + ["n_genes"]].mean().round(3).to_string())
+        print("\nmean over held-out sections (and seeds):")
+        summ = df.groupby(["split", "method"], sort=False)[cols].mean()
+        summ["ACG_sd_sections"] = df.groupby(["split", "method"], sort=False)["ACG"].std()
+        print(summ.round(3).to_string())
+    np.set_printoptions(precision=3)
+
+
+if __name__ == "__main__":
+    main()

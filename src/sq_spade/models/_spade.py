@@ -1,0 +1,251 @@
+"""The user-facing SPADE model: routed experts over frozen backbone features."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sq_spade.models._files import load_model_files, save_model_files
+
+_SCHEMA = {
+    "backbone": ("str", True, None),
+    "weights_sha256": ("str", False, None),
+    "feature_dim": ("int", True, lambda v: v > 0),
+    "panel": ("list", True, lambda v: len(v) > 0 and all(isinstance(g, str) for g in v)),
+    "gene_input": ("str", True, lambda v: v in ("log1p_cp10k", "raw")),
+    "n_experts": ("int", True, lambda v: v > 0),
+    "n_fine": ("int", True, lambda v: v > 0),
+    "out_dim": ("int", True, lambda v: v > 0),
+    "dropout": ("float", True, lambda v: 0 <= v < 1),
+    "routing_temperature": ("float", True, lambda v: v > 0),
+    "reference_side": ("str", True, lambda v: v in ("genes", "images")),
+    "centroid_groups": ("list", False, None),
+    "train_sections": ("list", False, None),
+    "validation_sections": ("list", False, None),
+    "params": ("dict", False, None),
+    "history": ("dict", False, None),
+    "selection": ("dict", False, None),
+}
+
+
+class Spade:
+    """SPADE: a mixture of contrastive experts over frozen image features.
+
+    Build it with :func:`sq_spade.tl.train_experts`; use it with :func:`sq_spade.tl.embed`
+    and :func:`sq_spade.tl.predict_expression`. The torch module (``.module``, a
+    :class:`sq_spade.nn.experts.MixtureOfExperts`) holds the stacked image and gene heads, the
+    fine centroids and the fine-to-expert map.
+
+    Attributes
+    ----------
+    config
+        Backbone, panel, sizes and provenance (JSON-able).
+    history
+        Loss per epoch and expert (``train_loss``, ``val_loss``).
+
+    Examples
+    --------
+    >>> model = sqs.tl.train_experts(sdata)  # doctest: +SKIP
+    >>> model.save("spade_model")  # doctest: +SKIP
+    >>> same = sqs.models.Spade.load("spade_model")  # doctest: +SKIP
+    """
+
+    def __init__(self, module: Any, config: Mapping[str, Any]):
+        self.module = module.eval()
+        self.config = dict(config)
+        self.history = self.config.get("history") or {}
+
+    # --- properties ---------------------------------------------------------------------------
+    @property
+    def backbone(self) -> str:
+        return self.config["backbone"]
+
+    @property
+    def panel(self) -> list[str]:
+        return list(self.config["panel"])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.config["n_experts"])
+
+    def __repr__(self) -> str:
+        return (f"Spade(backbone={self.backbone!r}, experts={self.n_experts}, fine centroids="
+                f"{int(self.module.centroids.shape[0])}, panel={len(self.panel)} genes)")
+
+    # --- maths ------------------------------------------------------------------------------------
+    def _run(self, fn: Any, x: np.ndarray, batch: int = 8192) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), batch):
+                out.append(fn(torch.as_tensor(np.ascontiguousarray(x[s: s + batch]), dtype=torch.float32)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
+
+    def _check_features(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.config["feature_dim"]:
+            raise ValueError(f"`features` must be (N, {self.config['feature_dim']}) features of backbone "
+                             f"{self.backbone!r}, got shape {x.shape}.")
+        return x
+
+    def embed_images(self, features: np.ndarray, *, routing: str = "soft", temperature: float | None = None) -> np.ndarray:
+        """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``."""
+        if routing not in ("soft", "hard"):
+            raise ValueError(f"`routing` must be 'soft' or 'hard', got {routing!r}.")
+        t = self.config["routing_temperature"] if temperature is None else float(temperature)
+        if not t > 0:
+            raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
+        x = self._check_features(features)
+        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
+
+    def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
+        """Soft routing weights ``(N, n_experts)``."""
+        t = self.config["routing_temperature"] if temperature is None else float(temperature)
+        return self._run(lambda b: self.module.route(b, temperature=t), self._check_features(features))
+
+    def assign(self, features: np.ndarray) -> np.ndarray:
+        """Expert of each row: that of its nearest fine centroid."""
+        return self._run(lambda b: self.module.assign(b)[:, None].float(), self._check_features(features))[:, 0].astype(np.int64)
+
+    def embed_genes(self, genes: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        """Gene-side embeddings of expression rows ``(N, G)`` by their experts' gene heads."""
+        import torch
+
+        g = np.asarray(genes, dtype=np.float32)
+        if g.ndim != 2 or g.shape[1] != len(self.panel):
+            raise ValueError(f"`genes` must be (N, {len(self.panel)}) over the model's panel, got {g.shape}.")
+        e = np.asarray(expert, dtype=np.int64)
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(g), 8192):
+                out.append(self.module.embed_genes(torch.as_tensor(g[s: s + 8192]), torch.as_tensor(e[s: s + 8192])).numpy())
+        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model as ``config.json`` + ``model.safetensors`` into the folder ``path``."""
+        import sq_spade
+
+        state = {k: v for k, v in self.module.state_dict().items()}
+        return save_model_files(path, cls="Spade", config=self.config, tensors=state, version=sq_spade.__version__)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Spade:
+        """Load a model saved with :meth:`save` (safetensors only: no code runs)."""
+        config, tensors = load_model_files(path, cls="Spade", schema=_SCHEMA)
+        module = build_module(config, centroids=tensors.get("centroids"), fine_to_expert=tensors.get("fine_to_expert"))
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            from sq_spade.models._files import ModelFileError
+
+            raise ModelFileError(f"model.safetensors does not fit the Spade config: missing {missing[:10]}, "
+                                 f"unexpected {unexpected[:10]}.")
+        return cls(module, config)
+
+    @classmethod
+    def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike], centroids: str | os.PathLike,
+                      fine_to_expert: str | os.PathLike | np.ndarray, *, backbone: str, panel: Sequence[str],
+                      gene_input: str = "raw", routing_temperature: float = 0.1) -> Spade:
+        """Import checkpoints of the original SPADE repository, safely and strictly.
+
+        Parameters
+        ----------
+        expert_checkpoints
+            One ``.pt`` per expert, in expert order, each a dict with a ``model`` state dict holding
+            ``image_projection.{projection,fc,layer_norm}.*`` and ``spot_projection.*``. Read with
+            ``torch.load(weights_only=True)``: a checkpoint that needs code to load is refused.
+        centroids
+            ``centroids.npy``: the fine centroids ``(K, D)`` (read with ``allow_pickle=False``).
+        fine_to_expert
+            ``.npy`` file or array mapping each fine centroid to its expert.
+        backbone
+            Backbone the features came from (e.g. ``"uni"``).
+        panel
+            The gene names of the gene heads' inputs, in order.
+        gene_input
+            The original fed raw counts (``"raw"``).
+        routing_temperature
+            Routing temperature (0.1).
+        """
+        import torch
+
+        from sq_spade.nn.experts import ExpertHeads
+        from sq_spade.nn.heads import ProjectionHead
+
+        c = np.load(centroids, allow_pickle=False).astype(np.float32)
+        f2e = np.asarray(fine_to_expert if isinstance(fine_to_expert, np.ndarray)
+                         else np.load(fine_to_expert, allow_pickle=False)).astype(np.int64)
+        img_heads, gene_heads = [], []
+        for path in expert_checkpoints:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"`expert_checkpoints`: {str(path)!r} cannot be loaded safely "
+                                 f"(weights_only=True): {type(e).__name__}: {str(e)[:200]}") from e
+            sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+            if not isinstance(sd, dict):
+                raise ValueError(f"`expert_checkpoints`: {str(path)!r} holds no state dict.")
+            for prefix, store in (("image_projection.", img_heads), ("spot_projection.", gene_heads)):
+                sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+                # our ProjectionHead keeps the original parameter names, so the map is explicit identity
+                mapped = {_ORIGINAL_KEYS[k]: v for k, v in sub.items() if k in _ORIGINAL_KEYS}
+                mapped.update({k: v for k, v in sub.items() if k not in _ORIGINAL_KEYS})
+                if "projection.weight" not in mapped:
+                    raise ValueError(f"`expert_checkpoints`: {str(path)!r} lacks {prefix}projection.weight.")
+                out_dim, in_dim = mapped["projection.weight"].shape
+                head = ProjectionHead(in_dim, out_dim)
+                _load_head_strict(head, mapped, path, prefix)
+                store.append(head)
+            extra = [k for k in sd if not k.startswith(("image_projection.", "spot_projection."))]
+            if extra:
+                raise ValueError(f"`expert_checkpoints`: unexpected keys in {str(path)!r}: {extra[:10]}.")
+        if len(panel) != gene_heads[0].projection.in_features:
+            raise ValueError(f"`panel` has {len(panel)} genes but the gene heads take {gene_heads[0].projection.in_features}.")
+        n_exp = len(img_heads)
+        if f2e.shape != (len(c),) or f2e.min() < 0 or f2e.max() >= n_exp:
+            raise ValueError(f"`fine_to_expert` must map {len(c)} centroids to experts in [0, {n_exp}).")
+        from sq_spade.nn.experts import MixtureOfExperts
+
+        module = MixtureOfExperts(ExpertHeads.from_heads(img_heads), ExpertHeads.from_heads(gene_heads),
+                                  torch.as_tensor(c), torch.as_tensor(f2e), temperature=routing_temperature)
+        config = {"backbone": backbone, "feature_dim": int(c.shape[1]), "panel": [str(g) for g in panel],
+                  "gene_input": gene_input, "n_experts": n_exp, "n_fine": int(len(c)),
+                  "out_dim": int(img_heads[0].projection.out_features), "dropout": 0.0,
+                  "routing_temperature": float(routing_temperature), "reference_side": "genes",
+                  "params": {"imported_from": "original SPADE checkpoints"}}
+        return cls(module, config)
+
+
+# original SPADE ProjectionHead parameter names -> ours (the same names, listed explicitly so an
+# unknown key is refused rather than silently dropped)
+_ORIGINAL_KEYS = {k: k for k in ("projection.weight", "projection.bias", "fc.weight", "fc.bias",
+                                 "layer_norm.weight", "layer_norm.bias")}
+
+
+def _load_head_strict(head: Any, state: Mapping[str, Any], path: Any, prefix: str) -> None:
+    own = set(head.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise ValueError(f"`expert_checkpoints`: {str(path)!r} ({prefix}*) does not fit a projection head: "
+                         f"missing {missing}, unexpected {unexpected}.")
+    head.load_state_dict(dict(state), strict=True)
+
+
+def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_expert: Any = None) -> Any:
+    """An untrained MixtureOfExperts shaped by ``config`` (weights come from a state dict)."""
+    import torch
+
+    from sq_spade.nn.experts import ExpertHeads, MixtureOfExperts
+
+    e, d, g = int(config["n_experts"]), int(config["feature_dim"]), len(config["panel"])
+    k = int(config["n_fine"]) if centroids is None else int(centroids.shape[0])
+    c = torch.zeros(k, d) if centroids is None else torch.as_tensor(centroids, dtype=torch.float32)
+    f2e = torch.arange(k) % e if fine_to_expert is None else torch.as_tensor(fine_to_expert).long()
+    return MixtureOfExperts(ExpertHeads(e, d, int(config["out_dim"]), float(config["dropout"])),
+                            ExpertHeads(e, g, int(config["out_dim"]), float(config["dropout"])),
+                            c, f2e, temperature=float(config["routing_temperature"]))

@@ -1,0 +1,299 @@
+"""SPADE in the ``tl`` API: ``train_experts`` and ``embed``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from sq_spade import _constants as K
+from sq_spade._validation import check_choice, check_positive, get_table, section_labels
+from sq_spade.tl._common import (
+    panel_expression,
+    resolve_features,
+    rows_of,
+    split_sections,
+    storable,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from sq_spade.models import Spade
+
+
+def _resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, train: list[str]) -> list[str]:
+    from sq_spade.pp._genes import panel_genes, select_genes
+
+    if panel is None:
+        panel = K.PANEL_VAR if K.PANEL_VAR in table.var else "spade"
+        if panel == K.PANEL_VAR:
+            chosen_on = table.uns.get(K.PANEL_UNS, {}).get("train_sections")
+            if chosen_on is not None and set(chosen_on) - set(train):
+                raise ValueError(f"The table's panel was chosen on sections {list(chosen_on)}, which include sections "
+                                 f"outside training {train}: that would leak. Pass `panel=` explicitly.")
+            return panel_genes(table, K.PANEL_VAR)
+    if isinstance(panel, str) and panel in ("spade", "heg"):
+        return select_genes(table, panel, n_top=n_top, train_sections=train, inplace=False)
+    return panel_genes(table, panel)
+
+
+def train_experts(
+    sdata: SpatialData | AnnData,
+    *,
+    features_key: str | None = None,
+    backbone: str = "efficientnet_lite0",
+    panel: str | Sequence[str] | None = None,
+    n_top: int = 50,
+    group_key: str | None = None,
+    n_fine: int = 16,
+    n_experts: int = 16,
+    epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-2,
+    loss: str = "bleep",
+    temperature: float = 1.0,
+    gene_input: str = "log1p_cp10k",
+    dropout: float = 0.1,
+    routing_temperature: float = 0.1,
+    train_sections: Sequence[str] | str | None = None,
+    validation_sections: Sequence[str] | str | None = None,
+    patience: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    table_key: str = K.TABLE_KEY,
+    key_added: str = K.SPADE_KEY,
+    reference_side: str = "auto",
+) -> Spade:
+    """Train SPADE's mixture of data experts on frozen image features and expression.
+
+    Steps: frozen backbone features (computed with :func:`sq_spade.pp.compute_features` when
+    ``obsm`` lacks them); the gene panel from the training sections; two-stage k-means of the
+    training spots' features (per ``group_key`` group, ``n_fine`` centroids; then ``n_experts``
+    clusters over all fine centroids; each spot's expert is its fine centroid's); one image head
+    (D -> 256) and one gene head (panel -> 256) per expert, trained on its spots only with the
+    BLEEP soft-target loss, AdamW and a cosine schedule, keeping each expert's best-validation
+    epoch (validation on ``validation_sections``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData (features can be computed) or AnnData with the features in ``obsm``.
+    features_key
+        ``obsm`` key of the frozen features (default ``"X_<backbone>"``).
+    backbone
+        Backbone of the features.
+    panel
+        Gene list, a boolean ``var`` column, ``"spade"`` / ``"heg"`` (chosen on the training
+        sections with ``n_top``), or ``None``: the table's panel if it was chosen on training
+        sections only, else ``"spade"``.
+    n_top
+        Genes per section for ``"spade"`` panels (50, as in SPADE).
+    group_key
+        ``obs`` column grouping spots for the first clustering stage (organ, tissue); ``None``:
+        one group.
+    n_fine, n_experts
+        Fine centroids per group and experts (16 and 16). Groups with fewer distinct spots than
+        ``n_fine`` get one centroid per spot; ``n_experts`` above the number of fine centroids is
+        clamped (each centroid its own expert) with a warning.
+    epochs, batch_size, lr, weight_decay
+        Training settings (SPADE: 100, 128, 1e-4, 1e-2).
+    loss
+        ``"bleep"`` (soft targets, SPADE's) or ``"clip"``.
+    temperature
+        Loss temperature.
+    gene_input
+        ``"log1p_cp10k"`` (library size over the panel, 1e4, log1p) or ``"raw"`` counts (the
+        original code's choice).
+    dropout
+        Dropout of the heads.
+    routing_temperature
+        Default temperature of soft routing at inference (0.1).
+    train_sections, validation_sections
+        Sections to train on (default: all but validation) and to validate on.
+    patience
+        Stop an expert after this many epochs without validation improvement.
+    seed
+        Seeds clustering, initialisation and batching.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``.
+    table_key
+        Table of a SpatialData.
+    key_added
+        ``obsm`` key of the SPADE embedding written for every spot.
+    reference_side
+        What :func:`sq_spade.tl.predict_expression` retrieves against on the reference side:
+        the reference spots' gene-head embeddings (``"genes"``), their image embeddings
+        (``"images"``), or ``"auto"``: the better of the two by validation ACG (``"genes"``
+        without validation sections).
+
+    Returns
+    -------
+    The trained :class:`sq_spade.models.Spade`. The table gains ``obsm[key_added]`` (256-d),
+    ``obs['spade_expert']`` and ``uns['spade']`` (parameters, backbone and weights hash,
+    clustering provenance, loss history).
+
+    Examples
+    --------
+    >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3")])  # doctest: +SKIP
+    >>> model = sqs.tl.train_experts(sd, validation_sections=["C3"], n_experts=4)  # doctest: +SKIP
+    """
+    import torch
+
+    import sq_spade
+    from sq_spade.models._clustering import two_stage_clustering
+    from sq_spade.models._spade import Spade
+    from sq_spade.nn.experts import MixtureOfExperts
+    from sq_spade.train._experts import fit_experts
+
+    table = get_table(sdata, table_key)
+    check_choice(loss, "loss", ["bleep", "clip"])
+    check_choice(gene_input, "gene_input", ["log1p_cp10k", "raw"])
+    check_choice(reference_side, "reference_side", ["auto", "genes", "images"])
+    for name, v in (("n_fine", n_fine), ("n_experts", n_experts), ("epochs", epochs), ("batch_size", batch_size)):
+        check_positive(v, name, integer=True)
+    check_positive(routing_temperature, "routing_temperature")
+    train, val = split_sections(table, train_sections, validation_sections)
+    fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
+                                   device=device, table_key=table_key)
+    prov = table.uns.get(K.FEATURES_UNS, {}).get(fkey, {})
+    genes_list = _resolve_panel(table, panel, n_top, train)
+    expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
+    tr, va = rows_of(table, train), rows_of(table, val)
+    if tr.sum() < 2:
+        raise ValueError(f"Training sections {train} have {int(tr.sum())} spots; at least 2 are needed.")
+    groups = None
+    if group_key is not None:
+        if group_key not in table.obs:
+            raise KeyError(f"`group_key={group_key!r}` is not a column of `obs`; available: {list(table.obs.columns)}.")
+        groups = table.obs[group_key].astype(str).to_numpy()[tr]
+    clus = two_stage_clustering(feats[tr], groups, n_fine=n_fine, n_experts=n_experts, seed=seed)
+    centroids = torch.as_tensor(clus.centroids)
+    f2e = torch.as_tensor(clus.fine_to_expert)
+    val_expert = None
+    if va.any():
+        d = torch.cdist(torch.as_tensor(feats[va]), centroids)
+        val_expert = clus.fine_to_expert[d.argmin(1).numpy()]
+    img_heads, gene_heads, history = fit_experts(
+        feats[tr], expr[tr], clus.expert, n_experts=clus.n_experts,
+        val_features=feats[va] if va.any() else None, val_genes=expr[va] if va.any() else None,
+        val_expert=val_expert, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        loss=loss, temperature=temperature, dropout=dropout, seed=seed,
+        device=device or sq_spade.settings.device, patience=patience,
+    )
+    module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e, temperature=routing_temperature).eval()
+    from sq_spade.train._common import history_to_json
+
+    hist = history_to_json(history)
+    config = {
+        "backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
+        "feature_dim": int(feats.shape[1]), "panel": list(genes_list), "gene_input": gene_input,
+        "n_experts": int(clus.n_experts), "n_fine": int(n_fine), "out_dim": int(img_heads.out_dim),
+        "dropout": float(dropout), "routing_temperature": float(routing_temperature),
+        "reference_side": "genes" if reference_side == "auto" else reference_side,
+        "centroid_groups": [str(g) for g in clus.centroid_group], "train_sections": train,
+        "validation_sections": val, "history": hist,
+        "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                   "loss": loss, "temperature": temperature, "seed": seed, "n_experts_requested": n_experts,
+                   "group_key": group_key, "features_key": fkey, "patience": patience},
+    }
+    model = Spade(module, config)
+    if reference_side == "auto" and va.any():
+        model.config["reference_side"], model.config["selection"] = _choose_reference_side(
+            model, feats[tr], expr[tr], feats[va], expr[va])
+    # write results only once everything has succeeded
+    emb = model.embed_images(feats)
+    table.obsm[key_added] = emb
+    table.obs[K.SPADE_EXPERT] = pd.Categorical(model.assign(feats).astype(str))
+    table.uns[K.SPADE_UNS] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
+        "n_panel_genes": len(genes_list), "embedding_key": key_added})
+    return model
+
+
+def _choose_reference_side(model: Spade, f_ref: np.ndarray, e_ref: np.ndarray, f_val: np.ndarray,
+                           e_val: np.ndarray, k: int = 50) -> tuple[str, dict[str, float]]:
+    """Pick gene-head or image-head reference embeddings by retrieval ACG on validation spots."""
+    from sq_spade.tl._metrics import expression_metrics
+    from sq_spade.tl._retrieval import retrieve_predict
+
+    q = model.embed_images(f_val)
+    keys = {"genes": model.embed_genes(e_ref, model.assign(f_ref)), "images": model.embed_images(f_ref)}
+    scores = {}
+    for side, kv in keys.items():
+        pred = retrieve_predict(q, kv, e_ref, k=min(k, len(kv)), weighting="inverse_sq_l2")
+        scores[side] = float(expression_metrics(pred, e_val)[0]["ACG"])
+    best = max(scores, key=lambda s: (np.nan_to_num(scores[s], nan=-np.inf), s == "genes"))
+    return best, {f"validation_acg_{s}": v for s, v in scores.items()}
+
+
+def embed(
+    sdata: SpatialData | AnnData,
+    model: Spade,
+    *,
+    routing: str = "soft",
+    temperature: float | None = None,
+    features_key: str | None = None,
+    key_added: str = K.SPADE_KEY,
+    weights_key: str | None = None,
+    table_key: str = K.TABLE_KEY,
+    device: str | None = None,
+) -> None:
+    """Embed any slide into the SPADE space: ``obsm[key_added]`` (and the routing).
+
+    Distances of each spot's frozen features to every fine centroid, ``softmax(-d / T)``, weights
+    summed per expert, and the weighted sum of the experts' image heads (``routing="hard"``: the
+    nearest fine centroid's expert only). Features are computed with the model's backbone when
+    ``obsm`` lacks them; features of another backbone are refused.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData or AnnData.
+    model
+        A trained :class:`sq_spade.models.Spade`.
+    routing
+        ``"soft"`` or ``"hard"``.
+    temperature
+        Soft-routing temperature (default: the model's, 0.1).
+    features_key
+        ``obsm`` key of the features (default ``"X_<backbone>"``).
+    key_added
+        ``obsm`` key of the embedding.
+    weights_key
+        Also write the routing weights ``(n, n_experts)`` to ``obsm[weights_key]``.
+    table_key
+        Table of a SpatialData.
+    device
+        Device for feature computation.
+
+    Examples
+    --------
+    >>> sqs.tl.embed(sdata_new, model)  # doctest: +SKIP
+    >>> sdata_new.tables["table"].obsm["X_spade"].shape  # doctest: +SKIP
+    (184, 256)
+    """
+    from sq_spade.models._spade import Spade
+
+    if not isinstance(model, Spade):
+        raise TypeError(f"`model` must be a sq_spade.models.Spade, got {type(model).__name__}.")
+    check_choice(routing, "routing", ["soft", "hard"])
+    table = get_table(sdata, table_key)
+    _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
+                                weights_sha256=model.config.get("weights_sha256"), device=device, table_key=table_key)
+    if feats.shape[1] != model.config["feature_dim"]:
+        raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config['feature_dim']}.")
+    emb = model.embed_images(feats, routing=routing, temperature=temperature)
+    weights = model.routing_weights(feats, temperature=temperature) if weights_key else None
+    experts = model.assign(feats)
+    table.obsm[key_added] = emb
+    if weights is not None:
+        table.obsm[weights_key] = weights
+    table.obs[K.SPADE_EXPERT] = pd.Categorical(experts.astype(str))
+    table.uns.setdefault(K.SPADE_UNS, {})["embedding"] = storable({
+        "key": key_added, "routing": routing,
+        "temperature": float(model.config["routing_temperature"] if temperature is None else temperature),
+        "backbone": model.backbone, "sections": sorted(set(section_labels(table)))})

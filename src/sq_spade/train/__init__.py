@@ -1,0 +1,32 @@
+"""Training loops (arrays in, modules and a history out) for SPADE's experts and mclSTExp."""
+
+from sq_spade.train._common import (
+    CosineSchedule,
+    EarlyStopping,
+    History,
+    cosine_schedule,
+    history_to_json,
+    load_checkpoint_state,
+    make_generator,
+    seeded,
+    state_for_checkpoint,
+)
+from sq_spade.train._contrastive import ContrastiveFit, default_augmentation, fit_contrastive
+from sq_spade.train._experts import StackedAdamW, fit_experts
+
+__all__ = [
+    "ContrastiveFit",
+    "CosineSchedule",
+    "EarlyStopping",
+    "History",
+    "StackedAdamW",
+    "cosine_schedule",
+    "default_augmentation",
+    "fit_contrastive",
+    "fit_experts",
+    "history_to_json",
+    "load_checkpoint_state",
+    "make_generator",
+    "seeded",
+    "state_for_checkpoint",
+]

@@ -1,0 +1,524 @@
+"""Training mclSTExp: an image projection head (optionally its encoder) and a spot encoder."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sq_spade._utils import progress, resolve_device
+from sq_spade._validation import check_choice
+from sq_spade.nn.heads import ProjectionHead
+from sq_spade.nn.losses import bleep_loss, clip_loss
+from sq_spade.nn.spot_encoder import SpotEncoder
+from sq_spade.train._common import (
+    EarlyStopping,
+    History,
+    as_float_array,
+    as_int_array,
+    check_positive_float,
+    check_positive_int,
+    cosine_schedule,
+    make_generator,
+    seeded,
+)
+
+_LOSSES = {"clip": clip_loss, "bleep": bleep_loss}
+
+
+class ContrastiveFit(NamedTuple):
+    """What :func:`fit_contrastive` returns (unpacks as a 4-tuple)."""
+
+    image_head: ProjectionHead
+    """Image projection head, ``D -> out_dim``."""
+    spot_encoder: SpotEncoder
+    """Spot encoder, ``G -> out_dim``."""
+    history: dict[str, Any]
+    """Per-epoch losses and the best epoch."""
+    image_encoder: nn.Module | None
+    """The (fine-tuned) image encoder when one was given, else ``None``."""
+
+
+class _RandomRot90(nn.Module):
+    """Rotate a ``(C, H, W)`` image by a random multiple of 90 degrees (exact, no resampling)."""
+
+    def forward(self, img: Tensor) -> Tensor:
+        k = int(torch.randint(0, 4, ()))
+        return torch.rot90(img, k, dims=(-2, -1))
+
+
+def default_augmentation() -> nn.Module:
+    """mclSTExp-style augmentation of a uint8 ``(C, H, W)`` patch.
+
+    Colour jitter (brightness, contrast, saturation 0.5), horizontal and vertical flips, and
+    rotations by multiples of 90 degrees (exact on square patches; mclSTExp used arbitrary
+    rotations, which resample and bring in corners from outside the spot).
+
+    Examples
+    --------
+    >>> import torch
+    >>> aug = default_augmentation()
+    >>> aug(torch.zeros(3, 8, 8, dtype=torch.uint8)).shape
+    torch.Size([3, 8, 8])
+    """
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        _RandomRot90(),
+    ])
+
+
+class _Patches(torch.utils.data.Dataset):
+    """Index ``i`` -> (uint8 ``(C, H, W)`` patch, possibly augmented, ``i``)."""
+
+    def __init__(self, images: torch.utils.data.Dataset, augment: Callable | None) -> None:
+        self.images, self.augment = images, augment
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = self.images[i]
+        t = img if isinstance(img, Tensor) else torch.from_numpy(np.asarray(img))
+        if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"`images[{i}]` must be a uint8 (H, W, C) patch with C in (1, 3, 4), "
+                             f"got dtype {t.dtype} and shape {tuple(t.shape)}.")
+        t = t[..., :3].permute(2, 0, 1).contiguous()  # HWC -> CHW, alpha dropped
+        if self.augment is not None:
+            t = self.augment(t)
+        return t, i
+
+
+def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarray | None = None,
+                    context: np.ndarray | str | None = None, *,
+                    val_features: np.ndarray | None = None, val_expr: np.ndarray | None = None,
+                    val_pos: np.ndarray | None = None,
+                    val_context: np.ndarray | str | None = None,
+                    images: torch.utils.data.Dataset | None = None,
+                    val_images: torch.utils.data.Dataset | None = None,
+                    image_encoder: nn.Module | None = None, finetune: str | Sequence[str] = "all",
+                    augment: bool | Callable = True,
+                    preprocess: Callable[[Tensor], Tensor] | None = None,
+                    n_x: int | None = None, n_y: int | None = None, epochs: int = 90,
+                    batch_size: int = 128, lr: float = 1e-4, weight_decay: float = 1e-3,
+                    loss: str = "clip", temperature: float = 1.0, out_dim: int = 256,
+                    dropout: float = 0.1, depth: int = 2, heads: int = 8, dim_head: int = 64,
+                    mlp_dim: int | None = None, encoder_dropout: float = 0.0,
+                    schedule: str = "constant", patience: int | None = 10, seed: int = 0,
+                    device: str = "auto", num_workers: int = 0) -> ContrastiveFit:
+    """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
+
+    Two ways to feed images:
+
+    - **frozen backbone** (default): ``features`` are cached image features ``(N, D)``; only
+      the image head and the spot encoder train;
+    - **trainable encoder**: ``features=None``, ``images`` a dataset whose item ``i`` is the
+      uint8 ``(H, W, C)`` patch of spot ``i``, and ``image_encoder`` a module mapping a float
+      batch ``(B, 3, H, W)`` in ``[0, 1]`` (after ``preprocess``) to ``(B, D)`` (a 4-D output
+      is average-pooled). ``finetune`` picks which of its parameters train.
+
+    Each epoch shuffles all training spots into batches of ``batch_size``; within a batch the
+    spot encoder's attention follows ``context`` (see :meth:`SpotEncoder.forward`: ``None``,
+    the mclSTExp way, lets the whole batch attend to each other). Adam (``lr``,
+    ``weight_decay``), as mclSTExp. With validation data the loss on fixed validation batches is
+    recorded each epoch, training stops after ``patience`` epochs without improvement, and the
+    weights of the best epoch are restored; without validation the last epoch is kept.
+
+    Parameters
+    ----------
+    features
+        Cached image features ``(N, D)``, or ``None`` with ``images`` and ``image_encoder``.
+    expr
+        Normalised expression ``(N, G)`` (the spot encoder's input and the retrieval values).
+    pos
+        Integer grid positions ``(N, 2)`` (x, y), or ``None`` for no position embeddings.
+    context
+        Group id per spot ``(N,)`` restricting attention within a batch to the same group,
+        ``"self"`` (each spot alone) or ``None`` (the whole batch, as mclSTExp).
+    val_features, val_expr, val_pos, val_context
+        Validation spots (held-out slides), same conventions; ``val_images`` replaces
+        ``val_features`` with a trainable encoder.
+    images, val_images
+        Datasets of uint8 ``(H, W, C)`` patches, item ``i`` for spot ``i``.
+    image_encoder
+        Image encoder to fine-tune (moved to ``device``, trained in place).
+    finetune
+        ``"all"`` its parameters, ``"last"`` those of its last top-level child that has
+        parameters, ``"none"`` (frozen, in eval mode), or a sequence of parameter-name prefixes.
+    augment
+        With ``images``: ``True`` for :func:`default_augmentation` (per patch, training only),
+        ``False`` for none, or a callable on uint8 ``(C, H, W)`` tensors.
+    preprocess
+        Applied to the float ``[0, 1]`` batch on the device before the encoder (for example a
+        normalisation); ``None``: none, as mclSTExp.
+    n_x, n_y
+        Position-table sizes; ``None``: one more than the largest position in the training and
+        validation data.
+    epochs, batch_size, lr, weight_decay
+        mclSTExp: 90, 128, 1e-4, 1e-3 (Adam).
+    loss
+        ``"clip"`` (identity targets, mclSTExp) or ``"bleep"`` (soft targets).
+    temperature
+        Loss temperature (1 in mclSTExp).
+    out_dim, dropout
+        Latent dimension and projection-head dropout.
+    depth, heads, dim_head, mlp_dim, encoder_dropout
+        Spot-encoder transformer settings (see :class:`SpotEncoder`).
+    schedule
+        ``"constant"`` learning rate (mclSTExp) or ``"cosine"`` (stepped per batch).
+    patience
+        Early-stopping patience in epochs (only with validation data); ``None``: no stopping,
+        the best epoch is still restored.
+    seed
+        Seeds initialisation, shuffling, dropout and augmentation.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``...
+    num_workers
+        DataLoader workers for ``images``.
+
+    Returns
+    -------
+    :class:`ContrastiveFit` ``(image_head, spot_encoder, history, image_encoder)``, modules on
+    the CPU in eval mode. ``history``: ``train_loss``, ``val_loss`` (NaN without validation),
+    ``lr`` per epoch, ``best_epoch`` (-1 without validation), ``best_val_loss``,
+    ``stopped_early``, ``n_epochs``, ``n_x``, ``n_y``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> f, e = rng.normal(size=(32, 8)).astype("f4"), rng.random((32, 6)).astype("f4")
+    >>> pos = rng.integers(0, 5, size=(32, 2))
+    >>> fit = fit_contrastive(f, e, pos, epochs=2, batch_size=16, heads=2, dim_head=4,
+    ...                       out_dim=8, device="cpu")
+    >>> fit.history["train_loss"].shape
+    (2,)
+    """
+    # --- checks -------------------------------------------------------------------------------
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = check_positive_float(lr, "lr")
+    weight_decay = check_positive_float(weight_decay, "weight_decay", allow_zero=True)
+    temperature = check_positive_float(temperature, "temperature")
+    check_choice(loss, "loss", _LOSSES)
+    check_choice(schedule, "schedule", ("constant", "cosine"))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+    use_images = image_encoder is not None
+    if use_images:
+        if not isinstance(image_encoder, nn.Module):
+            raise TypeError("`image_encoder` must be a torch.nn.Module.")
+        if features is not None:
+            raise ValueError("Pass either `features` (frozen backbone) or `images` with "
+                             "`image_encoder`, not both: `features` must be None.")
+        if images is None:
+            raise ValueError("`images` is required with `image_encoder`.")
+        if val_features is not None:
+            raise ValueError("With `image_encoder`, pass `val_images`, not `val_features`.")
+    elif features is None:
+        raise ValueError("`features` is required unless `images` and `image_encoder` are given.")
+    elif images is not None or val_images is not None:
+        raise ValueError("`images` needs `image_encoder`; with cached `features` leave it None.")
+
+    e_tr = as_float_array(expr, "expr")
+    n = e_tr.shape[0]
+    f_tr = None if use_images else as_float_array(features, "features")
+    if f_tr is not None and f_tr.shape[0] != n:
+        raise ValueError(f"`features` must have {n} rows (as `expr`), got {f_tr.shape[0]}.")
+    if use_images and len(images) != n:  # type: ignore[arg-type]
+        raise ValueError(f"`images` must hold {n} patches (as `expr` has rows), "
+                         f"got {len(images)}.")  # type: ignore[arg-type]
+    p_tr = _check_pos(pos, "pos", n)
+    c_tr = _check_context(context, "context", n)
+
+    has_val = val_expr is not None
+    if has_val:
+        e_va = as_float_array(val_expr, "val_expr")
+        nv = e_va.shape[0]
+        if e_va.shape[1] != e_tr.shape[1]:
+            raise ValueError(f"`val_expr` must have {e_tr.shape[1]} columns, got {e_va.shape[1]}.")
+        if use_images:
+            if val_images is None or len(val_images) != nv:  # type: ignore[arg-type]
+                raise ValueError(f"`val_images` must hold {nv} patches (as `val_expr` has rows).")
+            f_va = None
+        else:
+            if val_features is None:
+                raise ValueError("`val_features` is required with `val_expr`.")
+            f_va = as_float_array(val_features, "val_features")
+            if f_va.shape != (nv, f_tr.shape[1]):  # type: ignore[union-attr]
+                raise ValueError(f"`val_features` must have shape {(nv, f_tr.shape[1])}, "
+                                 f"got {f_va.shape}.")  # type: ignore[union-attr]
+        if (pos is None) != (val_pos is None):
+            raise ValueError("`val_pos` must be given exactly when `pos` is.")
+        p_va = _check_pos(val_pos, "val_pos", nv)
+        if val_context is None and isinstance(c_tr, np.ndarray):
+            raise ValueError("`val_context` (group ids of the validation spots) is required "
+                             "when `context` holds group ids.")
+        # 'self' carries over to validation; None stays None (whole batch)
+        c_va = _check_context(context if val_context is None else val_context, "val_context", nv)
+    elif any(v is not None for v in (val_features, val_pos, val_images)):
+        raise ValueError("`val_expr` is required with `val_features`, `val_pos` or `val_images`.")
+
+    if p_tr is not None:
+        allpos = p_tr if not has_val else np.concatenate([p_tr, p_va])
+        n_x = int(allpos[:, 0].max()) + 1 if n_x is None else n_x
+        n_y = int(allpos[:, 1].max()) + 1 if n_y is None else n_y
+    else:
+        n_x = n_y = None
+
+    dev = resolve_device(device)
+    with seeded(seed, dev):
+        return _fit(
+            f_tr, e_tr, p_tr, c_tr,
+            (f_va, e_va, p_va, c_va) if has_val else None,
+            images=images, val_images=val_images, image_encoder=image_encoder,
+            finetune=finetune, augment=augment, preprocess=preprocess, n_x=n_x, n_y=n_y,
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            loss_fn=_LOSSES[loss], temperature=temperature, out_dim=out_dim, dropout=dropout,
+            depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
+            encoder_dropout=encoder_dropout, schedule=schedule, patience=patience, seed=seed,
+            dev=dev, num_workers=num_workers,
+        )
+
+
+def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
+         c_tr: np.ndarray | str | None, val: tuple | None, *, images: Any, val_images: Any,
+         image_encoder: nn.Module | None, finetune: str | Sequence[str],
+         augment: bool | Callable, preprocess: Callable | None, n_x: int | None,
+         n_y: int | None, epochs: int, batch_size: int, lr: float, weight_decay: float,
+         loss_fn: Any, temperature: float, out_dim: int, dropout: float, depth: int, heads: int,
+         dim_head: int, mlp_dim: int | None, encoder_dropout: float, schedule: str,
+         patience: int | None, seed: int, dev: torch.device,
+         num_workers: int) -> ContrastiveFit:
+    n, n_genes = e_tr.shape
+    shuffler = make_generator(seed)
+    use_images = image_encoder is not None
+
+    # --- modules ----------------------------------------------------------------------------
+    trainable_enc: list[nn.Parameter] = []
+    train_modules: list[nn.Module] = []
+    if use_images:
+        encoder = image_encoder.to(dev)  # type: ignore[union-attr]
+        trainable_enc, train_modules = _select_finetune(encoder, finetune)
+        requires_grad = [p.requires_grad for p in encoder.parameters()]
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        for p in trainable_enc:
+            p.requires_grad_(True)
+        aug = (default_augmentation() if augment is True else augment) or None
+        loader_tr = _loader(images, aug, batch_size, num_workers, seed)
+        probe, _ = _Patches(images, None)[0]
+        encoder.eval()
+        with torch.no_grad():
+            image_dim = _encode(encoder, probe[None].to(dev), preprocess).shape[1]
+    else:
+        encoder = None
+        image_dim = f_tr.shape[1]  # type: ignore[union-attr]
+    head = ProjectionHead(image_dim, out_dim, dropout).to(dev)
+    spot = SpotEncoder(n_genes, n_x, n_y, depth=depth, heads=heads, dim_head=dim_head,
+                       mlp_dim=mlp_dim, dropout=encoder_dropout, out_dim=out_dim,
+                       head_dropout=dropout).to(dev)
+    params = list(head.parameters()) + list(spot.parameters()) + trainable_enc
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-n // batch_size)
+    sched = cosine_schedule(opt, epochs * steps_per_epoch) if schedule == "cosine" else None
+
+    et = torch.from_numpy(e_tr)
+    ft = None if f_tr is None else torch.from_numpy(f_tr)
+    pt = None if p_tr is None else torch.from_numpy(p_tr)
+    ct = torch.from_numpy(c_tr) if isinstance(c_tr, np.ndarray) else c_tr
+
+    if val is not None:
+        f_va, e_va, p_va, c_va = val
+        vt = {
+            "f": None if f_va is None else torch.from_numpy(f_va),
+            "e": torch.from_numpy(e_va), "p": None if p_va is None else torch.from_numpy(p_va),
+            "c": torch.from_numpy(c_va) if isinstance(c_va, np.ndarray) else c_va,
+        }
+        val_order = torch.randperm(len(e_va), generator=make_generator(seed + 1))
+        val_batches = list(val_order.split(batch_size))
+
+    def set_train(flag: bool) -> None:
+        head.train(flag)
+        spot.train(flag)
+        if encoder is not None:
+            encoder.eval()
+            for m in train_modules:
+                m.train(flag)
+
+    def batch_loss(img_feats: Tensor, idx: Tensor, tens: dict[str, Any]) -> Tensor:
+        e = tens["e"][idx].to(dev)
+        p = None if tens["p"] is None else tens["p"][idx].to(dev)
+        c = tens["c"][idx].to(dev) if isinstance(tens["c"], Tensor) else tens["c"]
+        return loss_fn(head(img_feats), spot(e, p, c), temperature)
+
+    train_t = {"e": et, "p": pt, "c": ct}
+    stopper = EarlyStopping(patience)
+    best_state: dict[str, Any] | None = None
+    history = History()
+    stopped_early = False
+
+    for _epoch in progress(range(epochs), total=epochs, desc="training mclSTExp"):
+        set_train(True)
+        order = torch.randperm(n, generator=shuffler)
+        total, rows = 0.0, 0
+        if use_images:
+            loader_tr.sampler.order = order.tolist()  # type: ignore[union-attr]
+            batches = ((imgs, torch.as_tensor(idx)) for imgs, idx in loader_tr)
+        else:
+            batches = ((None, idx) for idx in order.split(batch_size))
+        for imgs, idx in batches:
+            if use_images:
+                with torch.set_grad_enabled(bool(trainable_enc)):
+                    feats = _encode(encoder, imgs.to(dev), preprocess)  # type: ignore[arg-type]
+            else:
+                feats = ft[idx].to(dev)  # type: ignore[index]
+            loss = batch_loss(feats, idx, train_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += float(loss.detach()) * len(idx)
+            rows += len(idx)
+        train_loss = total / max(rows, 1)
+        cur_lr = opt.param_groups[0]["lr"]
+
+        if val is None:
+            history.append(train_loss, np.nan, cur_lr)
+            continue
+        set_train(False)
+        with torch.no_grad():
+            vtotal = 0.0
+            if use_images:
+                loader_va = _loader(val_images, None, batch_size, num_workers, seed)
+                loader_va.sampler.order = val_order.tolist()  # type: ignore[union-attr]
+                vbatches = ((_encode(encoder, im.to(dev), preprocess), torch.as_tensor(ix))
+                            for im, ix in loader_va)
+            else:
+                vbatches = ((vt["f"][ix].to(dev), ix) for ix in val_batches)
+            for feats, ix in vbatches:
+                vtotal += float(batch_loss(feats, ix, vt)) * len(ix)
+        val_loss = vtotal / len(val_order)
+        history.append(train_loss, val_loss, cur_lr)
+        if stopper.step(val_loss):
+            best_state = {"head": _clone_state(head), "spot": _clone_state(spot)}
+            if encoder is not None:
+                best_state["encoder"] = _clone_state(encoder)
+        if stopper.stop:
+            stopped_early = True
+            break
+
+    if best_state is not None:
+        head.load_state_dict(best_state["head"])
+        spot.load_state_dict(best_state["spot"])
+        if encoder is not None:
+            encoder.load_state_dict(best_state["encoder"])
+    history.best_epoch = stopper.best_epoch if val is not None else -1
+    history.extra.update({
+        "best_val_loss": float(stopper.best) if best_state is not None else float("nan"),
+        "stopped_early": stopped_early, "n_x": n_x, "n_y": n_y,
+    })
+    if encoder is not None:
+        for p, flag in zip(encoder.parameters(), requires_grad, strict=True):
+            p.requires_grad_(flag)  # hand the encoder back as it came
+        encoder = encoder.cpu().eval()
+    return ContrastiveFit(head.cpu().eval(), spot.cpu().eval(), history.to_dict(), encoder)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+class _OrderSampler(torch.utils.data.Sampler):
+    """Yields the indices of ``order`` (set before each epoch by the training loop)."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self):  # noqa: D105
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _loader(images: Any, aug: Callable | None, batch_size: int, num_workers: int,
+            seed: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _Patches(images, aug), batch_size=batch_size, sampler=_OrderSampler(),
+        num_workers=num_workers, generator=make_generator(seed + 2),
+        persistent_workers=False,
+    )
+
+
+def _encode(encoder: nn.Module, imgs: Tensor, preprocess: Callable | None) -> Tensor:
+    x = imgs.float() / 255.0
+    if preprocess is not None:
+        x = preprocess(x)
+    out = encoder(x)
+    if out.ndim == 4:  # feature map: global average pooling
+        out = out.mean(dim=(2, 3))
+    if out.ndim != 2:
+        raise ValueError(f"`image_encoder` must return (B, D) or (B, D, h, w) features, "
+                         f"got shape {tuple(out.shape)}.")
+    return out
+
+
+def _select_finetune(encoder: nn.Module, finetune: str | Sequence[str],
+                     ) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """Parameters to train and the modules to put in train mode."""
+    if isinstance(finetune, str):
+        check_choice(finetune, "finetune", ("all", "last", "none"))
+        if finetune == "all":
+            return list(encoder.parameters()), [encoder]
+        if finetune == "none":
+            return [], []
+        children = [m for m in encoder.children() if any(True for _ in m.parameters())]
+        if not children:
+            warnings.warn("finetune='last': the encoder has no child with parameters; "
+                          "training all its parameters.", UserWarning, stacklevel=3)
+            return list(encoder.parameters()), [encoder]
+        return list(children[-1].parameters()), [children[-1]]
+    prefixes = list(finetune)
+    if not prefixes or not all(isinstance(p, str) for p in prefixes):
+        raise ValueError("`finetune` must be 'all', 'last', 'none' or a non-empty sequence of "
+                         "parameter-name prefixes.")
+    chosen = [p for name, p in encoder.named_parameters()
+              if any(name.startswith(pre) for pre in prefixes)]
+    if not chosen:
+        raise ValueError(f"`finetune` prefixes {prefixes} match no parameter of the encoder.")
+    mods = [m for name, m in encoder.named_modules()
+            if name and any(name == pre.rstrip(".") for pre in prefixes)]
+    return chosen, mods
+
+
+def _clone_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _check_pos(pos: Any, name: str, n: int) -> np.ndarray | None:
+    if pos is None:
+        return None
+    arr = as_int_array(pos, name, n, ndim=2)
+    if arr.shape[1] != 2:
+        raise ValueError(f"`{name}` must have shape ({n}, 2), got {arr.shape}.")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"`{name}` must be non-negative grid positions, got a minimum of "
+                         f"{arr.min()}.")
+    return arr
+
+
+def _check_context(context: Any, name: str, n: int) -> np.ndarray | str | None:
+    if context is None:
+        return None
+    if isinstance(context, str):
+        if context != "self":
+            raise ValueError(f"`{name}` must be None, 'self' or an array of {n} group ids, "
+                             f"got {context!r}.")
+        return context
+    return as_int_array(context, name, n)
