@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 ifneq ($(wildcard ../shared/data),)
 export SQ_SPADE_DATA_DIR ?= $(abspath ../shared/data)
 endif
+# frozen features are cached by a hash of the patches' pixels and the weights
+export SQ_SPADE_CACHE_DIR ?= $(abspath .cache/features)
 
 .PHONY: demo test env lint docs bench clean
 

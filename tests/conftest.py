@@ -14,12 +14,16 @@ matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SQ_SPADE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 os.environ.setdefault("SQ_SPADE_DATA_DIR", str(DATA_DIR))
+# features of real sections are computed once per machine and shared by tests and tutorials
+# (the cache key is a hash of the patches' pixels and the weights, so it cannot go stale)
+os.environ.setdefault("SQ_SPADE_CACHE_DIR", str(ROOT / ".cache" / "features"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 import sq_spade as sqs  # noqa: E402
 
 sqs.settings.progress = False
 sqs.settings.data_dir = DATA_DIR
+sqs.settings.cache_dir = Path(os.environ["SQ_SPADE_CACHE_DIR"])
 
 
 def require_data(*relpaths: str) -> Path:

@@ -12,6 +12,11 @@ def _default_data_dir() -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def _default_cache_dir() -> Path | None:
+    env = os.environ.get("SQ_SPADE_CACHE_DIR")
+    return Path(env).expanduser() if env else None
+
+
 @dataclass
 class Settings:
     """Global settings of sq_spade.
@@ -26,6 +31,10 @@ class Settings:
         Default number of DataLoader workers for patch loading (0: in the main process).
     data_dir
         Folder of public datasets (``SQ_SPADE_DATA_DIR``); ``None`` uses pooch's cache.
+    cache_dir
+        Folder of the on-disk feature cache (``SQ_SPADE_CACHE_DIR``); ``None`` disables it.
+        Entries are keyed by a hash of the patches' pixels and the backbone's weights, so a
+        cached entry can never be stale.
     memory_budget_bytes
         A pyramid level larger than this is read window by window instead of into memory.
     seed
@@ -41,6 +50,7 @@ class Settings:
     device: str = "auto"
     num_workers: int = 0
     data_dir: Path | None = field(default_factory=_default_data_dir)
+    cache_dir: Path | None = field(default_factory=_default_cache_dir)
     memory_budget_bytes: int = 2 * 1024**3
     seed: int = 0
 

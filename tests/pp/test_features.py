@@ -85,3 +85,32 @@ def test_lite0_on_real_patch_is_deterministic_and_not_random(her2st_section):
     assert torch.equal(a, b)
     cos = torch.nn.functional.cosine_similarity(a, r).mean()
     assert cos < 0.9
+
+
+def test_feature_cache_is_keyed_by_pixels_and_weights(tmp_path, monkeypatch):
+    import torch
+
+    from sq_spade.nn.backbones import get_backbone
+
+    monkeypatch.setattr(sqs.settings, "cache_dir", tmp_path)
+    model = get_backbone("dummy")
+    model.weights_sha256 = "a" * 64  # pretend the weights are identified, as real ones are
+    sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1
+    t = sd.tables["table"]
+    assert not t.uns[K.FEATURES_UNS]["X_dummy"]["from_cache"]
+    first = t.obsm["X_dummy"].copy()
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    assert t.uns[K.FEATURES_UNS]["X_dummy"]["from_cache"]
+    assert np.array_equal(t.obsm["X_dummy"], first)
+    # other pixels (another geometry) or other weights: a new entry
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=40, mpp=1.0)
+    model.weights_sha256 = "b" * 64
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+    # a backbone without a weights hash is never cached
+    with torch.no_grad():
+        sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    assert len(list(tmp_path.glob("*.npy"))) == 3

@@ -52,6 +52,7 @@ def compute_features(
     patch_size_um: float | None = None,
     mpp: float | None = None,
     patch_px: int | None = None,
+    cache: bool = True,
 ) -> str:
     """Compute frozen backbone features of every spot's patch into ``obsm``.
 
@@ -82,6 +83,10 @@ def compute_features(
         Which table, image and spots to use.
     patch_size_um, mpp, patch_px
         Patch geometry (see :func:`sq_spade.pp.extract_patches`).
+    cache
+        Use the on-disk cache in ``settings.cache_dir`` when it is set. Its key is the sha256 of
+        every patch's pixels, the backbone's name and weights and ``tta``: the same inputs give
+        the cached features, any change recomputes them.
 
     Returns
     -------
@@ -117,13 +122,26 @@ def compute_features(
     dev = resolve_device(device)
     p = make_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
                      patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px)
-    loader = torch.utils.data.DataLoader(
-        p, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    feats = embed_batches(model, loader, device=dev, tta=tta, total=len(loader), desc=f"features ({model.name})")
-    feats = np.asarray(feats, dtype=np.float32)
+    # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
+    cacheable = cache and settings.cache_dir is not None and _is_sha256(model.weights_sha256)
+    cache_path = _cache_path(p, model, tta) if cacheable else None
+    from_cache = cache_path is not None and cache_path.is_file()
+    if from_cache:
+        feats = np.load(cache_path, allow_pickle=False)
+    else:
+        loader = torch.utils.data.DataLoader(
+            p, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            pin_memory=dev.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        feats = embed_batches(model, loader, device=dev, tta=tta, total=len(loader), desc=f"features ({model.name})")
+        feats = np.asarray(feats, dtype=np.float32)
+        if cache_path is not None:
+            from sq_spade._utils import atomic_path
+
+            with atomic_path(cache_path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, feats, allow_pickle=False)
     if feats.shape != (len(p), model.dim):
         raise RuntimeError(f"backbone returned {feats.shape}, expected {(len(p), model.dim)}")
     # assemble fully before touching the table, so errors leave it unchanged
@@ -138,5 +156,22 @@ def compute_features(
         "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
         "input_size": int(model.input_size), "patch_geometry": geometry, "tta": bool(tta),
         "sq_spade_version": sq_spade.__version__, "device": dev.type,
+        "from_cache": bool(from_cache),
     }
     return key
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _cache_path(patches: Any, model: Any, tta: bool) -> Any:
+    """Cache file of these exact patches through this exact backbone (hash of the pixels)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    h.update(f"{model.name}|{model.weights_sha256}|{model.input_size}|{model.dim}|tta={tta}|v1".encode())
+    for batch in patches.iter_batches(256):
+        h.update(batch.tobytes())
+    return Path(settings.cache_dir) / f"features_{model.name}_{h.hexdigest()[:32]}.npy"
