@@ -8,9 +8,15 @@ Splits (panels chosen on each fold's training sections only; nothing tuned on a 
 - ``a_heldout``: trained on B4, C2, C3, C4 (C4 validation), tested on A1 and A2 (another
   patient, downscaled images).
 
+``--tune``: mclSTExp and SPADE choose their settings (a small training grid, ``k``, weighting,
+SPADE's reference side) by retrieval ACG on the fold's validation section, trained on the fit
+sections with the fit sections as reference (see ``tune_validation.py``); the chosen model then
+predicts the test section(s) with all training sections as reference. Ridge and kNN choose
+their own penalty / ``k`` by cross-validation over the training sections in every mode.
+
 Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
 ``.venv/bin/python benchmarks/bench_accuracy.py [--split loso a_heldout] [--panel spade|histogene]
-[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90]``.
+[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90] [--tune [--tune-out scores.csv]]``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ SPLITS = {
 }
 
 
-def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k):
+def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k, tune=False):
+    from tune_validation import predict as tuned_predict
+    from tune_validation import tune as tune_method
+
     import sq_spade as sqs
 
     train = tables(train_secs)
@@ -42,10 +51,18 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
         panel = sqs.pp.select_genes(train, "spade", n_top=50, train_sections=train_secs, inplace=False)
     else:
         panel = [g for g in sqs.datasets.histogene_genes() if g in train.var_names and g in test.var_names]
-    rows, per_gene, timing = [], [], {}
+    rows, per_gene, timing, chosen = [], [], {}, []
     for method in methods:
         t0 = time.perf_counter()
-        if method == "spade":
+        if tune and method in ("spade", "mclstexp"):
+            # chosen on the validation section only; the chosen model is the fold's final model
+            tuned = tune_method(method, train, panel, train_secs, seed=seed,
+                                epochs=epochs_spade if method == "spade" else epochs_mcl)
+            pred = tuned_predict(test, tuned.model, train, tuned.infer_params)
+            chosen.append({"method": method, "train": "+".join(train_secs), "seed": seed,
+                           "train_params": tuned.train_params, "infer_params": tuned.infer_params,
+                           "val_acg": tuned.val_acg, "scores": tuned.scores})
+        elif method == "spade":
             model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=fit_secs,
                                          validation_sections=val, seed=seed, n_fine=16, n_experts=16)
         elif method == "mclstexp":
@@ -53,8 +70,8 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
                                              train_sections=fit_secs, validation_sections=val, seed=seed)
         else:
             model = sqs.tl.train_contrastive(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
-        kk = min(k, train.n_obs)
-        pred = sqs.tl.predict_expression(test, model, reference=train, k=kk)
+        if not (tune and method in ("spade", "mclstexp")):
+            pred = sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs))
         res, pg = sqs.tl.evaluate_expression(pred, return_per_gene=True)
         timing[method] = time.perf_counter() - t0
         res.insert(0, "method", method)
@@ -65,7 +82,7 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
     out["train"] = "+".join(train_secs)
     out["seed"] = seed
     out["n_panel"] = len(panel)
-    return out, pd.concat(per_gene, ignore_index=True), timing
+    return out, pd.concat(per_gene, ignore_index=True), timing, chosen
 
 
 def main() -> None:
@@ -77,28 +94,46 @@ def main() -> None:
     ap.add_argument("--epochs-spade", type=int, default=100)
     ap.add_argument("--epochs-mcl", type=int, default=90)
     ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--tune", action="store_true", help="choose mclSTExp / SPADE settings on validation")
+    ap.add_argument("--tune-out", default=None, help="CSV of every validation score (with --tune)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="CSV of the per-section results")
     args = ap.parse_args()
+    import torch
+
     import sq_spade as sqs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     sqs.settings.progress = False
     warnings.simplefilter("ignore", UserWarning)
     print("machine:", machine())
-    print(f"backbone efficientnet_lite0 (frozen, ImageNet), panel {args.panel}, seeds {args.seeds}, k {args.k}")
-    allres = []
+    print(f"backbone efficientnet_lite0 (frozen, ImageNet), panel {args.panel}, seeds {args.seeds}, "
+          + ("k etc. chosen on validation for mclstexp / spade" if args.tune else f"k {args.k}"))
+    allres, allchosen = [], []
+    t_start = time.perf_counter()
     for split in args.split:
         for train_secs, test_secs in SPLITS[split]:
             for seed in args.seeds:
-                res, _, timing = run_fold(train_secs, test_secs, methods=args.methods, panel_mode=args.panel,
-                                          seed=seed, epochs_spade=args.epochs_spade, epochs_mcl=args.epochs_mcl,
-                                          k=args.k)
+                res, _, timing, chosen = run_fold(train_secs, test_secs, methods=args.methods,
+                                                  panel_mode=args.panel, seed=seed, epochs_spade=args.epochs_spade,
+                                                  epochs_mcl=args.epochs_mcl, k=args.k, tune=args.tune)
                 res.insert(0, "split", split)
                 allres.append(res)
                 print(f"[{split}] train {'+'.join(train_secs)} -> test {'+'.join(test_secs)} seed {seed}: "
                       + ", ".join(f"{m} {t:.0f}s" for m, t in timing.items()), flush=True)
+                for c in chosen:
+                    c["split"] = split
+                    print(f"    {c['method']}: chose {c['train_params'] or 'defaults'} {c['infer_params']} "
+                          f"(validation ACG {c['val_acg']:.3f} on {train_secs[-1]})", flush=True)
+                allchosen.extend(chosen)
+    print(f"total {time.perf_counter() - t_start:.0f}s")
     df = pd.concat(allres, ignore_index=True)
     if args.out:
         df.to_csv(args.out, index=False)
+    if allchosen:
+        _report_tuning(allchosen, args.tune_out)
     cols = ["ACG", "HEG", "MSE", "MAE"]
     with pd.option_context("display.width", 200, "display.max_rows", 200, "display.precision", 3):
         print("\nper held-out section (mean over seeds):")
@@ -108,6 +143,23 @@ def main() -> None:
         summ["ACG_sd_sections"] = df.groupby(["split", "method"], sort=False)["ACG"].std()
         print(summ.round(3).to_string())
     np.set_printoptions(precision=3)
+
+
+def _report_tuning(chosen, path) -> None:
+    """Print the chosen settings per fold and the validation ACG of each training config."""
+    print("\nchosen on validation (validation ACG of the best inference setting per training config):")
+    frames = []
+    for c in chosen:
+        sc = c["scores"].copy()
+        for col in ("method", "split", "train", "seed"):
+            sc.insert(0, col, c[col])
+        frames.append(sc)
+        per_cfg = sc.groupby("params", sort=False)["ACG"].max()
+        print(f"  [{c['split']}] {c['method']} train {c['train']} seed {c['seed']}: chose "
+              f"{c['train_params'] or 'defaults'} {c['infer_params']}; "
+              + "; ".join(f"{p} {v:.3f}" for p, v in per_cfg.items()))
+    if path:
+        pd.concat(frames, ignore_index=True).to_csv(path, index=False)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_learns_shared_factor_and_retrieves():
                           patience=None, **SMALL)
     h = fit.history
     assert h["val_loss"].shape == (20,) and h["n_epochs"] == 20
-    assert h["val_loss"][-1] < 0.6 * h["val_loss"][0]
+    assert h["val_loss"][-1] < 0.75 * h["val_loss"][0]
     assert fit.image_encoder is None and not fit.spot_encoder.training
     with torch.no_grad():
         zi = F.normalize(fit.image_head(torch.from_numpy(f[200:])), dim=1)
