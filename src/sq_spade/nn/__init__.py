@@ -1,6 +1,12 @@
 """Torch modules only (no AnnData): backbones, projection heads, spot encoder, experts, losses."""
 
-from sq_spade.nn.backbones import Backbone, BackboneSpec, get_backbone, list_backbones, register_backbone
+from sq_spade.nn.backbones import (
+           Backbone,
+           BackboneSpec,
+           get_backbone,
+           list_backbones,
+           register_backbone,
+)
 from sq_spade.nn.experts import ExpertHeads, MixtureOfExperts, route
 from sq_spade.nn.heads import ProjectionHead
 from sq_spade.nn.inference import dihedral_transforms, embed_batches
