@@ -1,15 +1,21 @@
-"""The model-file format: a folder with ``config.json`` and ``model.safetensors``.
+"""The model-file format: a folder with ``config.json`` and ``model-<sha>.safetensors``.
 
-Loading never runs code: tensors come from safetensors only, the JSON config is validated
-(known keys, types, format version) and names no path, so nothing outside the folder is read.
-Files are written atomically (temporary file, then rename), tensors first; the config records
-the tensors' sha256, so a config never silently pairs with other tensors.
+Loading never runs code: tensors come from safetensors only, and the JSON config is validated
+(known keys, types, format version). The config names its tensors file, which must match
+``model-<16 hex>.safetensors`` inside the folder, so no path outside it is ever followed.
+
+Writes survive being killed at any instant: the tensors go to a new content-addressed file
+(atomically: temporary file, then rename), then the config is replaced atomically, and only
+then are older tensors files removed. Whatever moment a process dies, ``config.json`` names a
+complete tensors file whose sha256 it records.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from sq_spade._utils import atomic_path, sha256_file
 FORMAT = "sq_spade-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-TENSORS_FILE = "model.safetensors"
+TENSORS_PATTERN = re.compile(r"^model-[0-9a-f]{16}\.safetensors$")
 
 
 class ModelFileError(ValueError):
@@ -42,13 +48,25 @@ def save_model_files(path: str | os.PathLike, *, cls: str, config: Mapping[str, 
     for k, v in tensors.items():
         t = torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
         flat[k] = t.detach().cpu().contiguous()
-    with atomic_path(path / TENSORS_FILE) as tmp:
+    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".partial", dir=path)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
         save_file(flat, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         digest = sha256_file(tmp)
+        tensors_name = f"model-{digest[:16]}.safetensors"
+        os.replace(tmp, path / tensors_name)
+    finally:
+        tmp.unlink(missing_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "class": cls, "sq_spade_version": version,
-           "tensors_sha256": digest, "config": _jsonable(config)}
+           "tensors_file": tensors_name, "tensors_sha256": digest, "config": _jsonable(config)}
     with atomic_path(path / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    for old in path.glob("model-*.safetensors"):
+        if old.name != tensors_name and TENSORS_PATTERN.match(old.name):
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -58,12 +76,11 @@ def load_model_files(path: str | os.PathLike, *, cls: str, schema: Mapping[str, 
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg_path, ten_path = path / CONFIG_FILE, path / TENSORS_FILE
+    cfg_path = path / CONFIG_FILE
     if not path.is_dir():
-        raise FileNotFoundError(f"`path` must be a model folder with {CONFIG_FILE} and {TENSORS_FILE}: {str(path)!r}.")
-    for p in (cfg_path, ten_path):
-        if not p.is_file():
-            raise ModelFileError(f"Model folder {str(path)!r} lacks {p.name}.")
+        raise FileNotFoundError(f"`path` must be a model folder with {CONFIG_FILE}: {str(path)!r}.")
+    if not cfg_path.is_file():
+        raise ModelFileError(f"Model folder {str(path)!r} lacks {CONFIG_FILE}.")
     try:
         doc = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -78,17 +95,25 @@ def load_model_files(path: str | os.PathLike, *, cls: str, schema: Mapping[str, 
                              f"({FORMAT_VERSION}); upgrade sq_spade.")
     if doc.get("class") != cls:
         raise ModelFileError(f"The folder holds a {doc.get('class')!r} model, not a {cls!r}.")
-    unknown = set(doc) - {"format", "format_version", "class", "sq_spade_version", "tensors_sha256", "config"}
+    unknown = set(doc) - {"format", "format_version", "class", "sq_spade_version", "tensors_file",
+                          "tensors_sha256", "config"}
     if unknown:
         raise ModelFileError(f"Unknown keys in {CONFIG_FILE}: {sorted(unknown)}.")
+    name = doc.get("tensors_file")
+    if not isinstance(name, str) or not TENSORS_PATTERN.match(name):
+        raise ModelFileError(f"`tensors_file` in {CONFIG_FILE} must be 'model-<16 hex>.safetensors' inside the "
+                             f"folder, got {name!r}.")
+    ten_path = path / name
+    if not ten_path.is_file():
+        raise ModelFileError(f"Model folder {str(path)!r} lacks {name}, named by its {CONFIG_FILE}.")
     config = validate_config(doc.get("config"), schema)
     expected = doc.get("tensors_sha256")
     if not isinstance(expected, str) or sha256_file(ten_path) != expected:
-        raise ModelFileError(f"{TENSORS_FILE} in {str(path)!r} does not match the sha256 its config records.")
+        raise ModelFileError(f"{name} in {str(path)!r} does not match the sha256 its config records.")
     try:
         tensors = load_file(str(ten_path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{TENSORS_FILE} in {str(path)!r} is not a readable safetensors file: {e}") from e
+        raise ModelFileError(f"{name} in {str(path)!r} is not a readable safetensors file: {e}") from e
     return config, tensors
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from sq_spade.models._files import ModelFileError, load_model_files, save_model_files
 
-#: Prefixes of the three modules' tensors inside ``model.safetensors``.
+#: Prefixes of the three modules' tensors inside the tensors file.
 IMAGE_HEAD, SPOT_ENCODER, IMAGE_ENCODER = "image_head.", "spot_encoder.", "image_encoder."
 
 _SCHEMA = {
@@ -293,7 +293,7 @@ class MclSTExp:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model.safetensors`` into the folder ``path``.
+        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
 
         The image head, the spot encoder and (fine-tuned models) the image encoder's state dict
         share one safetensors file under the prefixes ``image_head.``, ``spot_encoder.`` and
@@ -323,18 +323,18 @@ class MclSTExp:
             parts[IMAGE_ENCODER] = encoder
         unknown = [k for k in tensors if not k.startswith(tuple(parts))]
         if unknown:
-            raise ModelFileError(f"model.safetensors holds tensors that fit no part of the MclSTExp config: {unknown[:10]}.")
+            raise ModelFileError(f"The tensors file holds tensors that fit no part of the MclSTExp config: {unknown[:10]}.")
         for prefix, module in parts.items():
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             own = set(module.state_dict())
             missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
             if missing or unexpected:
-                raise ModelFileError(f"model.safetensors does not fit the MclSTExp config ({prefix}*): "
+                raise ModelFileError(f"The tensors file does not fit the MclSTExp config ({prefix}*): "
                                      f"missing {missing[:10]}, unexpected {unexpected[:10]}.")
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as e:  # shapes that do not fit the config
-                raise ModelFileError(f"model.safetensors does not fit the MclSTExp config ({prefix}*): "
+                raise ModelFileError(f"The tensors file does not fit the MclSTExp config ({prefix}*): "
                                      f"{str(e)[:300]}") from e
         return cls(head, spot, config, image_encoder=encoder)
 

@@ -66,7 +66,7 @@ class _ReferenceModel:
         return np.asarray(self.regressor.predict(x), dtype=np.float32)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model.safetensors`` into the folder ``path``.
+        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
 
         The regressor's arrays go into safetensors, its parameters into the JSON config.
         """

@@ -128,7 +128,7 @@ class Spade:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model.safetensors`` into the folder ``path``."""
+        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``."""
         import sq_spade
 
         state = {k: v for k, v in self.module.state_dict().items()}
@@ -143,7 +143,7 @@ class Spade:
         if missing or unexpected:
             from sq_spade.models._files import ModelFileError
 
-            raise ModelFileError(f"model.safetensors does not fit the Spade config: missing {missing[:10]}, "
+            raise ModelFileError(f"The tensors file does not fit the Spade config: missing {missing[:10]}, "
                                  f"unexpected {unexpected[:10]}.")
         return cls(module, config)
 
