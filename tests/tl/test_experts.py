@@ -49,6 +49,9 @@ def test_train_experts_is_deterministic():
     ma, mb = _train(a, epochs=5), _train(b, epochs=5)
     assert np.array_equal(a.tables["table"].obsm[K.SPADE_KEY], b.tables["table"].obsm[K.SPADE_KEY])
     assert ma.config["reference_side"] == mb.config["reference_side"]
+    pa = sqs.tl.predict_expression(a, ma, reference=a, k=10)
+    pb = sqs.tl.predict_expression(b, mb, reference=b, k=10)
+    assert np.array_equal(pa.layers["predicted"], pb.layers["predicted"])
 
 
 def test_embed_other_slide_and_refuse_other_backbone():
