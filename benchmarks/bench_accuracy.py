@@ -11,12 +11,16 @@ Splits (panels chosen on each fold's training sections only; nothing tuned on a 
 ``--tune``: mclSTExp and SPADE choose their settings (a small training grid, ``k``, weighting,
 SPADE's reference side) by retrieval ACG on the fold's validation section, trained on the fit
 sections with the fit sections as reference (see ``tune_validation.py``); the chosen model then
-predicts the test section(s) with all training sections as reference. Ridge and kNN choose
-their own penalty / ``k`` by cross-validation over the training sections in every mode.
+predicts the test section(s) with all training sections as reference. ``--refit`` adds rows
+``mclstexp+refit`` / ``spade+refit``: the chosen configuration retrained on all training
+sections for its best validation epoch count (as ridge and kNN, which see all training
+sections). Ridge and kNN choose their own penalty / ``k`` by cross-validation over the training
+sections in every mode.
 
 Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
 ``.venv/bin/python benchmarks/bench_accuracy.py [--split loso a_heldout] [--panel spade|histogene]
-[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90] [--tune [--tune-out scores.csv]]``.
+[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90] [--threads 1] [--tune [--refit]
+[--tune-out scores.csv]] [--out results.csv]``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ SPLITS = {
 }
 
 
-def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k, tune=False):
+def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k, tune=False,
+             refit=False):
     from tune_validation import predict as tuned_predict
+    from tune_validation import refit as refit_tuned
     from tune_validation import tune as tune_method
 
     import sq_spade as sqs
@@ -52,17 +58,32 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
     else:
         panel = [g for g in sqs.datasets.histogene_genes() if g in train.var_names and g in test.var_names]
     rows, per_gene, timing, chosen = [], [], {}, []
+
+    def record(name, pred, t0):
+        res, pg = sqs.tl.evaluate_expression(pred, return_per_gene=True)
+        timing[name] = time.perf_counter() - t0
+        res.insert(0, "method", name)
+        pg.insert(0, "method", name)
+        rows.append(res)
+        per_gene.append(pg)
+
     for method in methods:
         t0 = time.perf_counter()
         if tune and method in ("spade", "mclstexp"):
             # chosen on the validation section only; the chosen model is the fold's final model
             tuned = tune_method(method, train, panel, train_secs, seed=seed,
                                 epochs=epochs_spade if method == "spade" else epochs_mcl)
-            pred = tuned_predict(test, tuned.model, train, tuned.infer_params)
+            record(method, tuned_predict(test, tuned.model, train, tuned.infer_params), t0)
             chosen.append({"method": method, "train": "+".join(train_secs), "seed": seed,
                            "train_params": tuned.train_params, "infer_params": tuned.infer_params,
                            "val_acg": tuned.val_acg, "scores": tuned.scores})
-        elif method == "spade":
+            if refit:
+                # extra rows: the chosen configuration retrained on all training sections
+                t1 = time.perf_counter()
+                model = refit_tuned(method, train, panel, train_secs, tuned, seed=seed)
+                record(f"{method}+refit", tuned_predict(test, model, train, tuned.infer_params), t1)
+            continue
+        if method == "spade":
             model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=fit_secs,
                                          validation_sections=val, seed=seed, n_fine=16, n_experts=16)
         elif method == "mclstexp":
@@ -70,14 +91,7 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
                                              train_sections=fit_secs, validation_sections=val, seed=seed)
         else:
             model = sqs.tl.train_contrastive(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
-        if not (tune and method in ("spade", "mclstexp")):
-            pred = sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs))
-        res, pg = sqs.tl.evaluate_expression(pred, return_per_gene=True)
-        timing[method] = time.perf_counter() - t0
-        res.insert(0, "method", method)
-        pg.insert(0, "method", method)
-        rows.append(res)
-        per_gene.append(pg)
+        record(method, sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs)), t0)
     out = pd.concat(rows, ignore_index=True)
     out["train"] = "+".join(train_secs)
     out["seed"] = seed
@@ -95,8 +109,12 @@ def main() -> None:
     ap.add_argument("--epochs-mcl", type=int, default=90)
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--tune", action="store_true", help="choose mclSTExp / SPADE settings on validation")
+    ap.add_argument("--refit", action="store_true",
+                    help="with --tune, also report the chosen config retrained on all training sections")
     ap.add_argument("--tune-out", default=None, help="CSV of every validation score (with --tune)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    # one thread: the heads are tiny, and OpenMP barriers on a busy shared 2-core machine made a
+    # 2-thread run >10x slower (threads spinning while their partner was descheduled)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="CSV of the per-section results")
     args = ap.parse_args()
     import torch
@@ -118,7 +136,8 @@ def main() -> None:
             for seed in args.seeds:
                 res, _, timing, chosen = run_fold(train_secs, test_secs, methods=args.methods,
                                                   panel_mode=args.panel, seed=seed, epochs_spade=args.epochs_spade,
-                                                  epochs_mcl=args.epochs_mcl, k=args.k, tune=args.tune)
+                                                  epochs_mcl=args.epochs_mcl, k=args.k, tune=args.tune,
+                                                  refit=args.refit)
                 res.insert(0, "split", split)
                 allres.append(res)
                 print(f"[{split}] train {'+'.join(train_secs)} -> test {'+'.join(test_secs)} seed {seed}: "

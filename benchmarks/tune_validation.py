@@ -35,12 +35,25 @@ WEIGHTINGS = ("inverse_sq_l2", "uniform")
 #: SPADE routing temperatures tried on validation (inference only; 0.1 is the default).
 ROUTING_TEMPERATURES = (0.1,)
 
-# Training grids: small enough for the whole benchmark to run in ~15 min on 2 busy cores.
+# Training grids, defaults first (ties go to the earlier entry); small enough for the whole
+# benchmark to run in ~15 min on 2 busy cores. Why these knobs (exploration on validation
+# sections only, ``--grid explore``): the heads end in a LayerNorm, so 256-d embeddings have
+# norm ~16 and dot products in the hundreds; at temperature 1 the contrastive softmax is
+# saturated (BLEEP's soft targets are exactly the identity, so "bleep" and "clip" train
+# identically) and the models memorise the few hundred training spots within ~20 epochs.
+# A larger temperature softens the logits. SPADE's 16 experts get ~25 spots each here.
 MCL_GRID: list[dict[str, Any]] = [
     {},
+    {"temperature": 16.0},
+    {"temperature": 32.0},
+    {"temperature": 64.0},
 ]
 SPADE_GRID: list[dict[str, Any]] = [
     {},
+    {"n_experts": 4},
+    {"n_experts": 1},
+    {"n_experts": 1, "loss": "clip", "temperature": 16.0},
+    {"n_experts": 1, "loss": "clip", "temperature": 64.0},
 ]
 #: Wider grids for exploring on validation sections only (``--grid explore``).
 EXPLORE: dict[str, list[dict[str, Any]]] = {
@@ -161,7 +174,7 @@ def tune(method: str, train_table: Any, panel: list[str], train_secs: list[str],
     grid = (MCL_GRID if method == "mclstexp" else SPADE_GRID) if grid is None else grid
     fit_table, val_table = subset(train_table, fit_secs), subset(train_table, val_secs)
     best: tuple[float, int, dict[str, Any]] | None = None
-    models, frames = [], []
+    best_model, frames = None, []
     for i, params in enumerate(grid):
         t1 = time.perf_counter()
         model = train(method, train_table, panel, fit_secs, val_secs, seed=seed, epochs=epochs, **params)
@@ -172,22 +185,45 @@ def tune(method: str, train_table: Any, panel: list[str], train_secs: list[str],
         sc["best_epoch"] = _best_epoch(model)
         sc["train_s"] = fit_s
         frames.append(sc)
-        j = int(np.nanargmax(sc["ACG"].to_numpy()))
+        j = int(np.nanargmax(sc["ACG"].to_numpy()))  # first maximum: the earlier setting wins ties
         if best is None or sc["ACG"].iloc[j] > best[0]:
             infer = {c: sc[c].iloc[j] for c in inference_grid(method)[0]}
-            best = (float(sc["ACG"].iloc[j]), i, {k: (v.item() if hasattr(v, "item") else v) for k, v in infer.items()})
-        # keep only the current best model in memory
-        models.append(model if best[1] == i else None)
-        if best[1] == i:
-            models = [m if k == i else None for k, m in enumerate(models)]
-    assert best is not None
+            infer = {c: (v.item() if hasattr(v, "item") else v) for c, v in infer.items()}
+            best, best_model = (float(sc["ACG"].iloc[j]), i, infer), model
+    if best is None:
+        raise ValueError("`grid` must hold at least one configuration.")
     acg, i, infer = best
-    model = models[i]
+    model = best_model
     for key in ("reference_side", "routing_temperature"):
         if key in infer:
             model.config[key] = infer[key]
     return Tuned(model=model, train_params=dict(grid[i]), infer_params=infer, val_acg=acg,
                  scores=pd.concat(frames, ignore_index=True), seconds=time.perf_counter() - t0)
+
+
+def refit(method: str, train_table: Any, panel: list[str], train_secs: list[str], tuned: Tuned, *,
+          seed: int) -> Any:
+    """Retrain the chosen configuration on all training sections (fit + validation).
+
+    No section is left for early stopping, so the model trains for the number of epochs that
+    was best on validation (``best_epoch + 1``; SPADE: the largest over its experts). The
+    inference settings chosen on validation are applied to the new model.
+    """
+    import sq_spade as sqs
+
+    n_epochs = max(_best_epoch(tuned.model), 0) + 1
+    kw = {**BASE[method], **tuned.train_params, "epochs": n_epochs}
+    if method == "spade":
+        model = sqs.tl.train_experts(train_table, panel=panel, train_sections=list(train_secs),
+                                     validation_sections=None, seed=seed, **kw)
+    else:
+        model = sqs.tl.train_contrastive(train_table, method="mclstexp", panel=panel,
+                                         train_sections=list(train_secs), validation_sections=None, seed=seed,
+                                         **kw)
+    for key in ("reference_side", "routing_temperature"):
+        if key in tuned.infer_params:
+            model.config[key] = tuned.infer_params[key]
+    return model
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # outputs; the docs render them as they are, so building the docs needs no data and no GPU.
 nb_execution_mode = "off"
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "api/generated/*.md"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = "sq_spade"
 html_static_path: list[str] = []
