@@ -33,7 +33,7 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # Tutorials are executed by the test suite (tests/test_tutorials.py) and committed with their
 # outputs; the docs render them as they are, so building the docs needs no data and no GPU.
 nb_execution_mode = "off"
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = "sq_spade"

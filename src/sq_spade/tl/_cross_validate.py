@@ -160,9 +160,11 @@ def cross_validate(
 
     Returns
     -------
-    One row per (fold, test section): ``method, split, fold, section, n_spots, n_genes, ACG,
-    HEG, MSE, MAE, n_skipped_constant, k, train_sections, validation_sections``. ``df.attrs``
-    holds ``panels`` (fold -> genes). With ``return_per_gene``, ``(df, per_gene)``.
+    One row per (fold, test section), with the columns ``method``, ``split``, ``fold``,
+    ``section``, ``n_spots``, ``n_genes``, ``ACG``, ``HEG``, ``MSE``, ``MAE``,
+    ``n_skipped_constant``, ``k``, ``train_sections`` and ``validation_sections``;
+    ``df.attrs["panels"]`` maps each fold to its genes. With ``return_per_gene``,
+    ``(df, per_gene)``.
 
     Examples
     --------
