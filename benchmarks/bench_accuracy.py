@@ -25,7 +25,15 @@ Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Set before numpy / torch / sklearn load. On a busy shared 2-core machine, an idle OpenMP
+# worker of torch's libgomp was seen spinning at ~90% of a core for the whole run (even with
+# torch.set_num_threads(1)), slowing every training several-fold; a passive wait policy stops it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import time
 import warnings
 
