@@ -23,3 +23,12 @@ def machine() -> str:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: str | os.PathLike, figures: dict) -> None:
+    """Write a benchmark's figures as JSON (read by ``run_all.py``), creating the folder."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1, default=float))

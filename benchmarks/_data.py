@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,13 @@ MOB = ("MOB1", "MOB2", "MOB3")
 
 
 def section_table(section: str, backbone: str = "efficientnet_lite0"):
-    """AnnData of one section with ``obsm['X_<backbone>']`` (features cached on disk)."""
+    """AnnData of one section with ``obsm['X_<backbone>']`` (features cached on disk); a copy."""
+    return _section_table(section, backbone).copy()
+
+
+@functools.cache
+def _section_table(section: str, backbone: str):
+    # reading a section decodes its full-resolution JPEG (~10 s); a run reads each one many times
     import sq_spade as sqs
 
     sqs.settings.data_dir = DATA_DIR

@@ -5,8 +5,15 @@ Splits (panels chosen on each fold's training sections only; nothing tuned on a 
 - ``loso``: B4, C2, C3, C4; each held out in turn, trained on the other three (one of them,
   the last, is the validation section for early stopping and SPADE's reference-side choice;
   all three form the retrieval reference);
-- ``a_heldout``: trained on B4, C2, C3, C4 (C4 validation), tested on A1 and A2 (another
-  patient, downscaled images).
+- ``patient``: each patient held out in turn (A: A1+A2, downscaled images; B: B4; C: C2-C4),
+  trained on the other patients' sections (the last one validates);
+- ``a_heldout``: the first fold of ``patient`` alone (train B4, C2, C3, C4; test A1, A2);
+- ``mob``: STUtility mouse olfactory bulb, MOB1-3 each held out in turn.
+
+``--control``: every method is also trained on a *shuffled* copy of the training sections
+(expression rows permuted within each section, so each section keeps its expression
+distribution but loses the image-expression pairing; the retrieval reference is that shuffled
+copy too) on the first seed: rows ``<method> (shuffled)``, the floor any real result must clear.
 
 ``--tune``: mclSTExp and SPADE choose their settings (a small training grid, ``k``, weighting,
 SPADE's reference side) by retrieval ACG on the fold's validation section, trained on the fit
@@ -18,8 +25,8 @@ sections). Ridge and kNN choose their own penalty / ``k`` by cross-validation ov
 sections in every mode.
 
 Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
-``.venv/bin/python benchmarks/bench_accuracy.py [--split loso a_heldout] [--panel spade|histogene]
-[--seeds 0 1 2] [--epochs-spade 100] [--epochs-mcl 90] [--threads 1] [--tune [--refit]
+``.venv/bin/python benchmarks/bench_accuracy.py [--split loso patient mob] [--panel spade|histogene]
+[--seeds 0 1 2] [--control] [--epochs-spade 100] [--epochs-mcl 90] [--threads 1] [--tune [--refit]
 [--tune-out scores.csv]] [--out results.csv]``.
 """
 
@@ -45,12 +52,31 @@ from _data import tables
 SPLITS = {
     "loso": [(["C2", "C3", "C4"], ["B4"]), (["B4", "C3", "C4"], ["C2"]), (["B4", "C2", "C4"], ["C3"]),
              (["B4", "C2", "C3"], ["C4"])],
+    # every patient held out in turn (A: A1, A2; B: B4; C: C2-C4); the last training section validates
+    "patient": [(["B4", "C2", "C3", "C4"], ["A1", "A2"]), (["A1", "A2", "C2", "C3", "C4"], ["B4"]),
+                (["A1", "A2", "B4"], ["C2", "C3", "C4"])],
     "a_heldout": [(["B4", "C2", "C3", "C4"], ["A1", "A2"])],
+    # STUtility mouse olfactory bulb, three serial sections of one animal
+    "mob": [(["MOB2", "MOB3"], ["MOB1"]), (["MOB1", "MOB3"], ["MOB2"]), (["MOB1", "MOB2"], ["MOB3"])],
 }
 
 
+def shuffled(table, seed):
+    """A copy of ``table`` whose expression rows are permuted within each section."""
+    out = table.copy()
+    rng = np.random.default_rng(seed)
+    order = np.arange(out.n_obs)
+    for sec in out.obs["section"].unique():
+        rows = np.flatnonzero((out.obs["section"] == sec).to_numpy())
+        order[rows] = rng.permutation(rows)
+    out.X = out.X[order]
+    for name in list(out.layers):
+        out.layers[name] = out.layers[name][order]
+    return out
+
+
 def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, epochs_mcl, k, tune=False,
-             refit=False):
+             refit=False, control=False):
     from tune_validation import predict as tuned_predict
     from tune_validation import refit as refit_tuned
     from tune_validation import tune as tune_method
@@ -75,9 +101,13 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
         rows.append(res)
         per_gene.append(pg)
 
-    for method in methods:
+    runs = [(m, m, train) for m in methods]
+    if control:
+        ctrl = shuffled(train, seed)
+        runs += [(m, f"{m} (shuffled)", ctrl) for m in methods]
+    for method, name, train in runs:
         t0 = time.perf_counter()
-        if tune and method in ("spade", "mclstexp"):
+        if tune and method in ("spade", "mclstexp") and name == method:
             # chosen on the validation section only; the chosen model is the fold's final model
             tuned = tune_method(method, train, panel, train_secs, seed=seed,
                                 epochs=epochs_spade if method == "spade" else epochs_mcl)
@@ -99,7 +129,7 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
                                              train_sections=fit_secs, validation_sections=val, seed=seed)
         else:
             model = sqs.tl.train_contrastive(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
-        record(method, sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs)), t0)
+        record(name, sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs)), t0)
     out = pd.concat(rows, ignore_index=True)
     out["train"] = "+".join(train_secs)
     out["seed"] = seed
@@ -109,7 +139,7 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", nargs="+", default=["loso", "a_heldout"], choices=list(SPLITS))
+    ap.add_argument("--split", nargs="+", default=["loso", "patient", "mob"], choices=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["ridge", "knn", "mclstexp", "spade"])
     ap.add_argument("--panel", default="spade", choices=["spade", "histogene"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -123,7 +153,9 @@ def main() -> None:
     # one thread: the heads are tiny, and OpenMP barriers on a busy shared 2-core machine made a
     # 2-thread run >10x slower (threads spinning while their partner was descheduled)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--control", action="store_true", help="add shuffled-label controls (first seed)")
     ap.add_argument("--out", default=None, help="CSV of the per-section results")
+    ap.add_argument("--per-gene-out", default=None, help="CSV of the per-gene results")
     args = ap.parse_args()
     import torch
 
@@ -137,17 +169,21 @@ def main() -> None:
     print("machine:", machine())
     print(f"backbone efficientnet_lite0 (frozen, ImageNet), panel {args.panel}, seeds {args.seeds}, "
           + ("k etc. chosen on validation for mclstexp / spade" if args.tune else f"k {args.k}"))
-    allres, allchosen = [], []
+    allres, allgenes, allchosen = [], [], []
     t_start = time.perf_counter()
     for split in args.split:
         for train_secs, test_secs in SPLITS[split]:
             for seed in args.seeds:
-                res, _, timing, chosen = run_fold(train_secs, test_secs, methods=args.methods,
+                res, pg, timing, chosen = run_fold(train_secs, test_secs, methods=args.methods,
                                                   panel_mode=args.panel, seed=seed, epochs_spade=args.epochs_spade,
                                                   epochs_mcl=args.epochs_mcl, k=args.k, tune=args.tune,
-                                                  refit=args.refit)
+                                                  refit=args.refit, control=args.control and seed == args.seeds[0])
                 res.insert(0, "split", split)
                 allres.append(res)
+                pg.insert(0, "split", split)
+                pg["train"] = "+".join(train_secs)
+                pg["seed"] = seed
+                allgenes.append(pg)
                 print(f"[{split}] train {'+'.join(train_secs)} -> test {'+'.join(test_secs)} seed {seed}: "
                       + ", ".join(f"{m} {t:.0f}s" for m, t in timing.items()), flush=True)
                 for c in chosen:
@@ -159,6 +195,8 @@ def main() -> None:
     df = pd.concat(allres, ignore_index=True)
     if args.out:
         df.to_csv(args.out, index=False)
+    if args.per_gene_out:
+        pd.concat(allgenes, ignore_index=True).to_csv(args.per_gene_out, index=False)
     if allchosen:
         _report_tuning(allchosen, args.tune_out)
     cols = ["ACG", "HEG", "MSE", "MAE"]

@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--loop-epochs", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings.progress = False
     e = args.experts
+    figs = {"n": args.n, "experts": e, "epochs": args.epochs, "threads": args.threads}
     feats, genes, expert, centres = synthetic(args.n, 1280, 785, e)
     print(f"data: {args.n} spots, 1280-d features, 785 genes, {e} experts; "
           f"torch {torch.__version__}, {args.threads} threads")
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         _, _, hist = fit_experts(feats, genes, expert, n_experts=e, epochs=epochs, device="cpu")
         dt = time.perf_counter() - t0
+        figs[f"stacked_{epochs}_epochs_s"] = dt
         joint_steps = epochs * int(np.ceil(np.bincount(expert).max() / 128))
         print(f"stacked  {epochs:4d} epochs: {dt:7.2f} s, {joint_steps / dt:6.1f} joint steps/s "
               f"({hist['steps'].sum() / dt:6.1f} expert-steps/s); "
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     steps = loop_training(feats, genes, expert, e, args.loop_epochs)
     dt = time.perf_counter() - t0
+    figs["loop_projected_s"] = dt * args.epochs / args.loop_epochs
     print(f"loop     {args.loop_epochs:4d} epochs: {dt:7.2f} s, {steps / dt:6.1f} expert-steps/s "
           f"(extrapolated to {args.epochs} epochs: {dt * args.epochs / args.loop_epochs:.0f} s)")
 
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                          ("hard", {"hard": True})):
             t0 = time.perf_counter()
             moe.embed_images(x, **kw)
+            figs[f"embed_{name.split()[0].strip(',')}{'_min_weight' if 'w>' in name else ''}_s"] = (
+                time.perf_counter() - t0)
             print(f"route+embed {args.n} spots, {name:13s}: {time.perf_counter() - t0:6.3f} s")
         t0 = time.perf_counter()
         w = moe.route(x)
@@ -117,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             moe.image_heads.forward_assigned(x, ex, method=method)
             print(f"forward_assigned method={method!r}: {time.perf_counter() - t0:6.3f} s")
+    if args.json:
+        from _common import machine, write_json
+
+        figs["machine"] = machine()
+        write_json(args.json, figs)
 
 
 if __name__ == "__main__":

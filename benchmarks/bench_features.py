@@ -12,7 +12,7 @@ import time
 import warnings
 
 import numpy as np
-from _common import DATA_DIR, machine
+from _common import DATA_DIR, machine, write_json
 
 
 def main() -> None:
@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     import torch
 
@@ -59,6 +60,10 @@ def main() -> None:
     print(f"  bare forward on ready tensors : {bare:8.1f} img/s")
     print(f"  whole path (image -> obsm)    : {whole:8.1f} img/s (level load included)")
     print(f"  ratio                         : {whole / bare:8.1%} (goal >= 90 %)")
+    if args.json:
+        write_json(args.json, {"machine": machine(), "device": str(dev), "backbone": model.name,
+                               "batch_size": args.batch_size, "n": n, "bare_img_per_s": bare,
+                               "whole_img_per_s": whole, "ratio": whole / bare})
 
 
 if __name__ == "__main__":

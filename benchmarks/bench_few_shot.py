@@ -12,7 +12,7 @@ import argparse
 import warnings
 
 import pandas as pd
-from _common import machine
+from _common import machine, write_json
 from _data import tables
 
 
@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = ap.parse_args()
     import sq_spade as sqs
 
@@ -43,6 +44,11 @@ def main() -> None:
           f"{a1.obs['label'].value_counts().to_dict()}; dropped per k: {res.attrs.get('dropped_classes')}")
     with pd.option_context("display.width", 200):
         print(res.round(3).to_string(index=False))
+    if args.json:
+        write_json(args.json, {"machine": machine(), "repeats": args.repeats, "seed": args.seed,
+                               "n_labelled": int(a1.obs["label"].notna().sum()),
+                               "classes": {str(k): int(v) for k, v in a1.obs["label"].value_counts().items()},
+                               "rows": res.to_dict(orient="records")})
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ Run: ``.venv/bin/python benchmarks/bench_patches.py``. Prints figures; asserts n
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
 import warnings
 
 import numpy as np
-from _common import DATA_DIR, machine
+from _common import DATA_DIR, machine, write_json
 
 RSS_CHILD = r"""
 import sys, time, warnings
@@ -50,7 +51,12 @@ print(f"{{peak_rss_mb() - base:.0f}} {{level_mb:.0f}} {{load:.1f}} {{rate:.0f}} 
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args()
     import sq_spade as sqs
+
+    figs = {"machine": machine()}
 
     sqs.settings.progress = False
     sqs.settings.data_dir = DATA_DIR
@@ -60,8 +66,8 @@ def main() -> None:
         t = time.perf_counter()
         sd = sqs.datasets.her2st("C2")
         print(f"her2st C2 read: {time.perf_counter() - t:.1f} s, {sd.tables['table'].n_obs} spots")
-        for label, kw in (("224 px at 0.5 um/px (resampled)", {"patch_size_um": 112, "mpp": 0.5}),
-                          ("224 px native (~0.69 um/px)", {"patch_px": 224})):
+        for key, label, kw in (("resampled", "224 px at 0.5 um/px (resampled)", {"patch_size_um": 112, "mpp": 0.5}),
+                               ("native", "224 px native (~0.69 um/px)", {"patch_px": 224})):
             t = time.perf_counter()
             p = sqs.pp.patches(sd, **kw)
             load = time.perf_counter() - t
@@ -71,6 +77,8 @@ def main() -> None:
             for i in idx:
                 p[int(i)]
             dt = time.perf_counter() - t
+            figs[f"c2_{key}_patches_per_s"] = n / dt
+            figs[f"c2_{key}_level_load_s"] = load
             print(f"C2 {label}: level load {load:.2f} s; {n / dt:,.0f} patches/s once the level is in memory "
                   f"(target >= 1,000)")
     out = subprocess.run([sys.executable, "-c", RSS_CHILD.format(bench=str(__import__('pathlib').Path(__file__).parent))],
@@ -79,6 +87,10 @@ def main() -> None:
     print(f"12,000 x 12,000 synthetic level ({level} MB): peak RSS increase {rss} MB = "
           f"{float(rss) / float(level):.2f} x the level (target <= 1.5 x); level load {load} s; "
           f"{float(rate):,.0f} patches/s over {n} spots")
+    figs.update(synthetic_level_mb=float(level), synthetic_rss_increase_mb=float(rss),
+                synthetic_patches_per_s=float(rate))
+    if args.json:
+        write_json(args.json, figs)
 
 
 if __name__ == "__main__":
