@@ -55,7 +55,11 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | Non
     if not enabled:
         yield from iterable
         return
-    from tqdm.auto import tqdm
+    try:  # notebook bars need ipywidgets; without it tqdm.auto warns "IProgress not found"
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm.std import tqdm
 
     yield from tqdm(iterable, total=total, desc=desc, **kwargs)
 

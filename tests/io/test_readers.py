@@ -156,6 +156,22 @@ def test_spots_outside_image_refused():
                                    section="s", microns_per_pixel=1.0, spot_diameter_um=55)
 
 
+def test_image_only_section_is_a_query_for_prediction():
+    sd = sqs.datasets.synthetic_section()
+    t = sd.tables["table"]
+    img = np.asarray(sd.images["synth_image"].values).transpose(1, 2, 0)  # (c, y, x) -> (y, x, c)
+    q = sqs.io.section_from_arrays(None, spot_ids=t.obs[K.INSTANCE_KEY].astype(str), centers_px=t.obsm["spatial"],
+                                   image=img, section="q", microns_per_pixel=1.0, spot_diameter_um=30.0)
+    qt = q.tables["table"]
+    assert qt.shape == (t.n_obs, 0)
+    model = sqs.tl.train_contrastive(sd, method="ridge", backbone="dummy", panel=list(t.var_names[:5]))
+    pred = sqs.tl.predict_expression(q, model, reference=sd)
+    assert pred.shape == (t.n_obs, 5) and np.isfinite(pred.layers["predicted"]).all()
+    with pytest.raises(ValueError, match="`genes` were given without `counts`"):
+        sqs.io.section_from_arrays(None, genes=["a"], spot_ids=["1"], centers_px=np.array([[5.0, 5.0]]), image=img,
+                                   section="q", microns_per_pixel=1.0, spot_diameter_um=30.0)
+
+
 def test_read_hest_fixture(tmp_path):
     import anndata as ad
     import tifffile

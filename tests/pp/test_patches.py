@@ -149,3 +149,14 @@ def test_written_and_read_back(tmp_path, synth):
     a = sqs.pp.patches(synth, patch_size_um=32, mpp=1.0)
     b = sqs.pp.patches(back, patch_size_um=32, mpp=1.0)
     assert np.array_equal(a[3], b[3])
+
+
+@pytest.mark.parametrize("kw", [{"patch_px": 16}, {"patch_size_um": 24, "mpp": 1.5}], ids=["native", "resampled"])
+def test_patches_are_writable_copies(kw):
+    # torch's default collate warns on (and may later refuse) read-only arrays
+    sd = sqs.datasets.synthetic_section()
+    p = sqs.pp.patches(sd, **kw)
+    a = p[0]
+    assert a.flags.writeable
+    a[:] = 0
+    assert p[0].any()  # writing into a served patch does not touch the image

@@ -58,9 +58,9 @@ def parse_image(image: Any, *, section: str, microns_per_pixel: float,
 
 
 def section_from_arrays(
-    counts: Any,
+    counts: Any | None,
     *,
-    genes: Sequence[str],
+    genes: Sequence[str] | None = None,
     spot_ids: Sequence[str],
     centers_px: np.ndarray,
     image: Any,
@@ -78,9 +78,10 @@ def section_from_arrays(
     Parameters
     ----------
     counts
-        ``(n_spots, n_genes)`` raw counts (dense or sparse).
+        ``(n_spots, n_genes)`` raw counts (dense or sparse), or ``None`` for an H&E-only
+        section (a slide to predict: the table has the spots and no genes).
     genes, spot_ids
-        Gene names and spot ids (unique).
+        Gene names (``None`` with ``counts=None``) and spot ids (unique).
     centers_px
         ``(n_spots, 2)`` spot centres as (x, y) in pixels of ``image``'s full resolution.
     image
@@ -117,6 +118,10 @@ def section_from_arrays(
     ...     microns_per_pixel=1.0, spot_diameter_um=55.0)
     >>> sd.tables["table"].n_obs
     2
+    >>> query = sqs.io.section_from_arrays(None, spot_ids=["s1", "s2"], centers_px=np.array([[50.0, 50.0],
+    ...     [150.0, 150.0]]), image=img, section="query", microns_per_pixel=1.0, spot_diameter_um=55.0)
+    >>> query.tables["table"].shape
+    (2, 0)
     """
     from anndata import AnnData
     from spatialdata import SpatialData
@@ -127,11 +132,19 @@ def section_from_arrays(
     check_positive(microns_per_pixel, "microns_per_pixel")
     check_positive(spot_diameter_um, "spot_diameter_um")
     section = str(section)
-    X = sp.csr_matrix(counts, dtype=np.float32)
+    if counts is None:
+        if genes is not None and len(genes):
+            raise ValueError("`genes` were given without `counts`; pass both, or neither for an H&E-only section.")
+        genes = []
+        X = sp.csr_matrix((len(spot_ids), 0), dtype=np.float32)
+    else:
+        if genes is None:
+            raise ValueError("`genes` must name the columns of `counts`, got None.")
+        X = sp.csr_matrix(counts, dtype=np.float32)
     n, g = X.shape
     if n == 0:
         raise ValueError(f"Section {section!r} has no spots: the counts table is empty.")
-    if g == 0:
+    if g == 0 and counts is not None:
         raise ValueError(f"Section {section!r} has no genes: the counts table has no columns.")
     genes = pd.Index([str(x) for x in genes])
     spot_ids = pd.Index([str(x) for x in spot_ids])

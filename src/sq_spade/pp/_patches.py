@@ -157,7 +157,7 @@ class Patches:
         ix1, iy1 = int(math.ceil(bx0 + w)) + 1, int(math.ceil(by0 + w)) + 1
         win = level.read(iy0, iy1, ix0, ix1, self.fill)
         box = (bx0 - ix0, by0 - iy0, bx0 - ix0 + w, by0 - iy0 + w)
-        return np.asarray(Image.fromarray(win).resize((out, out), Image.BILINEAR, box=box))
+        return np.array(Image.fromarray(win).resize((out, out), Image.BILINEAR, box=box))
 
     def batch(self, indices: Sequence[int]) -> np.ndarray:
         """Stack the patches of ``indices`` into ``(B, patch_px, patch_px, 3)`` uint8."""
