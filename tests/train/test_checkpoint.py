@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -22,10 +23,15 @@ from torch import nn
 import sq_spade
 from sq_spade import settings
 from sq_spade.models._files import CONFIG_FILE
-from sq_spade.train import CheckpointError, fit_contrastive, fit_experts, read_checkpoint
+from sq_spade.train import CheckpointError, read_checkpoint
+from sq_spade.train import fit_contrastive as _fit_contrastive
+from sq_spade.train import fit_experts as _fit_experts
 from sq_spade.train._checkpoint import Checkpointer
 
 SRC = str(Path(sq_spade.__file__).resolve().parents[1])
+# a checkpoint every epoch unless a test says otherwise (the default is every 10)
+fit_experts = functools.partial(_fit_experts, checkpoint_every=1)
+fit_contrastive = functools.partial(_fit_contrastive, checkpoint_every=1)
 
 
 @pytest.fixture(autouse=True)
@@ -282,8 +288,8 @@ class Patches(torch.utils.data.Dataset):
         return self.x[i]
 
 
-@pytest.mark.parametrize("finetune", ["all", "last"])
-def test_contrastive_trainable_encoder_resume(tmp_path, finetune):
+@pytest.mark.parametrize(("finetune", "num_workers"), [("all", 0), ("last", 1)])
+def test_contrastive_trainable_encoder_resume(tmp_path, finetune, num_workers):
     _, e, p, z = contrastive_data()
 
     def run(**ck):
@@ -292,7 +298,7 @@ def test_contrastive_trainable_encoder_resume(tmp_path, finetune):
         return fit_contrastive(None, e[:32], p[:32], images=Patches(z[:32]), image_encoder=net,
                                finetune=finetune, val_expr=e[32:], val_pos=p[32:],
                                val_images=Patches(z[32:], seed=1), epochs=4, batch_size=16,
-                               lr=3e-3, patience=None, **SMALL, **ck)
+                               lr=3e-3, patience=None, num_workers=num_workers, **SMALL, **ck)
 
     ref = run()
     with interrupt_after(2):
@@ -353,6 +359,15 @@ def test_checkpoint_arguments_are_checked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="`checkpoint_dir` must be a folder"):
         fit_experts(**data, **EXPERTS, checkpoint_dir=tmp_path / "file")
+    # a model folder is never overwritten by checkpoints
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / CONFIG_FILE).write_text(json.dumps({"class": "Spade"}))
+    with pytest.raises(ValueError, match="holds a saved Spade model"):
+        fit_experts(**data, **EXPERTS, checkpoint_dir=model)
+    (model / CONFIG_FILE).write_bytes(b"\x80\x04junk")
+    with pytest.raises(ValueError, match="not a readable sq_spade config"):
+        fit_experts(**data, **EXPERTS, checkpoint_dir=model)
 
 
 # --- safety ------------------------------------------------------------------------------------
@@ -443,6 +458,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigkill_while_writing_keeps_previous_checkpoint(tmp_path, point):
     """A real process, killed while writing the checkpoint of epoch 4, then resumed."""

@@ -266,7 +266,7 @@ def train_contrastive(
     key_added: str = K.MCLSTEXP_KEY,
     patch_px: int = 224,
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 1,
+    checkpoint_every: int = 10,
     resume: bool | str | os.PathLike = False,
 ) -> MclSTExp | RidgeModel | KNNModel:
     """Train mclSTExp (contrastive image and spot encoders) or a reference regressor.

@@ -70,7 +70,7 @@ def train_experts(
     key_added: str = K.SPADE_KEY,
     reference_side: str = "auto",
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 1,
+    checkpoint_every: int = 10,
     resume: bool | str | os.PathLike = False,
 ) -> Spade:
     """Train SPADE's mixture of data experts on frozen image features and expression.

@@ -143,7 +143,15 @@ class Checkpointer:
             target = source if target is None else target
         if target is None:
             return None
-        if resume is False and (target / CONFIG_FILE).is_file():
+        # a checkpoint write replaces the folder's config and deletes other tensors files
+        held = _held_class(target)
+        if held == "?" and source != target:  # (when resuming from it, reading says what is wrong)
+            raise ValueError(f"`checkpoint_dir` {str(target)!r} holds a {CONFIG_FILE} that is not "
+                             f"a readable sq_spade config; choose another folder or remove it.")
+        if held not in (None, "?", CHECKPOINT_CLASS):
+            raise ValueError(f"`checkpoint_dir` {str(target)!r} holds a saved {held} model, not a "
+                             f"training checkpoint; choose another folder.")
+        if resume is False and held is not None:
             warnings.warn(f"`checkpoint_dir` {str(target)!r} holds a checkpoint of an earlier run; "
                           f"this run replaces it (pass resume=True to continue that run instead).",
                           UserWarning, stacklevel=3)
@@ -475,6 +483,18 @@ def _check_folder(path: Path, arg: str = "resume") -> None:
             "runs code)" if head.startswith(_PICKLE_MAGIC) else "")
     raise CheckpointError(f"`{arg}` must be a checkpoint folder written by sq_spade; "
                           f"{str(path)!r} is a file{hint}.")
+
+
+def _held_class(folder: Path) -> str | None:
+    """The ``class`` named by the folder's config (``"?"`` when unreadable), ``None`` if none."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "?"
+    return str(doc.get("class", "?")) if isinstance(doc, dict) else "?"
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

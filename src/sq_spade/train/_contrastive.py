@@ -120,7 +120,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
                     mlp_dim: int | None = None, encoder_dropout: float = 0.0,
                     schedule: str = "constant", patience: int | None = 10, seed: int = 0,
                     device: str = "auto", num_workers: int = 0,
-                    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
                     resume: bool | str | os.PathLike = False) -> ContrastiveFit:
     """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
 
@@ -197,7 +197,8 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         atomically. With ``image_encoder`` they hold its trained parameters and buffers (not
         the frozen ones) and their optimizer state. ``None``: no checkpoints.
     checkpoint_every
-        Epochs between checkpoints.
+        Epochs between checkpoints. A checkpoint holds about four times the trained parameters
+        (weights, best weights with validation, two Adam moments).
     resume
         ``False``: start fresh (replacing any checkpoint in ``checkpoint_dir``). ``True``:
         continue from the checkpoint in ``checkpoint_dir``, or start fresh when it holds none
