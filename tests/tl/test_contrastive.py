@@ -221,3 +221,22 @@ def test_errors_and_nothing_written_on_failure():
     assert _train(ad, epochs=1, position="pixel").config["n_x"] == 8  # pixel positions need no array coordinates
     with pytest.raises(ValueError, match="`reference` is required"):
         sqs.tl.predict_expression(ad, _train(ad, epochs=1, position=None))
+
+
+def test_train_contrastive_resumes_from_a_checkpoint(tmp_path):
+    from sq_spade.train import read_checkpoint
+    from tests.train.test_checkpoint import interrupt_after
+
+    for finetune, kw in (("none", {}), ("all", dict(backbone="dummy", features_key=None, patch_px=16))):
+        a, b = _data(n=2, size=4), _data(n=2, size=4)
+        args = dict(epochs=3, train_sections=["s0"], validation_sections=["s1"], finetune=finetune, **kw,
+                    **{**SMALL, "batch_size": 8})
+        ma = _train(a, **args)
+        with interrupt_after(1):
+            _train(b, **args, checkpoint_every=1, checkpoint_dir=tmp_path / finetune)
+        assert read_checkpoint(tmp_path / finetune)["epoch"] == 1
+        mb = _train(b, **args, checkpoint_every=1, checkpoint_dir=tmp_path / finetune, resume=True)
+        assert np.array_equal(a.tables["table"].obsm[K.MCLSTEXP_KEY], b.tables["table"].obsm[K.MCLSTEXP_KEY])
+        assert ma.history == mb.history
+    with pytest.raises(ValueError, match="`checkpoint_dir` and `resume` apply to method='mclstexp'"):
+        train_contrastive(a, method="ridge", features_key="X_fake", panel=GENES, checkpoint_dir=tmp_path)

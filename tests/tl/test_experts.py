@@ -110,3 +110,18 @@ def test_results_survive_h5ad_and_zarr(tmp_path):
 
     back = spatialdata.read_zarr(tmp_path / "sd.zarr")
     assert np.allclose(back.tables["predicted"].layers["predicted"], sd.tables["predicted"].layers["predicted"])
+
+
+def test_train_experts_resumes_from_a_checkpoint(tmp_path):
+    from sq_spade.train import read_checkpoint
+    from tests.train.test_checkpoint import interrupt_after
+
+    a, b = _data(size=6), _data(size=6)
+    ma = _train(a, epochs=4, dropout=0.3)
+    with interrupt_after(2):
+        _train(b, epochs=4, dropout=0.3, checkpoint_every=1, checkpoint_dir=tmp_path)
+    assert K.SPADE_KEY not in b.tables["table"].obsm  # the interrupted run wrote nothing
+    assert read_checkpoint(tmp_path)["epoch"] == 2
+    mb = _train(b, epochs=4, dropout=0.3, checkpoint_every=1, checkpoint_dir=tmp_path, resume=True)
+    assert np.array_equal(a.tables["table"].obsm[K.SPADE_KEY], b.tables["table"].obsm[K.SPADE_KEY])
+    assert ma.history == mb.history

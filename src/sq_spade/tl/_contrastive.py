@@ -7,6 +7,7 @@ Importing this module registers how :func:`sq_spade.tl.predict_expression` handl
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -264,6 +265,9 @@ def train_contrastive(
     table_key: str = K.TABLE_KEY,
     key_added: str = K.MCLSTEXP_KEY,
     patch_px: int = 224,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool | str | os.PathLike = False,
 ) -> MclSTExp | RidgeModel | KNNModel:
     """Train mclSTExp (contrastive image and spot encoders) or a reference regressor.
 
@@ -372,6 +376,13 @@ def train_contrastive(
         ``obsm`` key of the mclSTExp image embeddings of every spot.
     patch_px
         Patch side in native pixels when fine-tuning.
+    checkpoint_dir, checkpoint_every, resume
+        mclSTExp only: checkpoints of the training every ``checkpoint_every`` epochs into the
+        folder ``checkpoint_dir`` (with ``finetune``, the encoder's trained parameters too), and
+        resuming from one (``resume=True``: from ``checkpoint_dir`` when it holds one, else a
+        fresh start); see :func:`sq_spade.train.fit_contrastive`. On the same device, a resumed
+        run gives exactly the model of an uninterrupted one; data, panel and arguments must be
+        the same (a ValueError says what differs).
 
     Returns
     -------
@@ -409,6 +420,9 @@ def train_contrastive(
                         f"with images, got {type(sdata).__name__}.")
     if regressor_kwargs is not None and method == "mclstexp":
         raise ValueError("`regressor_kwargs` applies to method='ridge' or 'knn' only.")
+    if method != "mclstexp" and (checkpoint_dir is not None or resume is not False):
+        raise ValueError(f"`checkpoint_dir` and `resume` apply to method='mclstexp' only; {method!r} has no "
+                         f"training epochs.")
     train, val = split_sections(table, train_sections, validation_sections)
     genes_list = _resolve_panel(table, panel, n_top, train)
     tr, va = rows_of(table, train), rows_of(table, val)
@@ -436,7 +450,7 @@ def train_contrastive(
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                   temperature=temperature, out_dim=out_dim, dropout=dropout, depth=depth, heads=heads,
                   dim_head=dim_head, mlp_dim=mlp_dim, schedule=schedule, patience=patience, seed=seed,
-                  device=dev)
+                  device=dev, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     val_kw: dict[str, Any] = {}
     if va.any():
         val_kw = dict(val_expr=gin[va], val_pos=None if pos is None else pos[va],

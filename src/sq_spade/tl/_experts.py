@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,9 @@ def train_experts(
     table_key: str = K.TABLE_KEY,
     key_added: str = K.SPADE_KEY,
     reference_side: str = "auto",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool | str | os.PathLike = False,
 ) -> Spade:
     """Train SPADE's mixture of data experts on frozen image features and expression.
 
@@ -130,6 +134,12 @@ def train_experts(
         the reference spots' gene-head embeddings (``"genes"``), their image embeddings
         (``"images"``), or ``"auto"``: the better of the two by validation ACG (``"genes"``
         without validation sections).
+    checkpoint_dir, checkpoint_every, resume
+        Checkpoints of the expert training every ``checkpoint_every`` epochs into the folder
+        ``checkpoint_dir``, and resuming from one (``resume=True``: from ``checkpoint_dir`` when
+        it holds one, else a fresh start); see :func:`sq_spade.train.fit_experts`. On the same
+        device, a resumed run gives exactly the model of an uninterrupted one; the data, panel,
+        clustering and training arguments must be the same (a ValueError says what differs).
 
     Returns
     -------
@@ -184,6 +194,7 @@ def train_experts(
         val_expert=val_expert, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, temperature=temperature, dropout=dropout, seed=seed,
         device=device or sq_spade.settings.device, patience=patience,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
     )
     module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e, temperature=routing_temperature).eval()
     from sq_spade.train._common import history_to_json

@@ -1,5 +1,6 @@
 """Training loops (arrays in, modules and a history out) for SPADE's experts and mclSTExp."""
 
+from sq_spade.train._checkpoint import CheckpointError, read_checkpoint
 from sq_spade.train._common import (
     CosineSchedule,
     EarlyStopping,
@@ -15,6 +16,7 @@ from sq_spade.train._contrastive import ContrastiveFit, default_augmentation, fi
 from sq_spade.train._experts import StackedAdamW, fit_experts
 
 __all__ = [
+    "CheckpointError",
     "ContrastiveFit",
     "CosineSchedule",
     "EarlyStopping",
@@ -27,6 +29,7 @@ __all__ = [
     "history_to_json",
     "load_checkpoint_state",
     "make_generator",
+    "read_checkpoint",
     "seeded",
     "state_for_checkpoint",
 ]

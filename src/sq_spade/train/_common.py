@@ -365,8 +365,8 @@ def load_checkpoint_state(state: Mapping[str, Any], modules: Mapping[str, nn.Mod
         torch.set_rng_state(tensors["rng.torch_cpu"])
         cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")),
                       key=lambda k: int(k.rsplit(".", 1)[1]))
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        if cuda and torch.cuda.is_available():  # a machine with fewer GPUs restores the first ones
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda][:torch.cuda.device_count()])
     return dict(meta.get("user", {}))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -15,6 +16,12 @@ from sq_spade._validation import check_choice
 from sq_spade.nn.heads import ProjectionHead
 from sq_spade.nn.losses import bleep_loss, clip_loss
 from sq_spade.nn.spot_encoder import SpotEncoder
+from sq_spade.train._checkpoint import (
+    Checkpointer,
+    encoder_fingerprint,
+    fingerprint,
+    trained_state_keys,
+)
 from sq_spade.train._common import (
     EarlyStopping,
     History,
@@ -112,7 +119,9 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
                     dropout: float = 0.1, depth: int = 2, heads: int = 8, dim_head: int = 64,
                     mlp_dim: int | None = None, encoder_dropout: float = 0.0,
                     schedule: str = "constant", patience: int | None = 10, seed: int = 0,
-                    device: str = "auto", num_workers: int = 0) -> ContrastiveFit:
+                    device: str = "auto", num_workers: int = 0,
+                    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
+                    resume: bool | str | os.PathLike = False) -> ContrastiveFit:
     """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
 
     Two ways to feed images:
@@ -182,6 +191,24 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         ``"auto"``, ``"cpu"``, ``"cuda"``...
     num_workers
         DataLoader workers for ``images``.
+    checkpoint_dir
+        Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
+        of every ``checkpoint_every``-th epoch and when the run ends, each replacing the last
+        atomically. With ``image_encoder`` they hold its trained parameters and buffers (not
+        the frozen ones) and their optimizer state. ``None``: no checkpoints.
+    checkpoint_every
+        Epochs between checkpoints. A checkpoint holds about four times the trained parameters
+        (weights, best weights with validation, two Adam moments).
+    resume
+        ``False``: start fresh (replacing any checkpoint in ``checkpoint_dir``). ``True``:
+        continue from the checkpoint in ``checkpoint_dir``, or start fresh when it holds none
+        yet (so one command serves the first launch and every restart). A path: continue from
+        that checkpoint folder (writing later checkpoints there unless ``checkpoint_dir`` is
+        given). A resumed run ends, on the same device, with exactly the weights and history of
+        the uninterrupted run; resuming a run that had ended returns its result without training.
+        The arguments, data and frozen encoder weights must be those of the saved run (a
+        ValueError names what differs); only ``device``, ``checkpoint_dir`` and
+        ``checkpoint_every`` may change. Pass an image encoder built as for the first run.
 
     Returns
     -------
@@ -273,6 +300,21 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     else:
         n_x = n_y = None
 
+    ckpt = Checkpointer.open(checkpoint_dir, checkpoint_every, resume, kind="fit_contrastive",
+                             fingerprint=lambda: fingerprint(
+        {"n_x": n_x, "n_y": n_y, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+         "weight_decay": weight_decay, "loss": loss, "temperature": temperature,
+         "out_dim": out_dim, "dropout": dropout, "depth": depth, "heads": heads,
+         "dim_head": dim_head, "mlp_dim": mlp_dim, "encoder_dropout": encoder_dropout,
+         "schedule": schedule, "patience": patience, "seed": seed, "augment": augment,
+         "preprocess": preprocess, "finetune": finetune, "num_workers": num_workers},
+        {"features": f_tr, "expr": e_tr, "pos": p_tr, "context": c_tr,
+         "images": len(images) if use_images else None,  # type: ignore[arg-type]
+         "image_encoder": encoder_fingerprint(image_encoder, _select_finetune(
+             image_encoder, finetune, quiet=True)[0]) if use_images else None,
+         **({"val_features": f_va, "val_expr": e_va, "val_pos": p_va, "val_context": c_va,
+             "val_images": len(val_images) if use_images else None}  # type: ignore[arg-type]
+            if has_val else {})}))
     dev = resolve_device(device)
     with seeded(seed, dev):
         return _fit(
@@ -284,7 +326,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
             loss_fn=_LOSSES[loss], temperature=temperature, out_dim=out_dim, dropout=dropout,
             depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
             encoder_dropout=encoder_dropout, schedule=schedule, patience=patience, seed=seed,
-            dev=dev, num_workers=num_workers,
+            dev=dev, num_workers=num_workers, ckpt=ckpt,
         )
 
 
@@ -296,7 +338,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
          loss_fn: Any, temperature: float, out_dim: int, dropout: float, depth: int, heads: int,
          dim_head: int, mlp_dim: int | None, encoder_dropout: float, schedule: str,
          patience: int | None, seed: int, dev: torch.device,
-         num_workers: int) -> ContrastiveFit:
+         num_workers: int, ckpt: Checkpointer | None = None) -> ContrastiveFit:
     n, n_genes = e_tr.shape
     shuffler = make_generator(seed)
     use_images = image_encoder is not None
@@ -364,8 +406,35 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
     best_state: dict[str, Any] | None = None
     history = History()
     stopped_early = False
+    start, stop = 0, epochs
+    if ckpt is not None:
+        enc_keys = trained_state_keys(encoder, trainable_enc) if use_images else []
+        resumed = ckpt.attach(
+            {"head": head, "spot": spot}, opt, sched,
+            {"shuffler": shuffler, **({"loader": loader_tr.generator} if use_images else {})},
+            history=history, stopper=stopper,
+            partial={"encoder": (encoder, enc_keys)} if use_images else None)
+        if resumed is not None:
+            start, stop = resumed.epoch, (resumed.epoch if resumed.finished else epochs)
+            stopped_early = bool(resumed.values["stopped_early"])
+            if resumed.values["has_best"]:
+                best_state = {"head": resumed.prefixed("best.head."),
+                              "spot": resumed.prefixed("best.spot.")}
+                if encoder is not None:  # frozen parts as they are, trained ones as saved
+                    best_state["encoder"] = {**_clone_state(encoder),
+                                             **resumed.prefixed("best.encoder.")}
 
-    for _epoch in progress(range(epochs), total=epochs, desc="training mclSTExp"):
+    def checkpoint(epoch: int) -> None:
+        if ckpt is None:
+            return
+        best = {f"best.{name}.{k}": v for name, sd in (best_state or {}).items()
+                for k, v in sd.items() if name != "encoder" or k in enc_keys}
+        ckpt.end_epoch(epoch + 1, stopped_early or epoch + 1 == epochs, tensors=best,
+                       values={"stopped_early": stopped_early,
+                               "has_best": best_state is not None})
+
+    for _epoch in progress(range(start, stop), total=epochs, initial=start,
+                           desc="training mclSTExp"):
         set_train(True)
         order = torch.randperm(n, generator=shuffler)
         total, rows = 0.0, 0
@@ -393,6 +462,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
 
         if val is None:
             history.append(train_loss, np.nan, cur_lr)
+            checkpoint(_epoch)
             continue
         set_train(False)
         with torch.no_grad():
@@ -414,6 +484,8 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
                 best_state["encoder"] = _clone_state(encoder)
         if stopper.stop:
             stopped_early = True
+        checkpoint(_epoch)
+        if stopped_early:
             break
 
     if best_state is not None:
@@ -469,7 +541,7 @@ def _encode(encoder: nn.Module, imgs: Tensor, preprocess: Callable | None) -> Te
     return out
 
 
-def _select_finetune(encoder: nn.Module, finetune: str | Sequence[str],
+def _select_finetune(encoder: nn.Module, finetune: str | Sequence[str], quiet: bool = False,
                      ) -> tuple[list[nn.Parameter], list[nn.Module]]:
     """Parameters to train and the modules to put in train mode."""
     if isinstance(finetune, str):
@@ -480,8 +552,9 @@ def _select_finetune(encoder: nn.Module, finetune: str | Sequence[str],
             return [], []
         children = [m for m in encoder.children() if any(True for _ in m.parameters())]
         if not children:
-            warnings.warn("finetune='last': the encoder has no child with parameters; "
-                          "training all its parameters.", UserWarning, stacklevel=3)
+            if not quiet:
+                warnings.warn("finetune='last': the encoder has no child with parameters; "
+                              "training all its parameters.", UserWarning, stacklevel=3)
             return list(encoder.parameters()), [encoder]
         return list(children[-1].parameters()), [children[-1]]
     prefixes = list(finetune)
