@@ -264,6 +264,7 @@ def train_contrastive(
     table_key: str = K.TABLE_KEY,
     key_added: str = K.MCLSTEXP_KEY,
     patch_px: int = 224,
+    distributed: bool | str = "auto",
 ) -> MclSTExp | RidgeModel | KNNModel:
     """Train mclSTExp (contrastive image and spot encoders) or a reference regressor.
 
@@ -372,6 +373,12 @@ def train_contrastive(
         ``obsm`` key of the mclSTExp image embeddings of every spot.
     patch_px
         Patch side in native pixels when fine-tuning.
+    distributed
+        mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
+        DistributedDataParallel (each process encodes its part of every batch; the same weights
+        as one process, see :func:`sq_spade.train.fit_contrastive`), ``False`` trains alone in
+        every process. Every process returns the same model and fills its own table; only
+        rank 0 writes files (:meth:`~sq_spade.models.MclSTExp.save`, the feature cache).
 
     Returns
     -------
@@ -436,7 +443,7 @@ def train_contrastive(
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                   temperature=temperature, out_dim=out_dim, dropout=dropout, depth=depth, heads=heads,
                   dim_head=dim_head, mlp_dim=mlp_dim, schedule=schedule, patience=patience, seed=seed,
-                  device=dev)
+                  device=dev, distributed=distributed)
     val_kw: dict[str, Any] = {}
     if va.any():
         val_kw = dict(val_expr=gin[va], val_pos=None if pos is None else pos[va],
