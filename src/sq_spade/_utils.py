@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ T = TypeVar("T")
 def resolve_device(device: str | None = None) -> torch.device:
     """Turn ``"auto"`` (or ``None``: :attr:`settings.device`) into a concrete torch device.
 
-    ``"auto"`` picks cuda, then mps, then cpu.
+    ``"auto"`` picks cuda, then mps, then cpu. Under ``torchrun`` (``LOCAL_RANK`` set), ``"auto"``
+    and ``"cuda"`` pick the process's own GPU, ``cuda:<LOCAL_RANK>``.
     """
     import torch
 
@@ -32,6 +34,10 @@ def resolve_device(device: str | None = None) -> torch.device:
         return device
     if not isinstance(device, str):
         raise TypeError(f"`device` must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}.")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK", "")
+        if local.isdigit() and int(local) < torch.cuda.device_count():
+            return torch.device("cuda", int(local))  # one GPU per torchrun process
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -48,11 +54,27 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def process_rank() -> int:
+    """Rank of this process among ``torchrun``'s (0 when not distributed).
+
+    The initialised process group's rank, else the ``RANK`` environment variable that
+    ``torchrun`` sets, else 0. Only rank 0 writes files and shows progress bars.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just to ask
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | None = None,
              enabled: bool | None = None, **kwargs: Any) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm bar when :attr:`settings.progress` (or ``enabled``) is set."""
+    """Wrap ``iterable`` in a tqdm bar when :attr:`settings.progress` (or ``enabled``) is set.
+
+    Never on a process of rank other than 0 (under ``torchrun``), so one bar shows.
+    """
     enabled = settings.progress if enabled is None else enabled
-    if not enabled:
+    if not enabled or process_rank() != 0:
         yield from iterable
         return
     try:  # notebook bars need ipywidgets; without it tqdm.auto warns "IProgress not found"

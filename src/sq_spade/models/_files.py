@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sq_spade._utils import atomic_path, sha256_file
+from sq_spade._utils import atomic_path, process_rank, sha256_file
 
 FORMAT = "sq_spade-model"
 FORMAT_VERSION = 1
@@ -36,11 +36,17 @@ class ModelFileError(ValueError):
 
 def save_model_files(path: str | os.PathLike, *, cls: str, config: Mapping[str, Any],
                      tensors: Mapping[str, Any], version: str) -> Path:
-    """Write ``tensors`` (torch tensors or numpy arrays) and ``config`` into the folder ``path``."""
+    """Write ``tensors`` (torch tensors or numpy arrays) and ``config`` into the folder ``path``.
+
+    Under ``torchrun`` only rank 0 writes; on the other ranks this does nothing and returns
+    ``path`` (their models are the same), so every rank may call ``save``.
+    """
     import torch
     from safetensors.torch import save_file
 
     path = Path(path)
+    if process_rank() != 0:
+        return path
     if path.exists() and not path.is_dir():
         raise ValueError(f"`path` must be a folder; {str(path)!r} is a file.")
     path.mkdir(parents=True, exist_ok=True)

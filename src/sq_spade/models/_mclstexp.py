@@ -298,6 +298,8 @@ class MclSTExp:
         The image head, the spot encoder and (fine-tuned models) the image encoder's state dict
         share one safetensors file under the prefixes ``image_head.``, ``spot_encoder.`` and
         ``image_encoder.``.
+        Under ``torchrun`` only rank 0 writes (every rank may call this; the models are the
+        same); call ``torch.distributed.barrier()`` before other ranks read the folder.
         """
         import sq_spade
 

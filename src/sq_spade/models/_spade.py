@@ -128,7 +128,10 @@ class Spade:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``."""
+        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
+
+        Under ``torchrun`` only rank 0 writes (every rank may call this).
+        """
         import sq_spade
 
         state = {k: v for k, v in self.module.state_dict().items()}

@@ -106,7 +106,7 @@ def compute_features(
     import torch
 
     import sq_spade
-    from sq_spade._utils import resolve_device
+    from sq_spade._utils import atomic_path, process_rank, resolve_device
     from sq_spade.nn.backbones import Backbone, get_backbone
     from sq_spade.nn.inference import embed_batches
     from sq_spade.pp._patches import patches as make_patches
@@ -136,9 +136,7 @@ def compute_features(
         )
         feats = embed_batches(model, loader, device=dev, tta=tta, total=len(loader), desc=f"features ({model.name})")
         feats = np.asarray(feats, dtype=np.float32)
-        if cache_path is not None:
-            from sq_spade._utils import atomic_path
-
+        if cache_path is not None and process_rank() == 0:  # one writer under torchrun
             with atomic_path(cache_path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, feats, allow_pickle=False)

@@ -268,6 +268,7 @@ def train_contrastive(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool | str | os.PathLike = False,
+    distributed: bool | str = "auto",
 ) -> MclSTExp | RidgeModel | KNNModel:
     """Train mclSTExp (contrastive image and spot encoders) or a reference regressor.
 
@@ -383,6 +384,12 @@ def train_contrastive(
         fresh start); see :func:`sq_spade.train.fit_contrastive`. On the same device, a resumed
         run gives exactly the model of an uninterrupted one; data, panel and arguments must be
         the same (a ValueError says what differs).
+    distributed
+        mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
+        DistributedDataParallel (each process encodes its part of every batch; the same weights
+        as one process, see :func:`sq_spade.train.fit_contrastive`), ``False`` trains alone in
+        every process. Every process returns the same model and fills its own table; only
+        rank 0 writes files (:meth:`~sq_spade.models.MclSTExp.save`, the feature cache).
 
     Returns
     -------
@@ -450,7 +457,8 @@ def train_contrastive(
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                   temperature=temperature, out_dim=out_dim, dropout=dropout, depth=depth, heads=heads,
                   dim_head=dim_head, mlp_dim=mlp_dim, schedule=schedule, patience=patience, seed=seed,
-                  device=dev, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+                  device=dev, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                  distributed=distributed)
     val_kw: dict[str, Any] = {}
     if va.any():
         val_kw = dict(val_expr=gin[va], val_pos=None if pos is None else pos[va],

@@ -33,6 +33,7 @@ from sq_spade.train._common import (
     make_generator,
     seeded,
 )
+from sq_spade.train._distributed import DistributedContext, resolve_distributed
 
 _LOSSES = {"clip": clip_loss, "bleep": bleep_loss}
 
@@ -83,10 +84,15 @@ def default_augmentation() -> nn.Module:
 
 
 class _Patches(torch.utils.data.Dataset):
-    """Index ``i`` -> (uint8 ``(C, H, W)`` patch, possibly augmented, ``i``)."""
+    """Index ``i`` -> (uint8 ``(C, H, W)`` patch, possibly augmented, ``i``).
 
-    def __init__(self, images: torch.utils.data.Dataset, augment: Callable | None) -> None:
-        self.images, self.augment = images, augment
+    The augmentation of patch ``i`` draws from torch's RNG seeded by (``seed``, ``epoch``, ``i``),
+    so it is the same whichever process or DataLoader worker loads the patch.
+    """
+
+    def __init__(self, images: torch.utils.data.Dataset, augment: Callable | None,
+                 seed: int = 0) -> None:
+        self.images, self.augment, self.seed, self.epoch = images, augment, seed, 0
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
@@ -99,7 +105,10 @@ class _Patches(torch.utils.data.Dataset):
                              f"got dtype {t.dtype} and shape {tuple(t.shape)}.")
         t = t[..., :3].permute(2, 0, 1).contiguous()  # HWC -> CHW, alpha dropped
         if self.augment is not None:
-            t = self.augment(t)
+            item_seed = np.random.SeedSequence([self.seed % 2**63, self.epoch, i]).generate_state(1)
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(int(item_seed[0]))
+                t = self.augment(t)
         return t, i
 
 
@@ -121,7 +130,8 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
                     schedule: str = "constant", patience: int | None = 10, seed: int = 0,
                     device: str = "auto", num_workers: int = 0,
                     checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                    resume: bool | str | os.PathLike = False) -> ContrastiveFit:
+                    resume: bool | str | os.PathLike = False,
+                    distributed: bool | str = "auto") -> ContrastiveFit:
     """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
 
     Two ways to feed images:
@@ -139,6 +149,13 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     ``weight_decay``), as mclSTExp. With validation data the loss on fixed validation batches is
     recorded each epoch, training stops after ``patience`` epochs without improvement, and the
     weights of the best epoch are restored; without validation the last epoch is kept.
+
+    Under ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel: each process
+    encodes its contiguous part of every global batch of ``batch_size`` spots, the features are
+    all-gathered, and every process computes the whole batch's loss, so that the weights match a
+    single-process run up to float rounding (see :mod:`sq_spade.train._distributed`); every
+    process returns the same model. The gain is in the image encoder: with cached ``features``
+    each process does the whole (small) computation.
 
     Parameters
     ----------
@@ -190,7 +207,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``...
     num_workers
-        DataLoader workers for ``images``.
+        DataLoader workers for ``images`` (per process under ``torchrun``).
     checkpoint_dir
         Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
         of every ``checkpoint_every``-th epoch and when the run ends, each replacing the last
@@ -209,13 +226,17 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         The arguments, data and frozen encoder weights must be those of the saved run (a
         ValueError names what differs); only ``device``, ``checkpoint_dir`` and
         ``checkpoint_every`` may change. Pass an image encoder built as for the first run.
+    distributed
+        ``"auto"``: DistributedDataParallel when launched by ``torchrun`` with several
+        processes (or within an initialised process group); ``True``: require it; ``False``:
+        train alone (under ``torchrun`` every process then trains the same model on its own).
 
     Returns
     -------
     :class:`ContrastiveFit` ``(image_head, spot_encoder, history, image_encoder)``, modules on
     the CPU in eval mode. ``history``: ``train_loss``, ``val_loss`` (NaN without validation),
     ``lr`` per epoch, ``best_epoch`` (-1 without validation), ``best_val_loss``,
-    ``stopped_early``, ``n_epochs``, ``n_x``, ``n_y``.
+    ``stopped_early``, ``n_epochs``, ``n_x``, ``n_y``, ``world_size`` (processes that trained).
 
     Examples
     --------
@@ -316,7 +337,9 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
              "val_images": len(val_images) if use_images else None}  # type: ignore[arg-type]
             if has_val else {})}))
     dev = resolve_device(device)
-    with seeded(seed, dev):
+    ddp = resolve_distributed(distributed, dev)
+    dev = ddp.device
+    with seeded(seed, dev), ddp.synced_batchnorm(image_encoder, finetune != "none"):
         return _fit(
             f_tr, e_tr, p_tr, c_tr,
             (f_va, e_va, p_va, c_va) if has_val else None,
@@ -326,7 +349,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
             loss_fn=_LOSSES[loss], temperature=temperature, out_dim=out_dim, dropout=dropout,
             depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
             encoder_dropout=encoder_dropout, schedule=schedule, patience=patience, seed=seed,
-            dev=dev, num_workers=num_workers, ckpt=ckpt,
+            dev=dev, num_workers=num_workers, ckpt=ckpt, ddp=ddp,
         )
 
 
@@ -338,7 +361,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
          loss_fn: Any, temperature: float, out_dim: int, dropout: float, depth: int, heads: int,
          dim_head: int, mlp_dim: int | None, encoder_dropout: float, schedule: str,
          patience: int | None, seed: int, dev: torch.device,
-         num_workers: int, ckpt: Checkpointer | None = None) -> ContrastiveFit:
+         num_workers: int, ddp: DistributedContext, ckpt: Checkpointer | None = None) -> ContrastiveFit:
     n, n_genes = e_tr.shape
     shuffler = make_generator(seed)
     use_images = image_encoder is not None
@@ -349,13 +372,14 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
     if use_images:
         encoder = image_encoder.to(dev)  # type: ignore[union-attr]
         trainable_enc, train_modules = _select_finetune(encoder, finetune)
+        ddp.warn_batchnorm(train_modules)
         requires_grad = [p.requires_grad for p in encoder.parameters()]
         for p in encoder.parameters():
             p.requires_grad_(False)
         for p in trainable_enc:
             p.requires_grad_(True)
         aug = (default_augmentation() if augment is True else augment) or None
-        loader_tr = _loader(images, aug, batch_size, num_workers, seed)
+        loader_tr = _loader(images, aug, num_workers, seed)
         probe, _ = _Patches(images, None)[0]
         encoder.eval()
         with torch.no_grad():
@@ -369,6 +393,9 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
                        head_dropout=dropout).to(dev)
     params = list(head.parameters()) + list(spot.parameters()) + trainable_enc
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    # DistributedDataParallel wrappers (the modules themselves when not distributed)
+    head_t, spot_t = ddp.wrap(head), ddp.wrap(spot)
+    encoder_t = ddp.wrap(encoder) if encoder is not None else None
     steps_per_epoch = -(-n // batch_size)
     sched = cosine_schedule(opt, epochs * steps_per_epoch) if schedule == "cosine" else None
 
@@ -395,11 +422,12 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
             for m in train_modules:
                 m.train(flag)
 
-    def batch_loss(img_feats: Tensor, idx: Tensor, tens: dict[str, Any]) -> Tensor:
+    def batch_loss(img_feats: Tensor, idx: Tensor, tens: dict[str, Any],
+                   modules: tuple[nn.Module, nn.Module] = (head, spot)) -> Tensor:
         e = tens["e"][idx].to(dev)
         p = None if tens["p"] is None else tens["p"][idx].to(dev)
         c = tens["c"][idx].to(dev) if isinstance(tens["c"], Tensor) else tens["c"]
-        return loss_fn(head(img_feats), spot(e, p, c), temperature)
+        return loss_fn(modules[0](img_feats), modules[1](e, p, c), temperature)
 
     train_t = {"e": et, "p": pt, "c": ct}
     stopper = EarlyStopping(patience)
@@ -433,23 +461,25 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
                        values={"stopped_early": stopped_early,
                                "has_best": best_state is not None})
 
-    for _epoch in progress(range(start, stop), total=epochs, initial=start,
+    for epoch in progress(range(start, stop), total=epochs, initial=start,
                            desc="training mclSTExp"):
         set_train(True)
         order = torch.randperm(n, generator=shuffler)
         total, rows = 0.0, 0
-        if use_images:
-            loader_tr.sampler.order = order.tolist()  # type: ignore[union-attr]
-            batches = ((imgs, torch.as_tensor(idx)) for imgs, idx in loader_tr)
+        global_batches = order.split(batch_size)
+        if use_images:  # each process loads its part of every global batch
+            loader_tr.dataset.epoch = epoch  # type: ignore[attr-defined]
+            loader_tr.batch_sampler.batches = [ddp.shard(b).tolist() for b in global_batches]
+            batches = zip(global_batches, (imgs for imgs, _ in loader_tr), strict=True)
         else:
-            batches = ((None, idx) for idx in order.split(batch_size))
-        for imgs, idx in batches:
+            batches = ((idx, None) for idx in global_batches)
+        for idx, imgs in batches:
             if use_images:
                 with torch.set_grad_enabled(bool(trainable_enc)):
-                    feats = _encode(encoder, imgs.to(dev), preprocess)  # type: ignore[arg-type]
+                    feats = ddp.gather(_encode(encoder_t, imgs.to(dev), preprocess), len(idx))
             else:
                 feats = ft[idx].to(dev)  # type: ignore[index]
-            loss = batch_loss(feats, idx, train_t)
+            loss = batch_loss(feats, idx, train_t, (head_t, spot_t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -461,22 +491,24 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         cur_lr = opt.param_groups[0]["lr"]
 
         if val is None:
-            history.append(train_loss, np.nan, cur_lr)
-            checkpoint(_epoch)
+            history.append(ddp.agree(train_loss)[0], np.nan, cur_lr)
+            checkpoint(epoch)
             continue
         set_train(False)
+        ddp.broadcast(encoder, buffers_only=True)  # BatchNorm statistics as on rank 0
         with torch.no_grad():
             vtotal = 0.0
             if use_images:
-                loader_va = _loader(val_images, None, batch_size, num_workers, seed)
-                loader_va.sampler.order = val_order.tolist()  # type: ignore[union-attr]
-                vbatches = ((_encode(encoder, im.to(dev), preprocess), torch.as_tensor(ix))
-                            for im, ix in loader_va)
+                loader_va = _loader(val_images, None, num_workers, seed)
+                loader_va.batch_sampler.batches = [ddp.shard(b).tolist() for b in val_batches]
+                vbatches = ((ddp.gather(_encode(encoder, im.to(dev), preprocess), len(ix)), ix)
+                            for ix, (im, _) in zip(val_batches, loader_va, strict=True))
             else:
                 vbatches = ((vt["f"][ix].to(dev), ix) for ix in val_batches)
             for feats, ix in vbatches:
                 vtotal += float(batch_loss(feats, ix, vt)) * len(ix)
-        val_loss = vtotal / len(val_order)
+        # rank 0's losses everywhere: early stopping decides the same on every process
+        train_loss, val_loss = ddp.agree(train_loss, vtotal / len(val_order))
         history.append(train_loss, val_loss, cur_lr)
         if stopper.step(val_loss):
             best_state = {"head": _clone_state(head), "spot": _clone_state(spot)}
@@ -484,7 +516,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
                 best_state["encoder"] = _clone_state(encoder)
         if stopper.stop:
             stopped_early = True
-        checkpoint(_epoch)
+        checkpoint(epoch)
         if stopped_early:
             break
 
@@ -493,10 +525,12 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         spot.load_state_dict(best_state["spot"])
         if encoder is not None:
             encoder.load_state_dict(best_state["encoder"])
+    ddp.unwrap(head_t, spot_t, encoder_t)  # type: ignore[arg-type]
+    ddp.broadcast(head, spot, encoder)  # every process returns rank 0's model
     history.best_epoch = stopper.best_epoch if val is not None else -1
     history.extra.update({
         "best_val_loss": float(stopper.best) if best_state is not None else float("nan"),
-        "stopped_early": stopped_early, "n_x": n_x, "n_y": n_y,
+        "stopped_early": stopped_early, "n_x": n_x, "n_y": n_y, "world_size": ddp.world_size,
     })
     if encoder is not None:
         for p, flag in zip(encoder.parameters(), requires_grad, strict=True):
@@ -506,23 +540,23 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
 
 
 # --- helpers ----------------------------------------------------------------------------------
-class _OrderSampler(torch.utils.data.Sampler):
-    """Yields the indices of ``order`` (set before each epoch by the training loop)."""
+class _BatchList(torch.utils.data.Sampler):
+    """Yields the batches (lists of indices) set before each epoch by the training loop."""
 
     def __init__(self) -> None:
-        self.order: list[int] = []
+        self.batches: list[list[int]] = []
 
     def __iter__(self):  # noqa: D105
-        return iter(self.order)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.batches)
 
 
-def _loader(images: Any, aug: Callable | None, batch_size: int, num_workers: int,
+def _loader(images: Any, aug: Callable | None, num_workers: int,
             seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        _Patches(images, aug), batch_size=batch_size, sampler=_OrderSampler(),
+        _Patches(images, aug, seed), batch_sampler=_BatchList(),
         num_workers=num_workers, generator=make_generator(seed + 2),
         persistent_workers=False,
     )
