@@ -113,10 +113,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        umask_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) the mode a plain ``open`` would: 0666 & ~umask.
+
+    Saved models and caches are meant to be shared (a group folder, a lab's model zoo).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -46,3 +46,16 @@ def test_killed_writer_leaves_a_loadable_model(tmp_path):
         cfg, ten = load_model_files(path, cls="T", schema=SCHEMA)
         # whatever instant the writer died, config and tensors belong together
         assert np.all(ten["w"].numpy() == cfg["n"])
+
+
+def test_saved_files_follow_the_umask_like_open(tmp_path):
+    # mkstemp makes 0600 files: a model saved into a shared folder would be unreadable to the group
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_model_files(tmp_path / "m", cls="T", config={"n": 1}, tensors={"w": np.ones(2, np.float32)}, version="x")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "m").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sq_spade._utils import atomic_path, process_rank, sha256_file
+from sq_spade._utils import atomic_path, process_rank, sha256_file, umask_mode
 
 FORMAT = "sq_spade-model"
 FORMAT_VERSION = 1
@@ -63,6 +63,7 @@ def save_model_files(path: str | os.PathLike, *, cls: str, config: Mapping[str, 
             os.fsync(fh.fileno())
         digest = sha256_file(tmp)
         tensors_name = f"model-{digest[:16]}.safetensors"
+        umask_mode(tmp)
         os.replace(tmp, path / tensors_name)
     finally:
         tmp.unlink(missing_ok=True)
