@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     import sq_spade as sqs
+    from sq_spade._utils import atomic_path
     from sq_spade.datasets import DataUnavailableError
 
     out = Path(args.out)
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"trained {model} on C2 and C3")
     sqs.tl.predict_expression(query, model, reference=train, k=args.k)
     metrics, per_gene = sqs.tl.evaluate_expression(query, return_per_gene=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    per_gene.to_csv(out / "per_gene.csv", index=False)
+    for name, df in (("metrics.csv", metrics), ("per_gene.csv", per_gene)):
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False)
     say("C4 predicted from its image alone: " + ", ".join(
         f"{c} {metrics[c].iloc[0]:.3f}" for c in ("ACG", "HEG", "MSE", "MAE")))
     best = per_gene.sort_values("pearson_r", ascending=False)["gene"].head(4).tolist()
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     pick = order[np.linspace(0, len(order) - 1, 16).astype(int)]
     from PIL import Image
 
-    Image.fromarray(_montage(sqs.pp.patches(query), pick)).save(out / "C4_patches.png")
+    with atomic_path(out / "C4_patches.png") as tmp:
+        Image.fromarray(_montage(sqs.pp.patches(query), pick)).save(tmp, format="PNG")
     summary = {"train": "C2 + C3", "query": "C4", "model": repr(model),
                "panel_size": len(model.panel), "metrics": metrics.to_dict(orient="records")[0],
                "best_genes": best, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
     say(f"wrote {out / 'metrics.csv'}, {fig_path}, {model_path}/ and {out / 'summary.json'}")
     return 0
 

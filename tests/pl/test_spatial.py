@@ -255,6 +255,10 @@ def test_save_writes_a_file_and_closes_the_figure(sd, tmp_path):
     data = (tmp_path / "sub" / "genes.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert set(plt.get_fignums()) == before
+    # written atomically through a temporary name: the format still follows the extension
+    sqs.pl.spatial(sd, GENES, save=tmp_path / "sub" / "genes.PDF", dpi=40)
+    assert (tmp_path / "sub" / "genes.PDF").read_bytes()[:5] == b"%PDF-"
+    assert sorted(f.name for f in (tmp_path / "sub").iterdir()) == ["genes.PDF", "genes.png"]
 
 
 def _baseline_figure():

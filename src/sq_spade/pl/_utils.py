@@ -67,9 +67,11 @@ def finish(fig: Figure, *, show: bool | None, save: str | Path | None, return_fi
         path = Path(save)
         if path.suffix == "":
             raise ValueError(f"`save={str(save)!r}` needs a file extension (e.g. '.png', '.pdf').")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from sq_spade._utils import atomic_path
+
         kw = {"dpi": dpi} if dpi is not None else {}
-        fig.savefig(path, bbox_inches="tight", **kw)
+        with atomic_path(path) as tmp:  # the temporary name hides the extension: say the format
+            fig.savefig(tmp, bbox_inches="tight", format=path.suffix[1:].lower(), **kw)
     if show is None:
         show = owns_figure and is_interactive_backend()
     if show:
