@@ -53,7 +53,7 @@ def test_summary_is_mean_over_sections_then_seeds(report):
 @pytest.mark.parametrize(("spade_acg", "word"), [(0.08, "above"), (0.03, "below")])
 def test_comparisons_say_where_spade_falls_short(report, spade_acg, word):
     text = "\n".join(report.comparisons(report.accuracy_summary(_accuracy(spade_acg))))
-    line = next(ln for ln in text.splitlines() if ln.strip().startswith("- SPADE") and "kNN" in ln)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- SPADE") and "kNN" in ln)
     assert word in line
     assert f"{abs(spade_acg - 0.06):.3f}" in line
     assert "spade +0.235" in text or "spade +0.185" in text  # margin over the shuffled control
