@@ -270,3 +270,52 @@ def test_early_stopping_vector():
     es.step([2.6, np.nan])
     assert es.stop.tolist() == [True, False]
     assert es.best_epoch.tolist() == [1, -1]
+
+
+def _windowed(f, g, ex, n_experts, splits):
+    from sq_spade.train import TrainingWindows
+
+    calls = []
+
+    def loader(a, b):
+        def load():
+            calls.append((a, b))
+            return f[a:b], g[a:b], ex[a:b]
+        return load
+
+    bounds = list(zip([0, *splits], [*splits, len(f)], strict=True))
+    counts = np.stack([np.bincount(ex[a:b], minlength=n_experts) for a, b in bounds])
+    return TrainingWindows([loader(a, b) for a, b in bounds], counts, f.shape[1], g.shape[1], key="t"), calls
+
+
+def test_one_window_is_the_in_memory_training():
+    rng = np.random.default_rng(0)
+    f, g = rng.normal(size=(60, 8)).astype("f4"), rng.normal(size=(60, 5)).astype("f4")
+    ex = rng.integers(0, 3, 60)
+    kw = dict(n_experts=3, epochs=3, batch_size=8, out_dim=4, device="cpu", seed=1)
+    ref = fit_experts(f, g, ex, **kw)
+    src, calls = _windowed(f, g, ex, 3, [])
+    got = fit_experts(src, None, None, **kw)
+    for a, b in zip(ref[0].state_dict().values(), got[0].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert len(calls) == 1  # read once, kept
+
+
+def test_windows_are_read_one_at_a_time_each_epoch():
+    rng = np.random.default_rng(0)
+    f, g = rng.normal(size=(90, 8)).astype("f4"), rng.normal(size=(90, 5)).astype("f4")
+    ex = rng.integers(0, 3, 90)
+    src, calls = _windowed(f, g, ex, 3, [30, 60])
+    img, gen, hist = fit_experts(src, None, None, n_experts=3, epochs=4, batch_size=8, out_dim=4, device="cpu")
+    assert len(calls) == 3 * 4 and sorted(set(calls)) == [(0, 30), (30, 60), (60, 90)]
+    orders = [calls[i:i + 3] for i in range(0, 12, 3)]
+    assert len({tuple(o) for o in orders}) > 1  # window order reshuffled across epochs
+    # every expert took ceil(count / batch) steps in every window of every epoch
+    per_window = np.ceil(src.expert_counts / 8).sum(axis=0)
+    np.testing.assert_array_equal(hist["steps"], 4 * per_window)
+    assert np.isfinite(hist["train_loss"]).all()
+    bad = type(src)(src.loaders, src.expert_counts[:, :2], 8, 5)
+    with pytest.raises(ValueError, match="expert_counts"):
+        fit_experts(bad, None, None, n_experts=3, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="`genes` and `expert` must be None"):
+        fit_experts(src, g, None, n_experts=3, epochs=1, device="cpu")

@@ -13,7 +13,7 @@ from sq_spade.train._common import (
     state_for_checkpoint,
 )
 from sq_spade.train._contrastive import ContrastiveFit, default_augmentation, fit_contrastive
-from sq_spade.train._experts import StackedAdamW, fit_experts
+from sq_spade.train._experts import StackedAdamW, TrainingWindows, fit_experts
 
 __all__ = [
     "CheckpointError",
@@ -22,6 +22,7 @@ __all__ = [
     "EarlyStopping",
     "History",
     "StackedAdamW",
+    "TrainingWindows",
     "cosine_schedule",
     "default_augmentation",
     "fit_contrastive",

@@ -6,7 +6,8 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -125,7 +126,37 @@ class StackedAdamW(torch.optim.Optimizer):
                     self.state[p]["step"][i] += 1
 
 
-def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, n_experts: int,
+@dataclass(frozen=True)
+class TrainingWindows:
+    """Training spots served window by window, so that not all of them sit in memory at once.
+
+    Each window is a callable returning ``(features (n, D) float32, genes (n, G) float32,
+    expert (n,) int)``, e.g. a few sections read from a :class:`sq_spade.pp.FeatureStore`.
+    :func:`fit_experts` keeps one window in memory at a time: each epoch visits the windows in a
+    shuffled order and shuffles each expert's spots within the window, so a batch mixes spots
+    of one window only (the usual sharded shuffling of out-of-core training).
+
+    Parameters
+    ----------
+    loaders
+        One callable per window.
+    expert_counts
+        ``(n_windows, n_experts)`` spots of each expert in each window (fixes the number of
+        steps, hence the schedules, before any window is read).
+    dim, n_genes
+        Feature and gene dimensions.
+    key
+        Identifies the data for checkpoints (e.g. the store's path and its sections' sizes).
+    """
+
+    loaders: Sequence[Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    expert_counts: np.ndarray
+    dim: int
+    n_genes: int
+    key: str = ""
+
+
+def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None, expert: np.ndarray | None, *, n_experts: int,
                 val_features: np.ndarray | None = None, val_genes: np.ndarray | None = None,
                 val_expert: np.ndarray | None = None, epochs: int = 100, batch_size: int = 128,
                 lr: float = 1e-4, weight_decay: float = 1e-2, loss: str = "bleep",
@@ -164,7 +195,9 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
     Parameters
     ----------
     features
-        Image features of the training spots, ``(N, D)`` (frozen backbone, cached).
+        Image features of the training spots, ``(N, D)`` (frozen backbone, cached); or a
+        :class:`TrainingWindows` serving features, targets and experts window by window
+        (then ``genes`` and ``expert`` are ``None``).
     genes
         Expression targets of the same spots, ``(N, G)``.
     expert
@@ -249,12 +282,29 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
     check_choice(empty, "empty", ("raise", "warn"))
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"`warmup_steps` must be a non-negative integer, got {warmup_steps!r}.")
-    x = as_float_array(features, "features")
-    g = as_float_array(genes, "genes")
-    n = x.shape[0]
-    if g.shape[0] != n:
-        raise ValueError(f"`genes` must have {n} rows (as `features`), got {g.shape[0]}.")
-    ex = _check_expert(expert, "expert", n, n_experts)
+    if isinstance(features, TrainingWindows):
+        if genes is not None or expert is not None:
+            raise ValueError("With `features` a TrainingWindows, `genes` and `expert` must be None (the windows "
+                             "serve them).")
+        source = features
+        counts = np.asarray(source.expert_counts, dtype=np.int64)
+        if counts.shape != (len(source.loaders), n_experts) or (counts < 0).any():
+            raise ValueError(f"`features.expert_counts` must be non-negative of shape "
+                             f"{(len(source.loaders), n_experts)} (windows, `n_experts`), got {counts.shape}.")
+        dim, n_genes = int(source.dim), int(source.n_genes)
+        data_key: Any = {"windows": source.key, "expert_counts": counts}
+    else:
+        x = as_float_array(features, "features")
+        g = as_float_array(genes, "genes")
+        n = x.shape[0]
+        if g.shape[0] != n:
+            raise ValueError(f"`genes` must have {n} rows (as `features`), got {g.shape[0]}.")
+        ex = _check_expert(expert, "expert", n, n_experts)
+        source = TrainingWindows([lambda: (x, g, ex)], np.bincount(ex, minlength=n_experts)[None],
+                                 x.shape[1], g.shape[1])
+        counts = source.expert_counts
+        dim, n_genes = x.shape[1], g.shape[1]
+        data_key = {"features": x, "genes": g, "expert": ex}
     given = [v is not None for v in (val_features, val_genes, val_expert)]
     if any(given) and not all(given):
         raise ValueError("`val_features`, `val_genes` and `val_expert` must be given together.")
@@ -262,13 +312,13 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
     if has_val:
         vx = as_float_array(val_features, "val_features")
         vg = as_float_array(val_genes, "val_genes")
-        if vx.shape[1] != x.shape[1]:
-            raise ValueError(f"`val_features` must have {x.shape[1]} columns, got {vx.shape[1]}.")
-        if vg.shape != (vx.shape[0], g.shape[1]):
-            raise ValueError(f"`val_genes` must have shape {(vx.shape[0], g.shape[1])}, "
+        if vx.shape[1] != dim:
+            raise ValueError(f"`val_features` must have {dim} columns, got {vx.shape[1]}.")
+        if vg.shape != (vx.shape[0], n_genes):
+            raise ValueError(f"`val_genes` must have shape {(vx.shape[0], n_genes)}, "
                              f"got {vg.shape}.")
         vex = _check_expert(val_expert, "val_expert", vx.shape[0], n_experts)
-    n_train = np.bincount(ex, minlength=n_experts)
+    n_train = counts.sum(axis=0)
     n_val = np.bincount(vex, minlength=n_experts) if has_val else np.zeros(n_experts, np.int64)
     trained = n_train > 0
     if not trained.all():
@@ -282,8 +332,7 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
         ih, gh = init
         if not (isinstance(ih, ExpertHeads) and isinstance(gh, ExpertHeads)):
             raise TypeError("`init` must be a pair (image ExpertHeads, gene ExpertHeads).")
-        if (ih.n_experts, ih.in_dim, gh.n_experts, gh.in_dim) != (n_experts, x.shape[1],
-                                                                    n_experts, g.shape[1]):
+        if (ih.n_experts, ih.in_dim, gh.n_experts, gh.in_dim) != (n_experts, dim, n_experts, n_genes):
             raise ValueError("`init` heads do not match `n_experts` and the data's dimensions.")
 
     ckpt = Checkpointer.open(checkpoint_dir, checkpoint_every, resume, kind="fit_experts",
@@ -292,13 +341,13 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
          "weight_decay": weight_decay, "loss": loss, "temperature": temperature,
          "dropout": dropout, "out_dim": out_dim, "warmup_steps": warmup_steps, "seed": seed,
          "patience": patience, "empty": empty},
-        {"features": x, "genes": g, "expert": ex, "val_features": vx if has_val else None,
+        {**data_key, "val_features": vx if has_val else None,
          "val_genes": vg if has_val else None, "val_expert": vex if has_val else None,
          "init": None if init is None else digest_tensors(
              {f"{i}.{k}": v for i, h in enumerate(init) for k, v in h.state_dict().items()})}))
     dev = resolve_device(device)
     with seeded(seed, dev):
-        return _fit(x, g, ex, vx if has_val else None, vg if has_val else None,
+        return _fit(source, vx if has_val else None, vg if has_val else None,
                     vex if has_val else None, n_experts=n_experts, epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                     loss_fn=_LOSSES[loss], temperature=temperature, dropout=dropout,
@@ -306,7 +355,7 @@ def fit_experts(features: np.ndarray, genes: np.ndarray, expert: np.ndarray, *, 
                     patience=patience, n_train=n_train, n_val=n_val, init=init, ckpt=ckpt)
 
 
-def _fit(x: np.ndarray, g: np.ndarray, ex: np.ndarray, vx: np.ndarray | None,
+def _fit(source: TrainingWindows, vx: np.ndarray | None,
          vg: np.ndarray | None, vex: np.ndarray | None, *, n_experts: int, epochs: int,
          batch_size: int, lr: float, weight_decay: float, loss_fn: Any, temperature: float,
          dropout: float, out_dim: int, warmup_steps: int, seed: int, dev: torch.device,
@@ -315,25 +364,35 @@ def _fit(x: np.ndarray, g: np.ndarray, ex: np.ndarray, vx: np.ndarray | None,
          ckpt: Checkpointer | None = None) -> tuple[ExpertHeads, ExpertHeads, dict]:
     e_all = n_experts
     if init is None:
-        img = ExpertHeads(e_all, x.shape[1], out_dim, dropout)
-        gen = ExpertHeads(e_all, g.shape[1], out_dim, dropout)
+        img = ExpertHeads(e_all, source.dim, out_dim, dropout)
+        gen = ExpertHeads(e_all, source.n_genes, out_dim, dropout)
     else:
         img, gen = (_copy_heads(h) for h in init)
     img, gen = img.to(dev).train(), gen.to(dev).train()
     params = list(img.parameters()) + list(gen.parameters())
     opt = StackedAdamW(params, e_all, lr=lr, weight_decay=weight_decay)
 
-    data_dev = dev if (x.nbytes + g.nbytes) <= _DEVICE_DATA_BYTES else torch.device("cpu")
-    xt, gt = torch.from_numpy(x).to(data_dev), torch.from_numpy(g).to(data_dev)
-    members = [torch.from_numpy(np.flatnonzero(ex == e)) for e in range(e_all)]
-    n_batches = np.ceil(n_train / batch_size).astype(np.int64)
+    def load(w: int) -> tuple[Tensor, Tensor, list[Tensor], torch.device]:
+        x, g, ex = source.loaders[w]()
+        if len(x) != len(g) or len(x) != len(ex) or (np.bincount(ex, minlength=e_all) != counts[w]).any():
+            raise ValueError(f"window {w} does not match its `expert_counts` / row counts.")
+        ddev = dev if (x.nbytes + g.nbytes) <= _DEVICE_DATA_BYTES else torch.device("cpu")
+        return (torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(ddev),
+                torch.from_numpy(np.ascontiguousarray(g, np.float32)).to(ddev),
+                [torch.from_numpy(np.flatnonzero(ex == e)) for e in range(e_all)], ddev)
+
+    counts = np.asarray(source.expert_counts, dtype=np.int64)
+    n_windows = len(source.loaders)
+    resident = load(0) if n_windows == 1 else None  # in memory: read once, not every epoch
+    n_batches = np.ceil(counts / batch_size).astype(np.int64).sum(axis=0)
     total_steps = np.maximum(epochs * n_batches, 1)
     schedules = [CosineSchedule(int(t), warmup_steps) for t in total_steps]
     steps = np.zeros(e_all, dtype=np.int64)
     shuffler = make_generator(seed)
 
     if vx is not None:
-        vxt, vgt = torch.from_numpy(vx).to(data_dev), torch.from_numpy(vg).to(data_dev)
+        vdev = dev if (vx.nbytes + vg.nbytes) <= _DEVICE_DATA_BYTES else torch.device("cpu")
+        vxt, vgt = torch.from_numpy(vx).to(vdev), torch.from_numpy(vg).to(vdev)
         val_gen = make_generator(seed + 1)
         val_members = [torch.from_numpy(np.flatnonzero(vex == e)) for e in range(e_all)]
         # fixed validation batches: shuffled once (mixing slides), the same every epoch
@@ -358,38 +417,20 @@ def _fit(x: np.ndarray, g: np.ndarray, ex: np.ndarray, vx: np.ndarray | None,
     for epoch in progress(range(start, stop), total=epochs, initial=start,
                           desc="training experts"):
         runnable = (n_train > 0) & ~stopped
-        plan = _plan([members[e][torch.randperm(len(members[e]), generator=shuffler)]
-                      if runnable[e] else members[e][:0] for e in range(e_all)], batch_size)
         loss_sum = np.zeros(e_all)
         rows_sum = np.zeros(e_all)
         last_lr = np.full(e_all, np.nan)
         img.train()
         gen.train()
-        for idx in plan:  # idx: (E, B) global row indices, -1 for padding
-            active = (idx >= 0).any(dim=1)
-            act = torch.nonzero(active).flatten()
-            sub = idx[act]
-            width = int((sub >= 0).sum(dim=1).max())
-            sub = sub[:, :width]
-            mask = sub >= 0
-            safe = sub.clamp_min(0)
-            xb = xt[safe.to(data_dev)].to(dev, non_blocking=True)
-            gb = gt[safe.to(data_dev)].to(dev, non_blocking=True)
-            mask = mask.to(dev)
-            which = None if len(act) == e_all else act.to(dev)
-            zi = img.forward_stacked(xb, which)
-            zg = gen.forward_stacked(gb, which)
-            losses = loss_fn(zi, zg, temperature, mask)
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            act_np = active.numpy()
-            lrs = np.array([lr * schedules[e](int(steps[e])) for e in range(e_all)])
-            opt.step(active=active.to(dev), lr=torch.from_numpy(lrs))
-            last_lr[act_np] = lrs[act_np]
-            steps[act_np] += 1
-            n_rows = mask.sum(dim=1).cpu().numpy()
-            loss_sum[act_np] += losses.detach().cpu().numpy() * n_rows
-            rows_sum[act_np] += n_rows
+        # one window in memory: the same random stream as without windows
+        order = [0] if n_windows == 1 else torch.randperm(n_windows, generator=shuffler).tolist()
+        for w in order:
+            xt, gt, members, data_dev = resident if resident is not None else load(w)
+            plan = _plan([members[e][torch.randperm(len(members[e]), generator=shuffler)]
+                          if runnable[e] else members[e][:0] for e in range(e_all)], batch_size)
+            _train_window(plan, xt, gt, data_dev, img, gen, opt, schedules, steps, lr, loss_fn, temperature,
+                          dev, e_all, loss_sum, rows_sum, last_lr)
+            del xt, gt, members
         with np.errstate(invalid="ignore", divide="ignore"):
             train_loss = np.where(rows_sum > 0, loss_sum / rows_sum, np.nan)
 
@@ -436,6 +477,39 @@ def _fit(x: np.ndarray, g: np.ndarray, ex: np.ndarray, vx: np.ndarray | None,
         "n_val": n_val, "steps": steps, "trained": n_train > 0,
     })
     return img.cpu().eval(), gen.cpu().eval(), history.to_dict()
+
+
+
+def _train_window(plan: list[Tensor], xt: Tensor, gt: Tensor, data_dev: torch.device, img: ExpertHeads,
+                  gen: ExpertHeads, opt: StackedAdamW, schedules: list[CosineSchedule], steps: np.ndarray,
+                  lr: float, loss_fn: Any, temperature: float, dev: torch.device, e_all: int,
+                  loss_sum: np.ndarray, rows_sum: np.ndarray, last_lr: np.ndarray) -> None:
+    """The optimisation steps over one window's plan (updates ``steps`` and the sums in place)."""
+    for idx in plan:  # idx: (E, B) row indices of the window, -1 for padding
+        active = (idx >= 0).any(dim=1)
+        act = torch.nonzero(active).flatten()
+        sub = idx[act]
+        width = int((sub >= 0).sum(dim=1).max())
+        sub = sub[:, :width]
+        mask = sub >= 0
+        safe = sub.clamp_min(0)
+        xb = xt[safe.to(data_dev)].to(dev, non_blocking=True)
+        gb = gt[safe.to(data_dev)].to(dev, non_blocking=True)
+        mask = mask.to(dev)
+        which = None if len(act) == e_all else act.to(dev)
+        zi = img.forward_stacked(xb, which)
+        zg = gen.forward_stacked(gb, which)
+        losses = loss_fn(zi, zg, temperature, mask)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        act_np = active.numpy()
+        lrs = np.array([lr * schedules[e](int(steps[e])) for e in range(e_all)])
+        opt.step(active=active.to(dev), lr=torch.from_numpy(lrs))
+        last_lr[act_np] = lrs[act_np]
+        steps[act_np] += 1
+        n_rows = mask.sum(dim=1).cpu().numpy()
+        loss_sum[act_np] += losses.detach().cpu().numpy() * n_rows
+        rows_sum[act_np] += n_rows
 
 
 def _plan(orders: list[Tensor], batch_size: int) -> list[Tensor]:
