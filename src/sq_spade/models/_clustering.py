@@ -44,6 +44,26 @@ def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) -> tup
     return km.cluster_centers_.astype(np.float32), labels.astype(np.int64)
 
 
+def fine_centroids(x: np.ndarray, n_fine: int, *, seed: int = 0, n_init: int = 5,
+                   max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Stage one for one group: ``(centroids (k, D), label of each row)``, ``k = min(n_fine, distinct rows)``."""
+    k = min(n_fine, len(np.unique(x, axis=0)))
+    return _kmeans(x, k, seed, n_init, max_iter)
+
+
+def pool_centroids(centroids: np.ndarray, n_experts: int, *, seed: int = 0, n_init: int = 5,
+                   max_iter: int = 50) -> tuple[np.ndarray, int]:
+    """Stage two: ``(expert of each fine centroid, number of experts)``, clamped to the centroids."""
+    n_eff = n_experts
+    if n_experts > len(centroids):
+        warnings.warn(f"`n_experts={n_experts}` exceeds the {len(centroids)} fine centroids; each fine centroid "
+                      "becomes its own expert.", UserWarning, stacklevel=3)
+        n_eff = len(centroids)
+    if n_eff == len(centroids):
+        return np.arange(len(centroids), dtype=np.int64), n_eff
+    return _kmeans(centroids, n_eff, seed, n_init, max_iter)[1], n_eff
+
+
 def two_stage_clustering(features: np.ndarray, groups: np.ndarray | None = None, *, n_fine: int = 16,
                          n_experts: int = 16, seed: int = 0, n_init: int = 5, max_iter: int = 50) -> TwoStageClustering:
     """Cluster features per group into fine centroids, then the pooled centroids into experts.
@@ -88,22 +108,12 @@ def two_stage_clustering(features: np.ndarray, groups: np.ndarray | None = None,
     offset = 0
     for g in dict.fromkeys(groups):
         rows = np.flatnonzero(groups == g)
-        xg = x[rows]
-        k = min(n_fine, len(np.unique(xg, axis=0)))
-        c, lab = _kmeans(xg, k, seed, n_init, max_iter)
+        c, lab = fine_centroids(x[rows], n_fine, seed=seed, n_init=n_init, max_iter=max_iter)
         cents.append(c)
         cgroup.extend([g] * len(c))
         fine_label[rows] = lab + offset
         offset += len(c)
     centroids = np.vstack(cents)
-    n_eff = n_experts
-    if n_experts > len(centroids):
-        warnings.warn(f"`n_experts={n_experts}` exceeds the {len(centroids)} fine centroids; each fine centroid "
-                      "becomes its own expert.", UserWarning, stacklevel=2)
-        n_eff = len(centroids)
-    if n_eff == len(centroids):
-        f2e = np.arange(len(centroids), dtype=np.int64)
-    else:
-        _, f2e = _kmeans(centroids, n_eff, seed, n_init, max_iter)
+    f2e, n_eff = pool_centroids(centroids, n_experts, seed=seed, n_init=n_init, max_iter=max_iter)
     return TwoStageClustering(centroids=centroids, centroid_group=np.asarray(cgroup, dtype=object),
                               fine_to_expert=f2e, fine_label=fine_label, expert=f2e[fine_label], n_experts=int(n_eff))
