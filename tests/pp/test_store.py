@@ -40,12 +40,14 @@ def test_sections_round_trip_lazily(tmp_path):
 
 def test_windows_cover_every_row_once_under_the_budget(tmp_path):
     store, data = _store(tmp_path)
-    budget = 20 * store.row_bytes  # windows of 10 rows: s3 (30 rows) must be split, small sections packed
+    budget = 40 * store.row_bytes
+    rows = store.window_bytes(budget) // store.row_bytes
+    assert 5 < rows < 20  # two windows and read buffers within the budget; s3 (30 rows) must be split
     seen = {s: np.zeros(len(d[2]), int) for s, d in data.items()}
     windows = list(store.iter_windows(budget, shuffle=True, seed=1))
     assert len(windows) > 1
     for w in windows:
-        assert w.n_spots <= 10 and w.features.shape == (w.n_spots, 8)
+        assert w.n_spots <= rows and w.features.shape == (w.n_spots, 8)
         at = 0
         for s, a, b in w.parts:
             f, e, ids = data[s]
@@ -58,9 +60,9 @@ def test_windows_cover_every_row_once_under_the_budget(tmp_path):
     # sections that fit the budget stay whole; larger ones are split; the seed fixes the order
     parts = [p for w in windows for p in w.parts]
     for s, (_, _, ids) in data.items():
-        if len(ids) <= 10:
+        if len(ids) <= rows:
             assert [p for p in parts if p[0] == s] == [(s, 0, len(ids))]
-    assert len([p for p in parts if p[0] == "s3"]) == 3
+    assert len([p for p in parts if p[0] == "s3"]) == -(-30 // rows)
     order = [[p[0] for p in w.parts] for w in store.iter_windows(budget, shuffle=True, seed=1)]
     assert order == [[p[0] for p in w.parts] for w in windows]
     plain = [p[0] for w in store.iter_windows(budget) for p in w.parts]
@@ -69,10 +71,13 @@ def test_windows_cover_every_row_once_under_the_budget(tmp_path):
 
 def test_prefetch_gives_the_same_windows(tmp_path):
     store, _ = _store(tmp_path)
-    a = list(store.iter_windows(20 * store.row_bytes, sections=["s4", "s0", "s3"]))
-    b = list(store.iter_windows(20 * store.row_bytes, sections=["s4", "s0", "s3"], prefetch=True))
-    assert [w.parts for w in a] == [w.parts for w in b] == [[("s4", 0, 3), ("s0", 0, 7)], [("s3", 0, 10)],
-                                                            [("s3", 10, 20)], [("s3", 20, 30)]]
+    budget = 40 * store.row_bytes
+    a = list(store.iter_windows(budget, sections=["s4", "s0", "s3"]))
+    b = list(store.iter_windows(budget, sections=["s4", "s0", "s3"], prefetch=True))
+    assert [w.parts for w in a] == [w.parts for w in b] == store.plan_windows(store.window_bytes(budget),
+                                                                              sections=["s4", "s0", "s3"])
+    assert store.plan_windows(10 * store.row_bytes, sections=["s4", "s0", "s3"]) == [
+        [("s4", 0, 3), ("s0", 0, 7)], [("s3", 0, 10)], [("s3", 10, 20)], [("s3", 20, 30)]]
     assert all(np.array_equal(x.features, y.features) for x, y in zip(a, b, strict=True))
 
 
@@ -151,3 +156,28 @@ def test_write_feature_store_from_tables(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel, sections=["a"])
     assert store.sections == ["a", "b"]
+
+
+def test_training_windows_serve_every_spot_with_its_expert(tmp_path):
+    store, data = _store(tmp_path)
+    rng = np.random.default_rng(3)
+    expert = {s: rng.integers(0, 3, len(d[2])) for s, d in data.items() if s != "s2"}
+    tw = store.training_windows(expert, n_experts=3, memory_budget_bytes=40 * store.row_bytes)
+    assert tw["dim"] == 8 and tw["n_genes"] == len(GENES) and tw["key"].startswith("feature_store:")
+    assert len(tw["loaders"]) == len(tw["expert_counts"]) > 1
+    feats, labs = [], []
+    for load, counts in zip(tw["loaders"], tw["expert_counts"], strict=True):
+        x, g, ex = load()
+        assert x.dtype == g.dtype == np.float32 and ex.dtype == np.int64 and len(x) == len(g) == len(ex)
+        assert len(x) * store.row_bytes <= store.window_bytes(40 * store.row_bytes)
+        assert np.array_equal(np.bincount(ex, minlength=3), counts)
+        feats.append(x)
+        labs.append(ex)
+    # every spot of the labelled sections once, with its own label, in store order
+    order = [s for s in store.sections if s in expert]
+    assert np.array_equal(np.concatenate(feats), np.concatenate([data[s][0] for s in order]))
+    assert np.array_equal(np.concatenate(labs), np.concatenate([expert[s] for s in order]))
+    with pytest.raises(ValueError, match="expert"):
+        store.training_windows({"s0": np.full(7, 5)}, n_experts=3)
+    with pytest.raises(KeyError, match="s9"):
+        store.training_windows({"s9": np.zeros(3, int)}, n_experts=3)

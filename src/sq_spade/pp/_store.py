@@ -421,7 +421,7 @@ class FeatureStore:
         Whole sections are packed greedily, in order (shuffled with ``seed`` when ``shuffle``),
         while a window's rows (:attr:`row_bytes` each) fit ``window_bytes``; a section larger
         than that alone is split into row ranges. :meth:`iter_windows` loads these windows with
-        half its memory budget each.
+        :meth:`window_bytes` each.
         """
         budget = window_bytes
         check_positive(budget, "window_bytes", integer=True)
@@ -457,6 +457,20 @@ class FeatureStore:
             windows.append(cur)
         return windows
 
+    def window_bytes(self, memory_budget_bytes: int | None = None) -> int:
+        """Bytes of one window of :meth:`iter_windows` under ``memory_budget_bytes``.
+
+        Two windows may be alive at once (the one the caller holds while the next is read), and
+        reading needs a few chunks of buffers: each window gets half of the budget less four
+        chunks' worth of rows (at most a quarter of the budget).
+        """
+        from sq_spade._settings import settings
+
+        budget = settings.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
+        check_positive(budget, "memory_budget_bytes", integer=True)
+        reserve = min(budget // 4, 4 * int(self.attrs["chunk_rows"]) * self.row_bytes)
+        return max(1, int(budget - reserve) // 2)
+
     @property
     def row_bytes(self) -> int:
         """Bytes one row takes in a window: float32 features and expression, its id (about 64 bytes)."""
@@ -469,9 +483,9 @@ class FeatureStore:
         Parameters
         ----------
         memory_budget_bytes
-            Most bytes of window data in memory at once (default
-            ``settings.memory_budget_bytes``). Two windows may be alive together (the one the
-            caller holds while the next is read), so each window gets half.
+            Most bytes in memory at once (default ``settings.memory_budget_bytes``): two
+            windows of :meth:`window_bytes` (the one the caller holds while the next is read)
+            and the read buffers.
         sections
             Sections to stream (default: all), in this order unless ``shuffle``.
         shuffle
@@ -493,11 +507,8 @@ class FeatureStore:
         ...     for w in store.iter_windows(2**30, shuffle=True, seed=epoch, prefetch=True):
         ...         train_on(w.features, w.expression)
         """
-        from sq_spade._settings import settings
-
-        budget = settings.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
-        check_positive(budget, "memory_budget_bytes", integer=True)
-        plan = self.plan_windows(max(1, budget // 2), sections=sections, shuffle=shuffle, seed=seed)
+        plan = self.plan_windows(self.window_bytes(memory_budget_bytes), sections=sections, shuffle=shuffle,
+                                 seed=seed)
         if not prefetch:
             for parts in plan:
                 yield self._load(parts)
@@ -512,6 +523,75 @@ class FeatureStore:
                 nxt = pool.submit(self._load, plan[i + 1]) if i + 1 < len(plan) else None
                 yield window
                 del window
+
+    def training_windows(self, expert: Mapping[str, Any], *, n_experts: int,
+                         memory_budget_bytes: int | None = None,
+                         sections: Sequence[str] | None = None) -> dict[str, Any]:
+        """Windows for training from the store: loaders and expert counts, nothing read yet.
+
+        The result holds the fields of ``sq_spade.train.TrainingWindows`` (``loaders``,
+        ``expert_counts``, ``dim``, ``n_genes``, ``key``): each loader returns one window's
+        ``(features (n, D) float32, expression (n, G) float32, expert (n,) int64)``; windows
+        are those of :meth:`iter_windows` under ``memory_budget_bytes`` (two may be alive at
+        once), in section order (the trainer shuffles their order each epoch).
+
+        Parameters
+        ----------
+        expert
+            Expert of every spot, per section: ``{section: (n_spots,) ints in [0, n_experts)}``
+            in the store's row order (e.g. from clustering the stored expression).
+        n_experts
+            Number of experts.
+        memory_budget_bytes
+            Memory budget (default ``settings.memory_budget_bytes``).
+        sections
+            Sections to train on (default: every section of ``expert``).
+
+        Returns
+        -------
+        A dict of ``loaders``, ``expert_counts`` ``(n_windows, n_experts)``, ``dim``,
+        ``n_genes`` and ``key`` (the store's path, backbone weights and sections' sizes, to
+        tell checkpoints of other data apart).
+
+        Examples
+        --------
+        >>> windows = TrainingWindows(**store.training_windows(labels, n_experts=16))  # doctest: +SKIP
+        >>> fit_experts(windows, None, None, n_experts=16)  # doctest: +SKIP
+        """
+        import hashlib
+        import json
+
+        check_positive(n_experts, "n_experts", integer=True)
+        names = list(expert) if sections is None else [str(s) for s in sections]
+        labels: dict[str, np.ndarray] = {}
+        for s in names:
+            if s not in expert:
+                raise KeyError(f"`expert` has no labels for section {s!r}.")
+            if s not in self:
+                raise KeyError(f"section {s!r} of `expert` is not in the store.")
+            lab = np.asarray(expert[s])
+            n = self[s].n_spots
+            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or (lab < 0).any() \
+                    or (lab >= n_experts).any():
+                raise ValueError(f"`expert[{s!r}]` must be {n} integers in [0, {n_experts}), got shape "
+                                 f"{lab.shape} and dtype {lab.dtype}.")
+            labels[s] = lab.astype(np.int64)
+        plan = self.plan_windows(self.window_bytes(memory_budget_bytes), sections=names)
+        counts = np.zeros((len(plan), n_experts), np.int64)
+        for w, parts in enumerate(plan):
+            for s, a, b in parts:
+                counts[w] += np.bincount(labels[s][a:b], minlength=n_experts)
+
+        def loader(parts: list[tuple[str, int, int]]) -> Any:
+            def load() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                win = self._load(parts)
+                return win.features, win.expression, np.concatenate([labels[s][a:b] for s, a, b in parts])
+            return load
+
+        sizes = [(s, self[s].n_spots) for s in names]
+        key = hashlib.sha256(json.dumps([str(self.path.resolve()), self.weights_sha256, sizes]).encode()).hexdigest()
+        return {"loaders": [loader(parts) for parts in plan], "expert_counts": counts, "dim": self.dim,
+                "n_genes": len(self.genes), "key": f"feature_store:{key[:32]}"}
 
     def _load(self, parts: list[tuple[str, int, int]]) -> FeatureWindow:
         n = sum(b - a for _, a, b in parts)
