@@ -99,7 +99,8 @@ def compute_features(
         backbone once and keeps it for its next sections (a :class:`Backbone` instance, or one
         whose weights no sha256 identifies, is sent once to each worker instead); each task
         reads its section's patches itself, so zarr-backed images are read by the workers from
-        disk. Rows, values and provenance are those of the serial path. ``weights`` must be
+        disk (DataLoader workers are not used there; the cache, when on, holds one entry per
+        section). Rows, values and provenance are those of the serial path. ``weights`` must be
         readable at the same path on every worker. Each worker holds one section's level at a
         time (at most ``settings.memory_budget_bytes``, larger ones are read window by window)
         and one backbone. On GPUs, pass a client of ``dask_cuda.LocalCUDACluster`` (one worker
@@ -161,11 +162,10 @@ def compute_features(
         results = _embed_with_dask(parts, model, weights=weights, rebuildable=not isinstance(backbone, Backbone),
                                    device=settings.device if device is None else device, job=job, client=client)
         feats = np.empty((len(p), model.dim), np.float32)
-        pos = {int(r): i for i, r in enumerate(p.rows)}
         for part, (f, _, _) in zip(parts, results, strict=True):
             if f.shape != (len(part), model.dim):
                 raise RuntimeError(f"backbone returned {f.shape}, expected {(len(part), model.dim)}")
-            feats[[pos[int(r)] for r in part.rows]] = f
+            feats[np.searchsorted(p.rows, part.rows)] = f  # p.rows is sorted, parts are subsets
         from_cache = all(r[1] for r in results)
         dev_types = sorted({r[2] for r in results})
         dev_type = dev_types[0] if len(dev_types) == 1 else ",".join(dev_types)
