@@ -21,7 +21,20 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB."""
+    """Peak resident set size of this process so far, in MB.
+
+    Linux's ``VmHWM`` (high-water mark of this process's own address space) where available:
+    ``getrusage``'s ``ru_maxrss`` of a subprocess starts at its parent's RSS at the time of the
+    fork (the kernel carries it over exec), so a child of a parent that imported torch never
+    reports less than about 500 MB.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

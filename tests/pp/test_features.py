@@ -114,3 +114,51 @@ def test_feature_cache_is_keyed_by_pixels_and_weights(tmp_path, monkeypatch):
     with torch.no_grad():
         sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def _three_sections():
+    secs = [sqs.datasets.synthetic_section(section=s, n_rows=r, n_cols=c, seed=i)
+            for i, (s, r, c) in enumerate((("s1", 3, 3), ("s2", 2, 4), ("s3", 3, 2)))]
+    sd = sqs.io.combine_sections(secs)
+    t = sd.tables["table"]
+    # interleave the sections' rows: results must come back in the table's row order
+    sd.tables["table"] = t[np.random.default_rng(0).permutation(t.n_obs)].copy()
+    return sd
+
+
+@pytest.mark.xdist_group("dask")
+def test_dask_features_equal_serial(tmp_path, monkeypatch):
+    """Two worker processes, one task per section, from a zarr-backed SpatialData: the serial obsm."""
+    import spatialdata
+    from distributed import Client, LocalCluster
+
+    from sq_spade.pp import _features
+
+    sd = _three_sections()
+    sd.write(tmp_path / "three.zarr")
+    sd = spatialdata.read_zarr(tmp_path / "three.zarr")
+    monkeypatch.setattr(sqs.settings, "cache_dir", None)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="serial")
+    # workers processes, one thread each; the backbone is built by each worker, not shipped
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="dask",
+                                      client=client)
+        built = client.run(lambda: list(_features._WORKER_BACKBONES))
+    t = sd.tables["table"]
+    assert key == "dask" and np.isfinite(t.obsm["dask"]).all()
+    np.testing.assert_allclose(t.obsm["dask"], t.obsm["serial"], rtol=0, atol=1e-6)
+    prov = t.uns[K.FEATURES_UNS]
+    assert prov["dask"] == prov["serial"]
+    assert sorted(prov["dask"]["patch_geometry"]["sections"]) == ["s1", "s2", "s3"]
+    # one model per worker that ran a task, keyed by name and weights sha256
+    assert 1 <= len(built) <= 2 and all(v == [("dummy", "none")] for v in built.values())
+
+
+def test_dask_arguments_refused_before_anything_is_written():
+    sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
+    with pytest.raises(ValueError, match="parallel"):
+        sqs.pp.compute_features(sd, backbone="dummy", parallel="ray")
+    with pytest.raises(TypeError, match="client"):
+        sqs.pp.compute_features(sd, backbone="dummy", client="tcp://localhost:8786")
+    assert K.FEATURES_UNS not in sd.tables["table"].uns

@@ -160,3 +160,58 @@ def test_patches_are_writable_copies(kw):
     assert a.flags.writeable
     a[:] = 0
     assert p[0].any()  # writing into a served patch does not touch the image
+def _chunked_section(chunk: int = 24):
+    """A 'pattern' section (spots on the image edge too) whose image is a dask array of small chunks."""
+    import dask.array as da
+
+    base = _pattern(n_rows=4, n_cols=5, pitch_px=37, margin_px=0)
+    t = base.tables["table"]
+    img = da.from_array(_image(base), chunks=(chunk, chunk, 3))
+    return sqs.io.section_from_arrays(t.X, genes=list(t.var_names), spot_ids=list(t.obs["spot_id"]),
+                                      centers_px=t.obsm["spatial"], image=img, section="chunky",
+                                      microns_per_pixel=1.0, spot_diameter_um=30)
+
+
+@pytest.mark.parametrize("geometry", [{"patch_px": 33}, {"patch_size_um": 40, "mpp": 1.25}])
+def test_windowed_reads_equal_whole_level_reads(tmp_path, monkeypatch, geometry):
+    """Above the memory budget a level is read window by window, with the very same pixels."""
+    from sq_spade.pp._patches import _source_array
+
+    sd = _chunked_section()
+    sd.write(tmp_path / "s.zarr")
+    back = sd_mod.read_zarr(tmp_path / "s.zarr")
+    whole = sqs.pp.patches(sd, **geometry)
+    assert whole._levels[0].in_memory
+    monkeypatch.setattr(sqs.settings, "memory_budget_bytes", 1)
+    for obj, direct in ((sd, False), (back, True)):  # dask compute / straight from the zarr array
+        win = sqs.pp.patches(obj, **geometry)
+        level = win._levels[0]
+        assert not level.in_memory and (level._source is not None) == direct
+        assert (_source_array(level.data) is not None) == direct
+        for i in range(len(whole)):
+            assert np.array_equal(win[i], whole[i]), i
+    # windows that straddle chunks and the image's edge (padded) were both exercised
+    assert (sd.tables["table"].obsm["spatial"] == 0).any()
+    assert (whole.padded_fraction() > 0).any() and (whole.padded_fraction() == 0).any()
+
+
+def test_lazy_patches_resolve_and_split_by_section(monkeypatch):
+    a = sqs.datasets.synthetic_section(section="a", n_rows=2, n_cols=3, seed=0)
+    b = sqs.datasets.synthetic_section(section="b", n_rows=3, n_cols=2, seed=1)
+    sd = sqs.io.combine_sections([a, b])
+    ref = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    from sq_spade.pp._patches import _build_patches
+
+    lazy = _build_patches(sd, table_key="table", image_key=None, shapes_key=None, patch_size_um=32, mpp=1.0,
+                          patch_px=None, fill=255, level=None, load=False)
+    assert not any(lv.in_memory for lv in lazy._levels)
+    parts = lazy.by_section()
+    assert [list(p.geometry.sections) for p in parts] == [["a"], ["b"]]
+    assert np.array_equal(np.sort(np.concatenate([p.rows for p in parts])), ref.rows)
+    for p in parts:
+        loaded = p.resolved()
+        assert loaded._levels[0].in_memory
+        pos = np.searchsorted(ref.rows, p.rows)
+        for j, i in enumerate(pos):
+            assert np.array_equal(loaded[j], ref[int(i)])
+    assert not parts[0].resolved(memory_budget_bytes=1)._levels[0].in_memory

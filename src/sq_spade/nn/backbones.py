@@ -47,6 +47,7 @@ __all__ = [
     "ConchVisionTower",
     "DummyBackbone",
     "WeightsUnavailableError",
+    "build_backbone",
     "get_backbone",
     "get_backbone_spec",
     "list_backbones",
@@ -336,7 +337,21 @@ def get_backbone(name: str, weights: WeightsArg = None, *, pretrained: bool = Tr
     >>> bb.dim, bb.weights_sha256[:8]
     (1280, '57934424')
     """
-    spec = get_backbone_spec(name)
+    return build_backbone(get_backbone_spec(name), weights, pretrained=pretrained)
+
+
+def build_backbone(spec: BackboneSpec, weights: WeightsArg = None, *, pretrained: bool = True) -> Backbone:
+    """Build the backbone described by ``spec`` (:func:`get_backbone` without the registry lookup).
+
+    Used where the registry may lack the entry, e.g. in dask worker processes, which receive
+    the spec itself.
+
+    Examples
+    --------
+    >>> build_backbone(get_backbone_spec("dummy")).dim
+    64
+    """
+    name = spec.name
     if weights is not None:
         if not isinstance(weights, (str, os.PathLike)):
             raise TypeError(f"`weights` must be a path to a weights file or None, got "

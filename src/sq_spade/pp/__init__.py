@@ -7,6 +7,7 @@ from typing import Any
 from sq_spade.pp._features import compute_features
 from sq_spade.pp._genes import normalize, select_genes
 from sq_spade.pp._patches import Patches, extract_patches, patches
+from sq_spade.pp._store import FeatureStore, FeatureWindow, write_feature_store
 
 
 def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
@@ -27,5 +28,5 @@ def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
     return _register(name, factory, **kwargs)
 
 
-__all__ = ["Patches", "compute_features", "extract_patches", "normalize", "patches", "register_backbone",
-           "select_genes"]
+__all__ = ["FeatureStore", "FeatureWindow", "Patches", "compute_features", "extract_patches", "normalize",
+           "patches", "register_backbone", "select_genes", "write_feature_store"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +56,8 @@ def compute_features(
     mpp: float | None = None,
     patch_px: int | None = None,
     cache: bool = True,
+    parallel: str | None = None,
+    client: Any = None,
 ) -> str:
     """Compute frozen backbone features of every spot's patch into ``obsm``.
 
@@ -87,6 +92,22 @@ def compute_features(
         Use the on-disk cache in ``settings.cache_dir`` when it is set. Its key is the sha256 of
         every patch's pixels, the backbone's name and weights and ``tta``: the same inputs give
         the cached features, any change recomputes them.
+    parallel
+        ``None`` (default): every section in this process. ``"dask"``: one dask task per
+        section on ``client`` (or, without one, on a temporary local cluster of single-threaded
+        worker processes, one per section up to the number of CPUs). Each worker builds the
+        backbone once and keeps it for its next sections (a :class:`Backbone` instance, or one
+        whose weights no sha256 identifies, is sent once to each worker instead); each task
+        reads its section's patches itself, so zarr-backed images are read by the workers from
+        disk (DataLoader workers are not used there; the cache, when on, holds one entry per
+        section). Rows, values and provenance are those of the serial path. ``weights`` must be
+        readable at the same path on every worker. Each worker holds one section's level at a
+        time (at most ``settings.memory_budget_bytes``, larger ones are read window by window)
+        and one backbone. On GPUs, pass a client of ``dask_cuda.LocalCUDACluster`` (one worker
+        per GPU). The local cluster starts worker processes: in a script, call this under
+        ``if __name__ == "__main__":``.
+    client
+        A :class:`distributed.Client` to run on; implies ``parallel="dask"``.
 
     Returns
     -------
@@ -102,46 +123,56 @@ def compute_features(
     'X_dummy'
     >>> sd.tables["table"].obsm["X_dummy"].shape
     (4, 64)
-    """
-    import torch
 
+    Many sections in parallel, on a dask cluster (a local one when ``client`` is not given):
+
+    >>> from distributed import Client, LocalCluster  # doctest: +SKIP
+    >>> with LocalCluster(n_workers=4, threads_per_worker=1) as cluster, Client(cluster) as client:  # doctest: +SKIP
+    ...     sqs.pp.compute_features(sdata, backbone="efficientnet_lite0", client=client)
+    'X_efficientnet_lite0'
+    """
     import sq_spade
-    from sq_spade._utils import atomic_path, process_rank, resolve_device
+    from sq_spade._utils import resolve_device
     from sq_spade.nn.backbones import Backbone, get_backbone
-    from sq_spade.nn.inference import embed_batches
-    from sq_spade.pp._patches import patches as make_patches
+    from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
     check_positive(batch_size, "batch_size", integer=True)
     num_workers = settings.num_workers if num_workers is None else num_workers
     check_positive(num_workers, "num_workers", integer=True, allow_zero=True)
+    if parallel not in (None, "dask"):
+        raise ValueError(f"`parallel` must be None or 'dask', got {parallel!r}.")
+    if client is not None:
+        _check_client(client)
+    distributed = parallel == "dask" or client is not None
     table = get_table(sdata, table_key)
     model = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights)
     key = key_added or K.features_key(model.name)
-    dev = resolve_device(device)
-    p = make_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
-                     patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px)
-    # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
-    cacheable = cache and settings.cache_dir is not None and _is_sha256(model.weights_sha256)
-    cache_path = _cache_path(p, model, tta) if cacheable else None
-    from_cache = cache_path is not None and cache_path.is_file()
-    if from_cache:
-        feats = np.load(cache_path, allow_pickle=False)
+    # levels are loaded by whoever embeds them: here, or in each dask worker
+    p = _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
+                       patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
+                       load=not distributed)
+    job = _Job(batch_size=batch_size, num_workers=num_workers, tta=tta,
+               cache_dir=settings.cache_dir if cache else None, memory_budget_bytes=settings.memory_budget_bytes,
+               progress=settings.progress)
+    if distributed:
+        parts = p.by_section()
+        # a backbone given by name is rebuilt by each worker; an instance is shipped to each
+        results = _embed_with_dask(parts, model, weights=weights, rebuildable=not isinstance(backbone, Backbone),
+                                   device=settings.device if device is None else device, job=job, client=client)
+        feats = np.empty((len(p), model.dim), np.float32)
+        for part, (f, _, _) in zip(parts, results, strict=True):
+            if f.shape != (len(part), model.dim):
+                raise RuntimeError(f"backbone returned {f.shape}, expected {(len(part), model.dim)}")
+            feats[np.searchsorted(p.rows, part.rows)] = f  # p.rows is sorted, parts are subsets
+        from_cache = all(r[1] for r in results)
+        dev_types = sorted({r[2] for r in results})
+        dev_type = dev_types[0] if len(dev_types) == 1 else ",".join(dev_types)
     else:
-        loader = torch.utils.data.DataLoader(
-            p, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            pin_memory=dev.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
-        feats = embed_batches(model, loader, device=dev, tta=tta, total=len(loader), desc=f"features ({model.name})")
-        feats = np.asarray(feats, dtype=np.float32)
-        if cache_path is not None and process_rank() == 0:  # one writer under torchrun
-            with atomic_path(cache_path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, feats, allow_pickle=False)
-    if feats.shape != (len(p), model.dim):
-        raise RuntimeError(f"backbone returned {feats.shape}, expected {(len(p), model.dim)}")
+        dev = resolve_device(device)
+        feats, from_cache = _embed(p, model, dev, job)
+        dev_type = dev.type
     # assemble fully before touching the table, so errors leave it unchanged
     if key in table.obsm and np.shape(table.obsm[key]) == (table.n_obs, model.dim):
         out = np.array(table.obsm[key], dtype=np.float32, copy=True)
@@ -153,7 +184,7 @@ def compute_features(
     table.uns.setdefault(K.FEATURES_UNS, {})[key] = {
         "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
         "input_size": int(model.input_size), "patch_geometry": geometry, "tta": bool(tta),
-        "sq_spade_version": sq_spade.__version__, "device": dev.type,
+        "sq_spade_version": sq_spade.__version__, "device": dev_type,
         "from_cache": bool(from_cache),
     }
     return key
@@ -163,7 +194,7 @@ def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _cache_path(patches: Any, model: Any, tta: bool) -> Any:
+def _cache_path(patches: Any, model: Any, tta: bool, cache_dir: Any) -> Any:
     """Cache file of these exact patches through this exact backbone (hash of the pixels)."""
     import hashlib
     from pathlib import Path
@@ -172,4 +203,140 @@ def _cache_path(patches: Any, model: Any, tta: bool) -> Any:
     h.update(f"{model.name}|{model.weights_sha256}|{model.input_size}|{model.dim}|tta={tta}|v1".encode())
     for batch in patches.iter_batches(256):
         h.update(batch.tobytes())
-    return Path(settings.cache_dir) / f"features_{model.name}_{h.hexdigest()[:32]}.npy"
+    return Path(cache_dir) / f"features_{model.name}_{h.hexdigest()[:32]}.npy"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """How to embed patches: the settings a dask worker cannot read from this process."""
+
+    batch_size: int
+    num_workers: int
+    tta: bool
+    cache_dir: Any
+    memory_budget_bytes: int
+    progress: bool
+
+
+def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
+    """Features ``(len(p), D)`` float32 of patches ``p`` and whether they came from the cache."""
+    import torch
+
+    from sq_spade._utils import process_rank
+    from sq_spade.nn.inference import embed_batches
+
+    # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
+    cacheable = job.cache_dir is not None and _is_sha256(model.weights_sha256)
+    cache_path = _cache_path(p, model, job.tta, job.cache_dir) if cacheable else None
+    if cache_path is not None and cache_path.is_file():
+        feats = np.load(cache_path, allow_pickle=False)
+        from_cache = True
+    else:
+        loader = torch.utils.data.DataLoader(
+            p, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
+            pin_memory=dev.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if job.num_workers > 0 else None,
+        )
+        feats = embed_batches(model, loader, device=dev, tta=job.tta, total=len(loader),
+                              desc=f"features ({model.name})", progress=job.progress)
+        feats = np.asarray(feats, dtype=np.float32)
+        from_cache = False
+        if cache_path is not None and process_rank() == 0:  # one writer under torchrun
+            from sq_spade._utils import atomic_path
+
+            with atomic_path(cache_path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, feats, allow_pickle=False)
+    if feats.shape != (len(p), model.dim):
+        raise RuntimeError(f"backbone returned {feats.shape}, expected {(len(p), model.dim)}")
+    return feats, from_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# many sections through dask: one task per section, one backbone per worker process
+
+
+@dataclass(frozen=True)
+class _BackboneRecipe:
+    """What a worker needs to build the client's backbone itself (its spec travels, not the name)."""
+
+    spec: Any
+    weights: Any
+    weights_sha256: str
+
+
+#: Backbones built in this process by dask tasks, keyed by (name, weights sha256); the last two.
+_WORKER_BACKBONES: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker_backbone(source: Any) -> Any:
+    """The backbone of a task: built once per worker process from a recipe, or the shipped one."""
+    if not isinstance(source, _BackboneRecipe):
+        return source  # a scattered Backbone: already one copy per worker
+    from sq_spade.nn.backbones import build_backbone
+
+    key = (source.spec.name, source.weights_sha256)
+    with _WORKER_LOCK:  # threads of one worker build it once
+        model = _WORKER_BACKBONES.get(key)
+        if model is None:
+            model = build_backbone(source.spec, source.weights)
+            if model.weights_sha256 != source.weights_sha256:
+                raise RuntimeError(
+                    f"a dask worker built backbone {source.spec.name!r} with weights of sha256 "
+                    f"{model.weights_sha256[:12]}..., not the client's {source.weights_sha256[:12]}...: "
+                    "the weights file differs on that worker.")
+            _WORKER_BACKBONES[key] = model
+            while len(_WORKER_BACKBONES) > 2:
+                _WORKER_BACKBONES.popitem(last=False)
+        _WORKER_BACKBONES.move_to_end(key)
+    return model
+
+
+def _section_task(part: Any, source: Any, device: str, job: _Job) -> tuple[np.ndarray, bool, str]:
+    """One section on a dask worker: load its level (under the budget), embed its patches."""
+    from sq_spade._utils import resolve_device
+
+    model = _worker_backbone(source)
+    dev = resolve_device(device)
+    feats, from_cache = _embed(part.resolved(job.memory_budget_bytes), model, dev, job)
+    return feats, from_cache, dev.type
+
+
+def _check_client(client: Any) -> None:
+    try:
+        from distributed import Client
+    except ImportError as e:  # pragma: no cover - distributed ships with spatialdata
+        raise ImportError("`client` needs dask.distributed: pip install 'sq-spade[distributed]'.") from e
+    if not isinstance(client, Client):
+        raise TypeError(f"`client` must be a distributed.Client, got {type(client).__name__}.")
+
+
+def _embed_with_dask(parts: list[Any], model: Any, *, weights: Any, rebuildable: bool, device: str,
+                     job: _Job, client: Any) -> list[tuple[np.ndarray, bool, str]]:
+    """Run :func:`_section_task` for every section on ``client`` (or a temporary local cluster).
+
+    Workers rebuild the backbone from its spec and ``weights`` when it was given by name and
+    its weights are identified (a sha256, or none at all); otherwise the instance itself is
+    scattered to every worker once (random or unidentified weights cannot be rebuilt).
+    """
+    from distributed import Client, LocalCluster
+
+    if client is None:
+        import os
+
+        n = max(1, min(len(parts), os.cpu_count() or 1))
+        # processes: each worker its own interpreter (no GIL contention) and its own backbone copy
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as local:
+            return _embed_with_dask(parts, model, weights=weights, rebuildable=rebuildable, device=device,
+                                    job=job, client=local)
+    worker_job = _Job(**{**job.__dict__, "num_workers": 0, "progress": False})
+    sha = model.weights_sha256
+    if rebuildable and (_is_sha256(sha) or sha == "none"):
+        source: Any = _BackboneRecipe(model.spec, weights, sha)
+    else:
+        source = client.scatter(model, broadcast=True, hash=False)
+    futures = [client.submit(_section_task, client.scatter(part, hash=False), source, device, worker_job,
+                             pure=False) for part in parts]
+    return client.gather(futures)

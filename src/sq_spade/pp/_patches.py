@@ -12,6 +12,15 @@ the spot centres in that level's pixels. It is a map-style dataset: ``patches[i]
 ``(patch_px, patch_px, 3)`` uint8 patch of table row ``i``; a torch DataLoader can iterate it
 directly, with workers (numpy levels are shared copy-on-write; dask reads use the synchronous
 scheduler inside workers, which avoids the fork deadlock of threaded dask).
+
+Memory bound, whatever the slide's size: a section's level of at most
+``settings.memory_budget_bytes`` is held whole (one copy, filled chunk by chunk); a larger one
+is never loaded: each patch reads its window (plus the storage chunks it touches, while they are
+decoded). So patch reading holds at most ``settings.memory_budget_bytes`` of image per section
+kept in memory plus one window and its chunks, independent of the slide's side. For zarr-backed
+images windows come straight from the zarr array (no dask graph work per patch, which would grow
+with the number of chunks): write big in-memory SpatialData objects to zarr and read them back.
+``benchmarks/bench_big_slide.py`` measures peak RSS and patches/s on 10,000 and 40,000 px slides.
 """
 
 from __future__ import annotations
@@ -79,12 +88,35 @@ def _resolve_geometry(patch_size_um: float | None, mpp: float | None, patch_px: 
 
 
 class _Level:
-    """One pyramid level of one image: (c, y, x) numpy or lazy dask array."""
+    """One pyramid level of one image: (c, y, x) numpy (``in_memory``) or lazy dask array.
+
+    A lazy level is read window by window: straight from its stored array (zarr, TIFF) when it
+    is a plain ``from_zarr``/``from_array`` dask array, so only the chunks a window touches are
+    decoded and no dask graph work (which grows with the number of chunks) is done per patch;
+    through a synchronous dask compute otherwise.
+    """
 
     def __init__(self, data: Any, in_memory: bool):
         self.data = data
         self.in_memory = in_memory
         self.height, self.width = int(data.shape[1]), int(data.shape[2])
+        self.nbytes = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+        self._source = None if in_memory else _source_array(data)
+
+    def resolved(self, memory_budget_bytes: int) -> _Level:
+        """The level held whole when it fits ``memory_budget_bytes``, else as it is (windowed)."""
+        if self.in_memory or self.nbytes > memory_budget_bytes:
+            return self
+        return _Level(_materialise(self.data), True)
+
+    def _fetch(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """(c, h, w) pixels of an in-bounds region of a lazy level, read from storage."""
+        if self._source is not None:
+            return np.asarray(self._source[:, y0:y1, x0:x1])
+        import dask
+
+        with dask.config.set(scheduler="synchronous"):
+            return np.asarray(self.data[:, y0:y1, x0:x1].compute())
 
     def read(self, y0: int, y1: int, x0: int, x1: int, fill: int) -> np.ndarray:
         """Window [y0, y1) x [x0, x1) as (h, w, 3) uint8, padded with ``fill`` outside the level."""
@@ -93,12 +125,7 @@ class _Level:
         cx0, cx1 = max(x0, 0), min(x1, self.width)
         if cy0 >= cy1 or cx0 >= cx1:
             return np.full((h, w, 3), fill, np.uint8)
-        win = self.data[:, cy0:cy1, cx0:cx1]
-        if not self.in_memory:
-            import dask
-
-            with dask.config.set(scheduler="synchronous"):
-                win = win.compute()
+        win = self.data[:, cy0:cy1, cx0:cx1] if self.in_memory else self._fetch(cy0, cy1, cx0, cx1)
         win = np.moveaxis(np.asarray(win), 0, -1)
         if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
             return np.ascontiguousarray(win)
@@ -172,6 +199,35 @@ class Patches:
         for s in range(0, len(idx), batch_size):
             yield self.batch(idx[s: s + batch_size])
 
+    def resolved(self, memory_budget_bytes: int | None = None) -> Patches:
+        """These patches with every lazy level loaded when it fits ``memory_budget_bytes``.
+
+        Levels larger than the budget (default ``settings.memory_budget_bytes``) stay lazy and
+        are read window by window.
+        """
+        budget = settings.memory_budget_bytes if memory_budget_bytes is None else int(memory_budget_bytes)
+        levels = [lv.resolved(budget) for lv in self._levels]
+        return Patches(levels, self._level_of_row, self._centers, self._windows, self.patch_px, self.fill,
+                       self.geometry, self.obs_names, self.rows)
+
+    def by_section(self) -> list[Patches]:
+        """One :class:`Patches` per section (per image level), in the order of the sections.
+
+        Each holds only its own level (lazy levels stay lazy), so it pickles small when its
+        image is zarr-backed: the unit of work of :func:`~sq_spade.pp.compute_features` with
+        ``parallel="dask"``.
+        """
+        names = list(self.geometry.sections)
+        out = []
+        for j, lv in enumerate(self._levels):
+            sel = np.flatnonzero(self._level_of_row == j)
+            geometry = PatchGeometry(**{**self.geometry.to_dict(), "sections": {}})
+            if j < len(names):
+                geometry.sections[names[j]] = dict(self.geometry.sections[names[j]])
+            out.append(Patches([lv], np.zeros(len(sel), np.int64), self._centers[sel], self._windows[sel],
+                               self.patch_px, self.fill, geometry, self.obs_names[sel], self.rows[sel]))
+        return out
+
     def padded_fraction(self) -> np.ndarray:
         """Fraction of each patch's window that lies outside its image."""
         out = np.empty(len(self))
@@ -197,6 +253,25 @@ def _materialise(arr: Any) -> np.ndarray:
     with dask.config.set(scheduler="synchronous"):
         da.store(arr, out, lock=False)
     return out
+
+
+def _source_array(arr: Any) -> Any:
+    """The stored array under a plain ``da.from_zarr`` / ``da.from_array`` dask array, else ``None``.
+
+    Slicing it directly (zarr decodes only the chunks a window touches) avoids dask's per-call
+    graph work, which grows with the number of chunks, i.e. with the slide.
+    """
+    graph = getattr(arr, "dask", None)
+    layers = getattr(graph, "layers", None)
+    if layers is None or len(layers) != 2:
+        return None
+    originals = [layer for name, layer in layers.items() if str(name).startswith("original-")]
+    if len(originals) != 1 or len(originals[0]) != 1:
+        return None
+    src = next(iter(originals[0].values()))
+    ok = (hasattr(src, "__getitem__") and tuple(getattr(src, "shape", ())) == tuple(arr.shape)
+          and np.dtype(getattr(src, "dtype", None) or "V") == arr.dtype)
+    return src if ok else None
 
 
 def tissue_fraction(patch: np.ndarray) -> float:
@@ -239,6 +314,15 @@ def patches(
     and ``patch_px`` the geometry recorded by the last :func:`extract_patches` call is reused,
     or else SPADE's default (112 um at 0.5 um/px, 224 px).
     """
+    return _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
+                          patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=fill, level=level,
+                          load=True)
+
+
+def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None, shapes_key: str | None,
+                   patch_size_um: float | None, mpp: float | None, patch_px: int | None, fill: int,
+                   level: int | None, load: bool) -> Patches:
+    """:func:`patches`; ``load=False`` leaves every level lazy (see :meth:`Patches.resolved`)."""
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
     from sq_spade.io._sections import (
@@ -287,16 +371,14 @@ def patches(
             if not ok:
                 warnings.warn(
                     f"Section {sec.section!r}: the finest image level is {level_mpps[0]:.3g} um/px, coarser than the "
-                    f"requested {target_mpp:g} um/px; patches are upsampled.", UserWarning, stacklevel=2)
+                    f"requested {target_mpp:g} um/px; patches are upsampled.", UserWarning, stacklevel=3)
         if level is not None:
             if level >= len(arrays):
                 raise ValueError(f"`level={level}` but image {sec.image_key!r} has {len(arrays)} levels.")
             chosen = level
-        arr = arrays[chosen]
-        nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
-        in_memory = nbytes <= settings.memory_budget_bytes
-        data = _materialise(arr.data) if in_memory else arr.data
-        levels.append(_Level(data, in_memory))
+        data = arrays[chosen].data
+        lazy = _Level(data, isinstance(data, np.ndarray))
+        levels.append(lazy.resolved(settings.memory_budget_bytes) if load else lazy)
         lmpp = level_mpps[chosen]
         xy_um, _ = spot_centers_um(sdata, sec, table_key=table_key)
         inv = np.linalg.inv(img_aff)
