@@ -125,3 +125,31 @@ def test_train_experts_resumes_from_a_checkpoint(tmp_path):
     mb = _train(b, epochs=4, dropout=0.3, checkpoint_every=1, checkpoint_dir=tmp_path, resume=True)
     assert np.array_equal(a.tables["table"].obsm[K.SPADE_KEY], b.tables["table"].obsm[K.SPADE_KEY])
     assert ma.history == mb.history
+
+
+def test_train_experts_from_store_streams_sections(tmp_path):
+    secs = [sqs.datasets.synthetic_section(section=f"s{i}", n_rows=6, n_cols=6, seed=i) for i in range(4)]
+    sd = sqs.io.combine_sections(secs)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    t = sd.tables["table"]
+    panel = list(t.var_names[:12])
+    store = sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel)
+    # a budget of about two sections' rows: training must go window by window
+    budget = 2 * 36 * store.row_bytes * 2
+    assert len(store.training_windows({s: np.zeros(36, int) for s in store.sections}, n_experts=1,
+                                      memory_budget_bytes=budget)["loaders"]) > 1
+    model = sqs.tl.train_experts_from_store(tmp_path / "f.zarr", validation_sections="s3", n_fine=4, n_experts=3,
+                                            epochs=3, batch_size=16, memory_budget_bytes=budget, seed=0)
+    assert model.panel == panel and model.config["train_sections"] == ["s0", "s1", "s2"]
+    assert model.config["validation_sections"] == ["s3"] and model.n_experts == 3
+    assert len(model.config["centroid_groups"]) == 12  # 4 fine centroids per training section
+    hist = model.history
+    assert np.asarray(hist["train_loss"], float).shape == (3, 3)
+    emb = model.embed_images(t.obsm["X_dummy"])
+    assert emb.shape == (t.n_obs, model.config["out_dim"]) and np.isfinite(emb).all()
+    again = sqs.models.Spade.load(model.save(tmp_path / "m"))
+    np.testing.assert_allclose(again.embed_images(t.obsm["X_dummy"]), emb, rtol=1e-5, atol=1e-6)
+    pred = sqs.tl.predict_expression(sd, model, reference=sd, k=10)
+    assert pred.shape == (t.n_obs, len(panel))
+    with pytest.raises(ValueError, match="not in the store"):
+        sqs.tl.train_experts_from_store(tmp_path / "f.zarr", validation_sections="nope")

@@ -156,8 +156,6 @@ def train_experts(
 
     import sq_spade
     from sq_spade.models._clustering import two_stage_clustering
-    from sq_spade.models._spade import Spade
-    from sq_spade.nn.experts import MixtureOfExperts
     from sq_spade.train._experts import fit_experts
 
     table = get_table(sdata, table_key)
@@ -196,23 +194,15 @@ def train_experts(
         device=device or sq_spade.settings.device, patience=patience,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
     )
-    module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e, temperature=routing_temperature).eval()
-    from sq_spade.train._common import history_to_json
-
-    hist = history_to_json(history)
-    config = {
-        "backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
-        "feature_dim": int(feats.shape[1]), "panel": list(genes_list), "gene_input": gene_input,
-        "n_experts": int(clus.n_experts), "n_fine": int(n_fine), "out_dim": int(img_heads.out_dim),
-        "dropout": float(dropout), "routing_temperature": float(routing_temperature),
-        "reference_side": "genes" if reference_side == "auto" else reference_side,
-        "centroid_groups": [str(g) for g in clus.centroid_group], "train_sections": train,
-        "validation_sections": val, "history": hist,
-        "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                   "loss": loss, "temperature": temperature, "seed": seed, "n_experts_requested": n_experts,
-                   "group_key": group_key, "features_key": fkey, "patience": patience},
-    }
-    model = Spade(module, config)
+    model = _assemble(img_heads, gene_heads, centroids, f2e, history, backbone=prov.get("backbone", backbone),
+                      weights_sha256=prov.get("weights_sha256"), panel=genes_list, gene_input=gene_input,
+                      n_fine=n_fine, dropout=dropout, routing_temperature=routing_temperature,
+                      reference_side="genes" if reference_side == "auto" else reference_side,
+                      centroid_groups=clus.centroid_group, train=train, val=val,
+                      params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                              "loss": loss, "temperature": temperature, "seed": seed,
+                              "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
+                              "patience": patience})
     if reference_side == "auto" and va.any():
         model.config["reference_side"], model.config["selection"] = _choose_reference_side(
             model, feats[tr], expr[tr], feats[va], expr[va])
@@ -223,6 +213,143 @@ def train_experts(
     table.uns[K.SPADE_UNS] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added})
     return model
+
+
+def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history: dict, *, backbone: str,
+              weights_sha256: str | None, panel: Sequence[str], gene_input: str, n_fine: int, dropout: float,
+              routing_temperature: float, reference_side: str, centroid_groups: Any, train: list[str],
+              val: list[str], params: dict) -> Spade:
+    """The Spade model (module and config) from trained heads and the clustering."""
+    from sq_spade.models._spade import Spade
+    from sq_spade.nn.experts import MixtureOfExperts
+    from sq_spade.train._common import history_to_json
+
+    module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e,
+                              temperature=routing_temperature).eval()
+    config = {
+        "backbone": backbone, "weights_sha256": weights_sha256, "feature_dim": int(centroids.shape[1]),
+        "panel": list(panel), "gene_input": gene_input, "n_experts": int(img_heads.n_experts),
+        "n_fine": int(n_fine), "out_dim": int(img_heads.out_dim), "dropout": float(dropout),
+        "routing_temperature": float(routing_temperature), "reference_side": reference_side,
+        "centroid_groups": [str(g) for g in centroid_groups], "train_sections": list(train),
+        "validation_sections": list(val), "history": history_to_json(history), "params": params,
+    }
+    return Spade(module, config)
+
+
+def train_experts_from_store(
+    store: Any,
+    *,
+    train_sections: Sequence[str] | None = None,
+    validation_sections: Sequence[str] | str | None = None,
+    n_fine: int = 16,
+    n_experts: int = 16,
+    epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-2,
+    loss: str = "bleep",
+    temperature: float = 1.0,
+    dropout: float = 0.1,
+    routing_temperature: float = 0.1,
+    patience: int | None = None,
+    memory_budget_bytes: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool | str | os.PathLike = False,
+) -> Spade:
+    """Train SPADE from a per-section feature store on disk, never holding every section in memory.
+
+    For HEST-1k-sized training (hundreds of slides, about a million spots): the features and
+    panel expression come from a :class:`sq_spade.pp.FeatureStore` written by
+    :func:`sq_spade.pp.write_feature_store`. Stage one of the clustering runs per section (one
+    section in memory at a time, ``n_fine`` centroids each: sections are the groups), stage
+    two pools all fine centroids into ``n_experts``; the experts then train from windows of whole
+    sections under ``memory_budget_bytes`` (see :class:`sq_spade.train.TrainingWindows`: each
+    epoch visits the windows in a shuffled order, batches mix spots of one window). Validation
+    sections are loaded whole (keep them few). Otherwise as :func:`train_experts`, whose
+    parameters these are; the reference side is ``"genes"``.
+
+    Parameters
+    ----------
+    store
+        A :class:`sq_spade.pp.FeatureStore` or the path of one.
+    train_sections, validation_sections
+        Sections of the store to train on (default: all but validation) and to validate on.
+    memory_budget_bytes
+        Most bytes of training windows in memory (default ``settings.memory_budget_bytes``).
+    n_fine, n_experts, epochs, batch_size, lr, weight_decay, loss, temperature, dropout
+        As :func:`train_experts`.
+    routing_temperature, patience, seed, device, checkpoint_dir, checkpoint_every, resume
+        As :func:`train_experts`.
+
+    Returns
+    -------
+    The trained :class:`sq_spade.models.Spade` (the panel is the store's genes).
+
+    Examples
+    --------
+    >>> sqs.pp.write_feature_store(sdata, "features.zarr", panel=panel)  # doctest: +SKIP
+    >>> model = sqs.tl.train_experts_from_store("features.zarr", validation_sections=["C4"])  # doctest: +SKIP
+    """
+    import torch
+
+    import sq_spade
+    from sq_spade._utils import progress
+    from sq_spade.models._clustering import fine_centroids, pool_centroids
+    from sq_spade.pp._store import FeatureStore
+    from sq_spade.train._experts import TrainingWindows, fit_experts
+
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    check_choice(loss, "loss", ["bleep", "clip"])
+    for name, v in (("n_fine", n_fine), ("n_experts", n_experts), ("epochs", epochs), ("batch_size", batch_size)):
+        check_positive(v, name, integer=True)
+    check_positive(routing_temperature, "routing_temperature")
+    val = [validation_sections] if isinstance(validation_sections, str) else list(validation_sections or [])
+    train = list(train_sections) if train_sections is not None else [s for s in fs.sections if s not in val]
+    for arg, names in (("train_sections", train), ("validation_sections", val)):
+        missing = [s for s in names if s not in fs]
+        if missing:
+            raise ValueError(f"`{arg}` names sections not in the store: {missing[:5]}; it has {fs.sections[:10]}...")
+    if not train:
+        raise ValueError("`train_sections`: no section left to train on.")
+    if set(train) & set(val):
+        raise ValueError(f"Sections {sorted(set(train) & set(val))} are both training and validation sections.")
+
+    cents, groups, labels = [], [], {}
+    for s in progress(train, total=len(train), desc="clustering sections"):
+        c, lab = fine_centroids(fs[s].load().features, n_fine, seed=seed)
+        labels[s] = lab + sum(len(x) for x in cents)
+        cents.append(c)
+        groups.extend([s] * len(c))
+    centroids = np.vstack(cents)
+    f2e, n_eff = pool_centroids(centroids, n_experts, seed=seed)
+    experts = {s: f2e[lab] for s, lab in labels.items()}
+    windows = TrainingWindows(**fs.training_windows(experts, n_experts=n_eff, memory_budget_bytes=memory_budget_bytes,
+                                                    sections=train))
+    val_kw: dict[str, Any] = {}
+    if val:
+        parts = [fs[s].load() for s in val]
+        vf = np.concatenate([w.features for w in parts])
+        d = torch.cdist(torch.as_tensor(vf), torch.as_tensor(centroids))
+        val_kw = {"val_features": vf, "val_genes": np.concatenate([w.expression for w in parts]),
+                  "val_expert": f2e[d.argmin(1).numpy()]}
+    img_heads, gene_heads, history = fit_experts(
+        windows, None, None, n_experts=n_eff, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, loss=loss, temperature=temperature, dropout=dropout, seed=seed,
+        device=device or sq_spade.settings.device, patience=patience, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, resume=resume, **val_kw)
+    return _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
+                     backbone=fs.backbone, weights_sha256=fs.weights_sha256, panel=fs.genes,
+                     gene_input=fs.attrs.get("gene_input", "log1p_cp10k"), n_fine=n_fine, dropout=dropout,
+                     routing_temperature=routing_temperature, reference_side="genes",
+                     centroid_groups=np.asarray(groups, dtype=object), train=train, val=val,
+                     params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                             "loss": loss, "temperature": temperature, "seed": seed,
+                             "n_experts_requested": n_experts, "group_key": "section", "features_key": None,
+                             "patience": patience, "store": str(fs.path)})
 
 
 def _choose_reference_side(model: Spade, f_ref: np.ndarray, e_ref: np.ndarray, f_val: np.ndarray,
