@@ -9,7 +9,10 @@ value, and reports spots/s and its peak RSS (``VmHWM``, see ``_common.peak_rss_m
 RSS after imports.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_store.py [--sections 300] [--spots 3300]
-[--dim 1280] [--genes 300] [--budget-mb 1024] [--scale 1.0] [--workdir /tmp/sq_spade_store] [--keep]``.
+[--dim 1280] [--genes 300] [--budget-mb 1024] [--scale 1.0] [--workdir /tmp/sq_spade_store] [--keep]
+[--train-epochs 1]``. With ``--train-epochs`` (default 1) a third subprocess trains SPADE from the store
+with ``sq_spade.tl.train_experts_from_store`` under the same budget: clustering section by section,
+then the experts window by window; it reports the time and the peak RSS.
 ``--scale`` shrinks the number of sections (it is lowered automatically when the disk is short).
 The store just written sits in the page cache when memory allows: read rates are then those of
 memory, not of the disk. Prints figures; asserts nothing.
@@ -86,6 +89,27 @@ print("RESULT", json.dumps({{"spots": n, "windows": len(plan), "plan_s": t_plan,
                             "largest_window_mb": biggest / 2**20}}))
 """
 
+TRAIN_CHILD = r"""
+import json, sys, time, warnings, numpy as np, psutil
+sys.path.insert(0, {bench!r})
+from _common import peak_rss_mb
+import torch
+import sq_spade as sqs
+from sq_spade.pp import FeatureStore
+warnings.simplefilter("ignore")
+sqs.settings.progress = False
+torch.set_num_threads({threads})
+store = FeatureStore({path!r})
+n = sum(store.n_spots().values())
+base = psutil.Process().memory_info().rss / 2**20
+t = time.perf_counter()
+model = sqs.tl.train_experts_from_store(store, n_fine=16, n_experts=16, epochs={epochs}, memory_budget_bytes={budget},
+                                        seed=0, device="cpu")
+dt = time.perf_counter() - t
+print("RESULT", json.dumps({{"spots": n, "epochs": {epochs}, "train_s": dt, "rss_after_open_mb": base,
+                            "peak_rss_mb": peak_rss_mb(), "n_experts": model.n_experts}}))
+"""
+
 
 def child(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -105,6 +129,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of --sections to build")
     ap.add_argument("--workdir", default="/tmp/sq_spade_store")
     ap.add_argument("--keep", action="store_true", help="keep the store (reused by the next run)")
+    ap.add_argument("--train-epochs", type=int, default=1,
+                    help="then train SPADE from the store (tl.train_experts_from_store) for this many epochs; 0: skip")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,6 +162,15 @@ def main() -> None:
               f"{r['spots_per_s']:,.0f} spots/s; peak RSS {r['peak_rss_mb']:,.0f} MB (after imports + open "
               f"{r['rss_after_open_mb']:,.0f} MB; +{r['peak_rss_mb'] - r['rss_after_open_mb']:,.0f} MB); "
               f"planning {r['plan_s']:.1f} s")
+    if args.train_epochs:
+        r = child(TRAIN_CHILD.format(bench=str(HERE), path=str(path), budget=budget, epochs=args.train_epochs,
+                                     threads=args.threads))
+        print(f"train SPADE from the store (16 fine centroids per section, 16 experts, {r['epochs']} epoch(s), "
+              f"budget {args.budget_mb:,.0f} MiB): {r['spots']:,} spots, clustering + training {r['train_s']:.0f} s = "
+              f"{r['spots'] * r['epochs'] / r['train_s']:,.0f} spot-epochs/s; peak RSS {r['peak_rss_mb']:,.0f} MB "
+              f"(after imports + open {r['rss_after_open_mb']:,.0f} MB)")
+        r["train"] = True
+        rows.append(r)
     if not args.keep:
         shutil.rmtree(path)
     print("JSON", json.dumps(rows))
