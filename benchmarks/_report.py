@@ -159,7 +159,7 @@ def accuracy_plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     splits = [s for s in SPLITS if s in set(summary["split"])]
-    fig, ax = plt.subplots(figsize=(8.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.0))
     width = 0.8 / len(METHODS)
     colors = plt.get_cmap("tab10").colors
     for j, m in enumerate(METHODS):
@@ -177,9 +177,9 @@ def accuracy_plot(summary: pd.DataFrame, path: Path) -> None:
                                        for s in splits])
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_ylabel("ACG (mean Pearson r, all genes)")
-    ax.legend(frameon=False, fontsize="small", ncol=3, loc="upper right")
+    ax.legend(frameon=False, fontsize="small", ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
