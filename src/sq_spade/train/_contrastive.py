@@ -210,7 +210,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         DataLoader workers for ``images`` (per process under ``torchrun``).
     checkpoint_dir
         Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
-        of every ``checkpoint_every``-th epoch and when the run ends, each replacing the last
+        of every epoch numbered a multiple of ``checkpoint_every`` and when the run ends, each replacing the last
         atomically. With ``image_encoder`` they hold its trained parameters and buffers (not
         the frozen ones) and their optimizer state. ``None``: no checkpoints.
     checkpoint_every

@@ -235,7 +235,7 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         Initial ``(image_heads, gene_heads)`` to start from (copied; not modified).
     checkpoint_dir
         Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
-        of every ``checkpoint_every``-th epoch and when the run ends, each replacing the last
+        of every epoch numbered a multiple of ``checkpoint_every`` and when the run ends, each replacing the last
         atomically. ``None``: no checkpoints.
     checkpoint_every
         Epochs between checkpoints. A checkpoint holds about four times the heads' parameters
@@ -254,12 +254,14 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
 
     Returns
     -------
-    ``(image_heads, gene_heads, history)``. The heads are on the CPU in eval mode. ``history``
-    holds ``train_loss`` and ``val_loss`` ``(n_epochs, E)`` (row-weighted mean over the
-    epoch's batches; NaN where an expert had no batch or no validation), ``lr`` ``(n_epochs,
-    E)`` (learning rate of the epoch's last step), ``best_epoch`` ``(E,)`` (-1 without
-    validation), ``best_val_loss``, ``stopped_epoch`` (-1: not stopped), ``n_train``,
-    ``n_val``, ``steps`` (optimizer steps per expert), ``trained`` (bool) and ``n_epochs``.
+    tuple
+        ``(image_heads, gene_heads, history)``, the heads on the CPU in eval mode. ``history``
+        holds ``train_loss`` and ``val_loss`` of shape ``(n_epochs, E)`` (row-weighted mean
+        over the epoch's batches; NaN where an expert had no batch or no validation), ``lr`` of
+        the same shape (learning rate of the epoch's last step), ``best_epoch`` of shape
+        ``(E,)`` (-1 without validation), ``best_val_loss``, ``stopped_epoch`` (-1: not
+        stopped), ``n_train``, ``n_val``, ``steps`` (optimizer steps per expert), ``trained``
+        (bool) and ``n_epochs``.
 
     Examples
     --------
