@@ -340,6 +340,9 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
                   "bench_experts.py")]
     if rows:
         add(_table(pd.DataFrame(rows, columns=["figure", "value", "script"])) + "\n")
+    add("The whole path includes reading the section's image level (about 1.5 s, a sizeable share of a "
+        "187-spot section). Out-of-core figures (40,000 px slides, a 1M-spot feature store, checkpoints, "
+        "torchrun) are on the {doc}`scale` page.\n")
     add("GPU figures: not measured here (no GPU was lent to the sessions that produced this page); "
         "`bench_features.py --device cuda` measures them where one is present.\n")
 
@@ -352,11 +355,22 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
             "prediction is of one 1× query section from the enlarged table as reference.\n")
         t = pd.DataFrame(sc["rows"])[["factor", "spots", "patches_s", "spade_train_s", "spade_embed_s",
                                       "mclstexp_train_s", "spade_predict_s", "peak_rss_mb"]]
+        t["peak_rss_mb"] = t["peak_rss_mb"].round().astype(int)
         t.columns = ["×", "spots", "patches (s)", "SPADE train (s)", "SPADE embed (s)", "mclSTExp train (s)",
                      "predict 1× query (s)", "peak RSS (MB)"]
         add(_table(t, "{:.1f}") + "\n")
         scaling_plot(sc, out / "scaling.png")
         add(f"![Scaling]({REL}/scaling.png)\n")
+        r = pd.DataFrame(sc["rows"]).sort_values("spots")
+        if len(r) > 1:
+            a, b = r.iloc[0], r.iloc[-1]
+            grow = b["spots"] / a["spots"]
+            parts = [f"{name} {b[col] / a[col]:.1f}×" for col, name in (
+                ("patches_s", "patches"), ("spade_train_s", "SPADE training"), ("spade_embed_s", "embedding"),
+                ("mclstexp_train_s", "mclSTExp training"), ("spade_predict_s", "prediction"),
+                ("peak_rss_mb", "peak RSS"))]
+            add(f"From {int(a['spots']):,} to {int(b['spots']):,} spots ({grow:.0f}× the work): "
+                + ", ".join(parts) + ".\n")
 
     add("## Where results fall short, and why they differ from the papers\n")
     add("- The papers report SPADE and mclSTExp above the regression and retrieval references on her2st. Here, "
@@ -375,5 +389,6 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
     rr = [(k, f"`{v['command']}`", f"{v['wall_s']:.0f}", "ok" if v["rc"] == 0 else f"failed ({v['rc']})")
           for k, v in runs.items()]
     if rr:
+        add(f"Total {sum(v['wall_s'] for v in runs.values()) / 60:.0f} minutes of benchmarks on this machine.\n")
         add(_table(pd.DataFrame(rr, columns=["step", "command", "wall time (s)", "status"])) + "\n")
     return "\n".join(L) + "\n"

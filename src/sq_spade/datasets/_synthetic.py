@@ -83,13 +83,17 @@ def synthetic_section(
         yy, xx = np.mgrid[0:h, 0:w]
         img = np.stack([xx % 256, yy % 256, (yy // 256 + 8 * (xx // 256)) % 256], axis=-1).astype(np.uint8)
     else:
-        yy, xx = np.mgrid[0:h, 0:w]
+        # in strips of rows: float temporaries stay small however large the image (the noise is
+        # drawn in the same order as one draw of the whole image, so the pixels do not change)
+        img = np.empty((h, w, 3), np.uint8)
+        xx = np.arange(w)[None, :]
         pix_col = np.clip(np.round((xx - margin_px) / pitch_px), 0, n_cols - 1).astype(int)
-        pix_row = np.clip(np.round((yy - margin_px) / pitch_px), 0, n_rows - 1).astype(int)
-        pix_type = types[pix_row * n_cols + pix_col]
-        base = _PALETTE[pix_type]
-        texture = rng.normal(0, 12, size=(h, w, 1)) + 10 * np.sin(xx / (2 + pix_type))[..., None]
-        img = np.clip(base + texture, 0, 255).astype(np.uint8)
+        for y0 in range(0, h, 512):
+            yy = np.arange(y0, min(y0 + 512, h))[:, None]
+            pix_row = np.clip(np.round((yy - margin_px) / pitch_px), 0, n_rows - 1).astype(int)
+            pix_type = types[pix_row * n_cols + pix_col]
+            texture = rng.normal(0, 12, size=(len(yy), w, 1)) + 10 * np.sin(xx / (2 + pix_type))[..., None]
+            img[y0: y0 + len(yy)] = np.clip(_PALETTE[pix_type] + texture, 0, 255).astype(np.uint8)
     n = len(types)
     rate = np.full((n, n_genes), 2.0)
     for t in range(n_types):
