@@ -244,7 +244,7 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
     add = L.append
     add("# Results\n")
     add("Every number on this page was measured by the scripts in `benchmarks/` and is regenerated, with the "
-        "page, by one command (`make bench`, i.e. `python benchmarks/run_all.py`; about 45 minutes on 2 cores).\n")
+        "page, by one command (`make bench`, i.e. `python benchmarks/run_all.py`; about 30 minutes on 2 cores).\n")
     add(f"- **Date**: {now}; commit `{_git_sha(root)}`")
     add(f"- **Machine**: {machine}; {gpu_line}")
     add(f"- **Versions**: Python {platform.python_version()}, {_versions()}")

@@ -51,7 +51,7 @@ def main() -> None:
             torch.cuda.synchronize()
         bare = n / (time.perf_counter() - t)
         t = time.perf_counter()
-        sqs.pp.compute_features(sd, backbone=model, batch_size=args.batch_size, device=str(dev),
+        sqs.pp.compute_features(sd, backbone=model, batch_size=args.batch_size, device=str(dev), cache=False,
                                 num_workers=args.num_workers)
         whole = n / (time.perf_counter() - t)
     f = sd.tables["table"].obsm[f"X_{model.name}"]

@@ -13,7 +13,7 @@ figures; ``--render`` only re-renders. A failing step is reported on the page an
 command exit non-zero; the other steps still run.
 
 Steps: ``patches``, ``features``, ``experts``, ``scaling``, ``accuracy``, ``few_shot``,
-``figures``. About 45 minutes on 2 CPU cores.
+``figures``. About 30 minutes on 2 CPU cores (26 min measured).
 """
 
 from __future__ import annotations
