@@ -45,3 +45,16 @@ def write_json(path: str | os.PathLike, figures: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=1, default=float))
+
+
+def run_child(code: str, env: dict | None = None) -> dict:
+    """Run ``python -c code`` in a fresh process (its own peak RSS); return its ``RESULT {json}`` line."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])

@@ -21,14 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from _common import machine  # noqa: E402
+from _common import machine, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MPP = 0.5  # um/px of the full-resolution level: patches (112 um at 0.5 um/px) come from level 0
@@ -125,12 +123,7 @@ print("RESULT", json.dumps(res))
 
 
 def child(code: str) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_child(code, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
 def main() -> None:

@@ -21,13 +21,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import machine, write_json
+from _common import machine, run_child, write_json
 
 CHILD = r"""
 import json, sys, time, warnings
@@ -103,12 +101,11 @@ def main() -> None:
         side = round(base_side * math.sqrt(f))
         code = CHILD.format(bench=str(Path(__file__).parent), side=side, base_side=base_side,
                             epochs=args.epochs)
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"scaling run at {f}x failed")
-        line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        r = json.loads(line[len("RESULT "):])
+        try:
+            r = run_child(code)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(f"scaling run at {f}x failed") from None
         r["factor"] = f
         rows.append(r)
         print(f"{f:3d}x {r['spots']:7,d} spots: patches {r['patches_s']:6.1f} s, SPADE train "

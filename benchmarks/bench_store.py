@@ -24,14 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from _common import machine  # noqa: E402
+from _common import machine, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -111,14 +109,6 @@ print("RESULT", json.dumps({{"spots": n, "epochs": {epochs}, "train_s": dt, "rss
 """
 
 
-def child(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", type=int, default=300)
@@ -145,7 +135,7 @@ def main() -> None:
     print("machine:", machine())
     path = work / f"store_{sections}x{args.spots}x{args.dim}.zarr"
     if not path.exists():
-        b = child(BUILD_CHILD.format(bench=str(HERE), sections=sections, spots=args.spots, dim=args.dim,
+        b = run_child(BUILD_CHILD.format(bench=str(HERE), sections=sections, spots=args.spots, dim=args.dim,
                                      genes=args.genes, path=str(path)))
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"write: {b['spots']:,} spots in {sections} sections, {size / 1e9:.2f} GB on disk, in "
@@ -154,7 +144,7 @@ def main() -> None:
     budget = int(args.budget_mb * 2**20)
     rows = []
     for prefetch in (False, True):
-        r = child(STREAM_CHILD.format(bench=str(HERE), path=str(path), budget=budget, prefetch=prefetch))
+        r = run_child(STREAM_CHILD.format(bench=str(HERE), path=str(path), budget=budget, prefetch=prefetch))
         r["prefetch"] = prefetch
         rows.append(r)
         print(f"stream (budget {args.budget_mb:,.0f} MiB, prefetch={prefetch}): {r['spots']:,} spots in "
@@ -163,7 +153,7 @@ def main() -> None:
               f"{r['rss_after_open_mb']:,.0f} MB; +{r['peak_rss_mb'] - r['rss_after_open_mb']:,.0f} MB); "
               f"planning {r['plan_s']:.1f} s")
     if args.train_epochs:
-        r = child(TRAIN_CHILD.format(bench=str(HERE), path=str(path), budget=budget, epochs=args.train_epochs,
+        r = run_child(TRAIN_CHILD.format(bench=str(HERE), path=str(path), budget=budget, epochs=args.train_epochs,
                                      threads=args.threads))
         print(f"train SPADE from the store (16 fine centroids per section, 16 experts, {r['epochs']} epoch(s), "
               f"budget {args.budget_mb:,.0f} MiB): {r['spots']:,} spots, clustering + training {r['train_s']:.0f} s = "

@@ -96,3 +96,14 @@ def lite0_features(her2st_section, mob_section):
         return cache[section]
 
     return get
+
+
+@pytest.fixture
+def no_progress():
+    """Progress bars off for the test, restored after."""
+    from sq_spade import settings
+
+    old = settings.progress
+    settings.progress = False
+    yield
+    settings.progress = old

@@ -17,16 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import sq_spade
-from sq_spade import settings
 from sq_spade.models._files import CONFIG_FILE
 from sq_spade.train import CheckpointError, read_checkpoint
 from sq_spade.train import fit_contrastive as _fit_contrastive
 from sq_spade.train import fit_experts as _fit_experts
 from sq_spade.train._checkpoint import Checkpointer
+from tests.train.test_train_contrastive import Patches, TinyNet
 
 SRC = str(Path(sq_spade.__file__).resolve().parents[1])
 # a checkpoint every epoch unless a test says otherwise (the default is every 10)
@@ -34,12 +32,7 @@ fit_experts = functools.partial(_fit_experts, checkpoint_every=1)
 fit_contrastive = functools.partial(_fit_contrastive, checkpoint_every=1)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    old = settings.progress
-    settings.progress = False
-    yield
-    settings.progress = old
+pytestmark = pytest.mark.usefixtures("no_progress")
 
 
 class Interrupted(Exception):
@@ -261,31 +254,6 @@ def test_contrastive_without_validation_resumes(tmp_path):
     got = fit_contrastive(f, e, p, **kw, checkpoint_dir=tmp_path, resume=True)
     assert_same_modules(ref.spot_encoder, got.spot_encoder)
     assert_same_history(ref.history, got.history)
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 6)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-class Patches(torch.utils.data.Dataset):
-    def __init__(self, z, seed=0):
-        rng = np.random.default_rng(seed)
-        base = (np.tanh(z[:, :3]) * 100 + 128)[:, None, None, :]
-        x = base + rng.normal(scale=10, size=(len(z), 8, 8, 3))
-        self.x = np.clip(x, 0, 255).astype(np.uint8)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
 
 
 @pytest.mark.parametrize(("finetune", "num_workers"), [("all", 0), ("last", 1)])

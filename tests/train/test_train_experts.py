@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sq_spade import settings
 from sq_spade.nn.experts import ExpertHeads
 from sq_spade.nn.losses import bleep_loss
 from sq_spade.train import (
@@ -20,13 +19,7 @@ from sq_spade.train import (
     state_for_checkpoint,
 )
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    old = settings.progress
-    settings.progress = False
-    yield
-    settings.progress = old
+pytestmark = pytest.mark.usefixtures("no_progress")
 
 
 def shared_factor(n, d=16, g=10, k=3, n_experts=2, seed=0, noise=0.1):
