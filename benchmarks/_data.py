@@ -1,4 +1,4 @@
-"""Real sections with cached Lite0 features, shared by the accuracy benchmarks."""
+"""Real sections with cached Lite0 features and the accuracy splits, shared by the accuracy benchmarks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,23 @@ from _common import DATA_DIR, ROOT
 CACHE = ROOT / "benchmarks" / ".cache"
 HER2ST = ("B4", "C2", "C3", "C4", "A1", "A2")
 MOB = ("MOB1", "MOB2", "MOB3")
+
+#: The accuracy splits: name -> folds ``(training sections, test sections)``. The last training
+#: section of a fold validates (early stopping, SPADE's reference side, tuning).
+SPLITS = {
+    "loso": [(["C2", "C3", "C4"], ["B4"]), (["B4", "C3", "C4"], ["C2"]), (["B4", "C2", "C4"], ["C3"]),
+             (["B4", "C2", "C3"], ["C4"])],
+    # every patient held out in turn (A: A1, A2; B: B4; C: C2-C4); the last training section validates
+    "patient": [(["B4", "C2", "C3", "C4"], ["A1", "A2"]), (["A1", "A2", "C2", "C3", "C4"], ["B4"]),
+                (["A1", "A2", "B4"], ["C2", "C3", "C4"])],
+    "a_heldout": [(["B4", "C2", "C3", "C4"], ["A1", "A2"])],
+    # STUtility mouse olfactory bulb, three serial sections of one animal
+    "mob": [(["MOB2", "MOB3"], ["MOB1"]), (["MOB1", "MOB3"], ["MOB2"]), (["MOB1", "MOB2"], ["MOB3"])],
+}
+#: Titles of the splits on the results page (the ones ``run_all.py`` runs), in page order.
+SPLIT_TITLES = {"loso": "her2st, leave one section out (B4, C2, C3, C4)",
+                "patient": "her2st, one patient out (A, B, C)",
+                "mob": "mouse olfactory bulb, leave one section out (MOB1-3)"}
 
 
 def section_table(section: str, backbone: str = "efficientnet_lite0"):
@@ -57,4 +74,4 @@ def tables(sections, backbone: str = "efficientnet_lite0"):
     return out
 
 
-__all__ = ["CACHE", "HER2ST", "MOB", "Path", "section_table", "tables"]
+__all__ = ["CACHE", "HER2ST", "MOB", "SPLITS", "SPLIT_TITLES", "Path", "section_table", "tables"]

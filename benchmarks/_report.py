@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _data import SPLIT_TITLES
 
 METHODS = ["ridge", "knn", "mclstexp", "spade"]
 LABELS = {"ridge": "ridge (PCA features)", "knn": "kNN (features)", "mclstexp": "mclSTExp (frozen Lite0)",
           "spade": "SPADE (16 experts)"}
-SPLITS = {"loso": "her2st, leave one section out (B4, C2, C3, C4)",
-          "patient": "her2st, one patient out (A, B, C)",
-          "mob": "mouse olfactory bulb, leave one section out (MOB1-3)"}
 PACKAGES = ["sq_spade", "torch", "numpy", "scikit-learn", "anndata", "spatialdata", "scanpy", "matplotlib", "dask"]
 REL = "_static/results"  # figures, relative to docs/
 
@@ -113,7 +111,7 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
             continue
         base = m.replace(" (shuffled)", "")
         row = {"method": LABELS.get(base, base) + (", shuffled labels" if "shuffled" in m else "")}
-        for split in SPLITS:
+        for split in SPLIT_TITLES:
             s = sub[sub["split"] == split]
             for metric in ("ACG", "HEG"):
                 row[f"{split} {metric}"] = ("" if s.empty else
@@ -126,7 +124,7 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
 def comparisons(summary: pd.DataFrame) -> list[str]:
     """Plain sentences: which method leads each split, where SPADE / mclSTExp fall short, controls."""
     out = []
-    for split, title in SPLITS.items():
+    for split, title in SPLIT_TITLES.items():
         s = summary[summary["split"] == split].set_index("method")
         real = [m for m in METHODS if m in s.index]
         if not real:
@@ -158,7 +156,7 @@ def comparisons(summary: pd.DataFrame) -> list[str]:
 def accuracy_plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    splits = [s for s in SPLITS if s in set(summary["split"])]
+    splits = [s for s in SPLIT_TITLES if s in set(summary["split"])]
     fig, ax = plt.subplots(figsize=(8.5, 4.0))
     width = 0.8 / len(METHODS)
     colors = plt.get_cmap("tab10").colors
@@ -173,7 +171,7 @@ def accuracy_plot(summary: pd.DataFrame, path: Path) -> None:
             if not c.empty:
                 ax.plot([x - width * 0.45, x + width * 0.45], [c["ACG"].iloc[0]] * 2, color="black", lw=1.2,
                         label="shuffled-label control" if (i == 0 and j == 0) else None)
-    ax.set_xticks(range(len(splits)), [SPLITS[s].split(",")[0] + "\n" + SPLITS[s].split(", ", 1)[1].split(" (")[0]
+    ax.set_xticks(range(len(splits)), [SPLIT_TITLES[s].split(",")[0] + "\n" + SPLIT_TITLES[s].split(", ", 1)[1].split(" (")[0]
                                        for s in splits])
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_ylabel("ACG (mean Pearson r, all genes)")

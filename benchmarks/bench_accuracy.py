@@ -47,18 +47,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from _common import machine
-from _data import tables
-
-SPLITS = {
-    "loso": [(["C2", "C3", "C4"], ["B4"]), (["B4", "C3", "C4"], ["C2"]), (["B4", "C2", "C4"], ["C3"]),
-             (["B4", "C2", "C3"], ["C4"])],
-    # every patient held out in turn (A: A1, A2; B: B4; C: C2-C4); the last training section validates
-    "patient": [(["B4", "C2", "C3", "C4"], ["A1", "A2"]), (["A1", "A2", "C2", "C3", "C4"], ["B4"]),
-                (["A1", "A2", "B4"], ["C2", "C3", "C4"])],
-    "a_heldout": [(["B4", "C2", "C3", "C4"], ["A1", "A2"])],
-    # STUtility mouse olfactory bulb, three serial sections of one animal
-    "mob": [(["MOB2", "MOB3"], ["MOB1"]), (["MOB1", "MOB3"], ["MOB2"]), (["MOB1", "MOB2"], ["MOB3"])],
-}
+from _data import SPLITS, tables
 
 
 def shuffled(table, seed):

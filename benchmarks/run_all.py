@@ -1,4 +1,4 @@
-"""Run every benchmark and write the results page of the docs (``docs/results.md``).
+"""Run the benchmarks of the results page and write the page (``docs/results.md``).
 
 One command regenerates the page from scratch on the shared data (``SQ_SPADE_DATA_DIR``, by
 default ``../shared/data`` beside the clone)::
@@ -12,8 +12,11 @@ and the date. ``--only STEP ...`` re-runs some steps and re-renders with the oth
 figures; ``--render`` only re-renders. A failing step is reported on the page and makes the
 command exit non-zero; the other steps still run.
 
-Steps: ``patches``, ``features``, ``experts``, ``scaling``, ``accuracy``, ``few_shot``,
-``figures``. About 30 minutes on 2 CPU cores (26 min measured).
+Steps: ``patches``, ``features``, ``experts``, ``scaling``, ``accuracy`` (the splits of
+``_data.SPLIT_TITLES``), ``few_shot``, ``figures``. About 30 minutes on 2 CPU cores (26 min
+measured). The other scripts of this folder (big slides, the feature store, checkpoints, DDP,
+the validation grid) run on their own: ``benchmarks/README.md`` says what each measures and how
+to run it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from _data import SPLIT_TITLES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -40,7 +45,7 @@ def steps(seeds: list[str]) -> dict[str, list[str]]:
         "features": ["bench_features.py", "--json", str(DATA / "features.json")],
         "experts": ["bench_experts.py", "--json", str(DATA / "experts.json")],
         "scaling": ["bench_scaling.py", "--json", str(DATA / "scaling.json")],
-        "accuracy": ["bench_accuracy.py", "--split", "loso", "patient", "mob", "--seeds", *seeds, "--control",
+        "accuracy": ["bench_accuracy.py", "--split", *SPLIT_TITLES, "--seeds", *seeds, "--control",
                      "--out", str(DATA / "accuracy.csv"), "--per-gene-out", str(DATA / "accuracy_genes.csv")],
         "few_shot": ["bench_few_shot.py", "--json", str(DATA / "few_shot.json")],
         "figures": ["report_figures.py", "--out", str(OUT)],

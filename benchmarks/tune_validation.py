@@ -237,8 +237,7 @@ def refit(method: str, train_table: Any, panel: list[str], train_secs: list[str]
 def main() -> None:
     """Print every fold's validation grid (exploration; test sections are never loaded)."""
     import torch
-    from _data import tables
-    from bench_accuracy import SPLITS
+    from _data import SPLITS, tables
 
     import sq_spade as sqs
 

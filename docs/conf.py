@@ -30,8 +30,9 @@ napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-# Tutorials are executed by the test suite (tests/test_tutorials.py) and committed with their
-# outputs; the docs render them as they are, so building the docs needs no data and no GPU.
+# The tutorials live only in docs/tutorials/ (this source folder), committed with their outputs
+# (scripts/execute_tutorials.py executes them in place; tests/test_tutorials.py executes them
+# again); the docs render them as they are, so building the docs needs no data and no GPU.
 nb_execution_mode = "off"
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]

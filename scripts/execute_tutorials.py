@@ -1,18 +1,17 @@
-"""Execute the tutorial notebooks in place and copy them into the docs.
+"""Execute the tutorial notebooks in place, so that the docs render them with their outputs.
 
+The notebooks live in one place, ``docs/tutorials/``, where ``docs/tutorials.md`` lists them.
 The docs render the committed notebooks as they are (``nb_execution_mode = "off"`` in
 ``docs/conf.py``), so building the docs needs neither data nor a GPU. This script is how those
-outputs are produced: each notebook under ``tutorials/`` is run top to bottom with nbclient in
-a fresh ``python3`` kernel (the interpreter running this script), with a temporary working
-directory (files a tutorial writes, such as a saved model, land there and are discarded),
-written back with its outputs, and copied to ``docs/tutorials/`` where
-``docs/tutorials.md`` picks it up.
+outputs are produced: each notebook is run top to bottom with nbclient in a fresh ``python3``
+kernel (the interpreter running this script), with a temporary working directory (files a
+tutorial writes, such as a saved model, land there and are discarded), and written back with
+its outputs.
 
 Usage::
 
     .venv/bin/python scripts/execute_tutorials.py                 # all tutorials
     .venv/bin/python scripts/execute_tutorials.py 02_mclstexp_vs_references
-    .venv/bin/python scripts/execute_tutorials.py --copy-only     # only refresh docs/tutorials
 
 The data folder is ``SQ_SPADE_DATA_DIR``, or ``../shared/data`` beside the clone when that
 variable is unset (as in the Makefile).
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TUTORIALS = ROOT / "tutorials"
-DOCS_TUTORIALS = ROOT / "docs" / "tutorials"
+#: The only copy of the tutorials: the folder the Sphinx build (myst-nb) reads.
+TUTORIALS = ROOT / "docs" / "tutorials"
 
 
 def data_dir() -> Path | None:
@@ -44,7 +42,7 @@ def data_dir() -> Path | None:
 
 
 def notebooks(names: list[str] | None = None) -> list[Path]:
-    """Tutorial notebooks by name (``"01"``, stem, file name or path); all of ``tutorials/`` by default."""
+    """Tutorial notebooks by name (``"01"``, stem, file name or path); all of ``docs/tutorials/`` by default."""
     found = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
     if not names:
         return found
@@ -86,8 +84,8 @@ def execute_notebook(nb: Any, *, cwd: str | os.PathLike, timeout: int = 1800, ke
     return nb
 
 
-def run(path: Path, *, timeout: int, copy: bool = True) -> float:
-    """Execute one notebook in place (atomically) and copy it to the docs; returns seconds."""
+def run(path: Path, *, timeout: int) -> float:
+    """Execute one notebook and write it back in place (atomically); returns seconds."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
@@ -98,17 +96,7 @@ def run(path: Path, *, timeout: int, copy: bool = True) -> float:
     tmp_path = path.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp_path)
     tmp_path.replace(path)
-    if copy:
-        copy_to_docs(path)
     return seconds
-
-
-def copy_to_docs(path: Path) -> Path:
-    """Copy an executed notebook to ``docs/tutorials/`` (byte for byte)."""
-    DOCS_TUTORIALS.mkdir(parents=True, exist_ok=True)
-    dest = DOCS_TUTORIALS / path.name
-    shutil.copyfile(path, dest)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,20 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="tutorials to run (default: all)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default: 1800)")
-    parser.add_argument("--copy-only", action="store_true",
-                        help="do not execute; copy the notebooks as they are to docs/tutorials/")
-    parser.add_argument("--no-copy", action="store_true", help="do not copy to docs/tutorials/")
     args = parser.parse_args(argv)
     paths = notebooks(args.names)
-    if args.copy_only:
-        for p in paths:
-            print(f"copied {p.relative_to(ROOT)} -> {copy_to_docs(p).relative_to(ROOT)}")
-        return 0
     print(f"data folder: {data_dir()}", flush=True)
     total = 0.0
     for p in paths:
         print(f"executing {p.relative_to(ROOT)} ...", flush=True)
-        seconds = run(p, timeout=args.timeout, copy=not args.no_copy)
+        seconds = run(p, timeout=args.timeout)
         total += seconds
         print(f"  done in {seconds:.0f} s", flush=True)
     print(f"{len(paths)} notebook(s) in {total:.0f} s")

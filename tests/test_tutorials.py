@@ -1,11 +1,11 @@
 """The tutorials run top to bottom on the real data and compute what their text describes.
 
-Each notebook is executed from ``tutorials/`` with nbclient in a fresh ``python3`` kernel
-(this interpreter), in a temporary working directory, with ``SQ_SPADE_DATA_DIR`` pointing at
-the data folder; a check cell appended to it prints the key results as JSON, which the test
-reads back. Nothing is written to the repository: ``scripts/execute_tutorials.py`` is what
-refreshes the committed outputs. The cheap consistency checks of the committed notebooks
-(executed, no errors, the docs' copies in sync) need no data.
+Each notebook is executed from ``docs/tutorials/`` (their only copy, the one the docs render)
+with nbclient in a fresh ``python3`` kernel (this interpreter), in a temporary working
+directory, with ``SQ_SPADE_DATA_DIR`` pointing at the data folder; a check cell appended to it
+prints the key results as JSON, which the test reads back. Nothing is written to the
+repository: ``scripts/execute_tutorials.py`` is what refreshes the committed outputs. The cheap
+consistency checks of the committed notebooks (executed, no errors, stored once) need no data.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import pytest
 from tests.conftest import DATA_DIR, require_data
 
 ROOT = Path(__file__).resolve().parents[1]
-TUTORIALS = ROOT / "tutorials"
-DOCS_TUTORIALS = ROOT / "docs" / "tutorials"
+TUTORIALS = ROOT / "docs" / "tutorials"
 NAMES = ["01_spade_predict_h_and_e_only", "02_mclstexp_vs_references", "03_few_shot_probes"]
 MARK = "SQ_SPADE_CHECK "
 
@@ -159,8 +158,19 @@ print({MARK!r} + _json.dumps({{
 
 
 # --- the committed notebooks (no data needed) ---------------------------------------------------
+def test_tutorials_are_stored_once():
+    """The notebooks live in docs/tutorials only (no second copy to drift), and all are tested here."""
+    assert sorted(p.stem for p in TUTORIALS.glob("*.ipynb")) == NAMES
+    elsewhere = []
+    for folder, dirs, files in os.walk(ROOT):
+        # hidden folders (.git, .venv, caches) and build output are not the repository's notebooks
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_build")) and Path(folder, d) != TUTORIALS]
+        elsewhere += [Path(folder, f).relative_to(ROOT) for f in files if f.endswith(".ipynb")]
+    assert not elsewhere, f"notebooks outside docs/tutorials/: {elsewhere}"
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_tutorial_is_executed_and_in_the_docs(name):
+def test_committed_tutorial_is_executed(name):
     import nbformat
 
     path = TUTORIALS / f"{name}.ipynb"
@@ -173,6 +183,3 @@ def test_committed_tutorial_is_executed_and_in_the_docs(name):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     assert _images(nb) >= 1
     assert not any("@@" in c.source for c in nb.cells if c.cell_type == "markdown")  # placeholders filled
-    docs_copy = DOCS_TUTORIALS / path.name
-    assert docs_copy.exists() and docs_copy.read_bytes() == path.read_bytes(), (
-        "docs/tutorials is out of date: run scripts/execute_tutorials.py --copy-only")

@@ -118,11 +118,14 @@ class _TinyConv(nn.Module):
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """A private copy of the backbone registry, so test backbones do not outlive the test."""
-    from sq_spade.nn import backbones
+def registry():
+    """The backbone registry, restored after the test, so test backbones do not outlive it."""
+    from sq_spade.nn.backbones import BACKBONES
 
-    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))
+    saved = dict(BACKBONES)
+    yield BACKBONES
+    BACKBONES.clear()
+    BACKBONES.update(saved)
 
 
 def test_finetuned_model_roundtrip_keeps_encoder_weights(tmp_path, registry):

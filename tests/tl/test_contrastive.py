@@ -158,11 +158,14 @@ class _TinyConv(nn.Module):
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """A private copy of the backbone registry, so test backbones do not outlive the test."""
-    from sq_spade.nn import backbones
+def registry():
+    """The backbone registry, restored after the test, so test backbones do not outlive it."""
+    from sq_spade.nn.backbones import BACKBONES
 
-    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))
+    saved = dict(BACKBONES)
+    yield BACKBONES
+    BACKBONES.clear()
+    BACKBONES.update(saved)
 
 
 def test_finetune_on_patches_with_small_backbones(tmp_path, registry):
