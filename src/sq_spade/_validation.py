@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,13 +47,45 @@ def check_choice(value: Any, arg: str, options: Iterable[Any]) -> Any:
     return value
 
 
-def check_positive(value: Any, arg: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
-    """Raise unless ``value`` is a positive (or non-negative) finite number."""
-    kind = "integer" if integer else "number"
-    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    if isinstance(value, bool) or not ok or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+def check_positive_int(value: Any, arg: str, *, allow_zero: bool = False, allow_none: bool = False) -> int | None:
+    """``value`` as an ``int`` if it is a positive (or non-negative) integer, else raise naming ``arg``.
+
+    The one integer check of the package: booleans are refused, numpy integers accepted.
+
+    Examples
+    --------
+    >>> check_positive_int(3, "epochs")
+    3
+    >>> check_positive_int(None, "k", allow_none=True) is None
+    True
+    """
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
         sign = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"`{arg}` must be a {sign} {kind}, got {value!r}.")
+        raise ValueError(f"`{arg}` must be a {sign} integer{' or None' if allow_none else ''}, got {value!r}.")
+    return int(value)
+
+
+def check_positive_float(value: Any, arg: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a ``float`` if it is a positive (or non-negative) finite number, else raise naming ``arg``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"`{arg}` must be a {sign} number, got {value!r}.")
+    return float(value)
+
+
+def check_positive(value: Any, arg: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    """Raise unless ``value`` is a positive (or non-negative) finite number; return it unchanged.
+
+    ``integer=True`` checks as :func:`check_positive_int`, otherwise as :func:`check_positive_float`.
+    """
+    if integer:
+        check_positive_int(value, arg, allow_zero=allow_zero)
+    else:
+        check_positive_float(value, arg, allow_zero=allow_zero)
     return value
 
 

@@ -141,7 +141,7 @@ def test_write_feature_store_from_tables(tmp_path):
     # a second call appends; the panel and backbone must match
     store = sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel, sections=["b"])
     assert store.sections == ["a", "b"] and store.genes == panel and store.backbone == "dummy"
-    from sq_spade.tl._common import panel_expression
+    from sq_spade.pp._genes import panel_expression
 
     expr, _ = panel_expression(t, panel)
     for s in ("a", "b"):

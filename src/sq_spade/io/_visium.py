@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade.io._sections import image_levels
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -22,8 +23,6 @@ def _rgb_only(img: Any) -> Any:
     """Drop an alpha channel Space Ranger sometimes writes into its PNGs; keep transforms."""
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation
-
-    from sq_spade.io._sections import image_levels
 
     level = image_levels(img)[0]
     if level.sizes["c"] == 3:

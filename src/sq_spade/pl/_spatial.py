@@ -12,6 +12,7 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade.io._sections import Section, affine_to, get_sections, image_levels, spot_centers_um
 from sq_spade.pl._utils import (
     add_legend,
     categorical_colors,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
-
-    from sq_spade.io._sections import Section
 
 #: The coarsest pyramid level with at least this many pixels across the crop is drawn: sharp
 #: enough for a figure panel, and a full-resolution level (often > 10,000 px) is never read.
@@ -75,8 +74,6 @@ def _resolve_table_key(sdata: Any, table_key: str) -> str:
 def _pick_section(sdata: SpatialData, *, table_key: str, section: str | None,
                   image_key: str | None) -> Section:
     """The one section to draw, with its image (``image_key`` or the section's finest)."""
-    from sq_spade.io._sections import get_sections
-
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image and spot shapes, got {type(sdata).__name__}.")
     secs = get_sections(sdata, table_key=table_key)
@@ -121,8 +118,6 @@ def _crop_bounds(xy: np.ndarray, radius: np.ndarray, image_box: tuple[float, ...
 
 def _image_box_um(img_el: Any, cs: str) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Affine (level-0 px -> um) of an image and the bounding box of its extent in um."""
-    from sq_spade.io._sections import affine_to, image_levels
-
     a = affine_to(img_el, cs)
     h, w = image_levels(img_el)[0].shape[-2:]
     corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ a.T
@@ -146,8 +141,6 @@ def _to_display(arr: np.ndarray) -> np.ndarray:
 
 def _load_image(canvas: _Canvas, img_el: Any) -> None:
     """Read the crop of the coarsest adequate pyramid level into ``canvas``."""
-    from sq_spade.io._sections import image_levels
-
     a, _ = _image_box_um(img_el, canvas.sec.coordinate_system)
     levels = image_levels(img_el)
     h0, w0 = levels[0].shape[-2:]
@@ -208,8 +201,6 @@ def _is_derived(level: Any, finest: Any) -> bool:
 
 def _canvas(sdata: SpatialData, sec: Section, *, table_key: str, spot_size: float, crop: bool,
             with_image: bool) -> _Canvas:
-    from sq_spade.io._sections import spot_centers_um
-
     xy, radius = spot_centers_um(sdata, sec, table_key=table_key)
     if not np.isfinite(radius).all():
         radius = np.where(np.isfinite(radius), radius, _fallback_radius(xy))

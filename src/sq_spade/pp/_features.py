@@ -11,7 +11,10 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._settings import settings
+from sq_spade._utils import atomic_path, process_rank, resolve_device
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade._version import __version__
+from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -131,10 +134,7 @@ def compute_features(
     ...     sqs.pp.compute_features(sdata, backbone="efficientnet_lite0", client=client)
     'X_efficientnet_lite0'
     """
-    import sq_spade
-    from sq_spade._utils import resolve_device
     from sq_spade.nn.backbones import Backbone, get_backbone
-    from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
@@ -184,7 +184,7 @@ def compute_features(
     table.uns.setdefault(K.FEATURES_UNS, {})[key] = {
         "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
         "input_size": int(model.input_size), "patch_geometry": geometry, "tta": bool(tta),
-        "sq_spade_version": sq_spade.__version__, "device": dev_type,
+        "sq_spade_version": __version__, "device": dev_type,
         "from_cache": bool(from_cache),
     }
     return key
@@ -222,7 +222,6 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
     """Features ``(len(p), D)`` float32 of patches ``p`` and whether they came from the cache."""
     import torch
 
-    from sq_spade._utils import process_rank
     from sq_spade.nn.inference import embed_batches
 
     # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
@@ -242,8 +241,6 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
         feats = np.asarray(feats, dtype=np.float32)
         from_cache = False
         if cache_path is not None and process_rank() == 0:  # one writer under torchrun
-            from sq_spade._utils import atomic_path
-
             with atomic_path(cache_path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, feats, allow_pickle=False)
@@ -295,8 +292,6 @@ def _worker_backbone(source: Any) -> Any:
 
 def _section_task(part: Any, source: Any, device: str, job: _Job) -> tuple[np.ndarray, bool, str]:
     """One section on a dask worker: load its level (under the budget), embed its patches."""
-    from sq_spade._utils import resolve_device
-
     model = _worker_backbone(source)
     dev = resolve_device(device)
     feats, from_cache = _embed(part.resolved(job.memory_budget_bytes), model, dev, job)

@@ -1,4 +1,8 @@
-"""Gene panels chosen on training sections only, and panel-wise normalisation."""
+"""Gene panels chosen on training sections only, and panel-wise normalisation.
+
+:func:`panel_expression` is the one place where a table's counts become the normalised
+expression of a panel (the targets and inputs of every method, and the retrieval values).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from sq_spade._validation import (
     get_table,
     section_labels,
 )
+from sq_spade.io._sections import genes_present_in
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -116,8 +121,6 @@ def select_genes(
     import scanpy as sc
     from anndata import AnnData
 
-    from sq_spade.io._sections import genes_present_in
-
     adata = get_table(data, table_key, arg="data")
     names = np.array([str(g) for g in adata.var_names], dtype=object)
     if adata.var_names.has_duplicates:
@@ -202,6 +205,46 @@ def panel_genes(adata: AnnData, panel: str | Sequence[str] | None = None) -> lis
     return genes
 
 
+def panel_expression(table: AnnData, panel: Sequence[str], *, gene_input: K.GeneInput = "log1p_cp10k",
+                     counts_layer: str | None = None, allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Expression of ``panel`` genes ``(N, G)`` float32 and a mask of the genes present.
+
+    ``log1p_cp10k`` normalises each spot's library over the panel genes present; ``raw`` gives
+    the counts.
+
+    Parameters
+    ----------
+    table
+        AnnData with raw counts in ``X`` (or ``counts_layer``).
+    panel
+        Gene names, in the order of the output's columns.
+    gene_input
+        ``"log1p_cp10k"`` or ``"raw"``.
+    counts_layer
+        Layer of raw counts (default ``X``).
+    allow_missing
+        Give genes absent from the table zero columns (``False``: raise a KeyError).
+
+    Examples
+    --------
+    >>> t = sqs.datasets.synthetic_section().tables["table"]
+    >>> expr, present = panel_expression(t, ["gene0", "gene1"])
+    >>> expr.shape, bool(present.all())
+    ((64, 2), True)
+    """
+    check_choice(gene_input, "gene_input", K.GENE_INPUTS)
+    cols = table.var_names.get_indexer(list(panel))
+    present = cols >= 0
+    if not present.all() and not allow_missing:
+        missing = [g for g, ok in zip(panel, present, strict=True) if not ok]
+        raise KeyError(f"{len(missing)} panel genes are absent from the table (e.g. {missing[:5]}).")
+    X = _counts(table, counts_layer)[:, cols[present]]
+    Y = log1p_cp10k(X) if gene_input == "log1p_cp10k" else X
+    out = np.zeros((table.n_obs, len(panel)), np.float32)
+    out[:, present] = Y.toarray()
+    return out, present
+
+
 def normalize(
     data: AnnData | SpatialData,
     *,
@@ -252,5 +295,5 @@ def normalize(
     Y = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ X)
     Y.data = np.log1p(Y.data)
     adata.layers[layer_added] = Y
-    adata.uns.setdefault("sq_spade_normalize", {})[layer_added] = {
+    adata.uns.setdefault(K.UNS.NORMALIZE, {})[layer_added] = {
         "target_sum": float(target_sum), "n_panel_genes": len(genes), "counts": counts_layer or "X"}

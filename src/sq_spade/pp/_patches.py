@@ -37,6 +37,13 @@ from sq_spade import _constants as K
 from sq_spade._settings import settings
 from sq_spade._utils import progress
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade.io._sections import (
+    affine_to,
+    get_sections,
+    image_levels,
+    microns_per_pixel,
+    spot_centers_um,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -282,8 +289,6 @@ def tissue_fraction(patch: np.ndarray) -> float:
 
 
 def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
-    from sq_spade.io._sections import image_levels
-
     levels = image_levels(sdata.images[image_key])
     lv0 = levels[0]
     c = lv0.sizes.get("c", 0)
@@ -325,12 +330,6 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
     """:func:`patches`; ``load=False`` leaves every level lazy (see :meth:`Patches.resolved`)."""
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
-    from sq_spade.io._sections import (
-        affine_to,
-        get_sections,
-        microns_per_pixel,
-        spot_centers_um,
-    )
 
     table = get_table(sdata, table_key)
     if patch_size_um is None and mpp is None and patch_px is None and K.PATCHES_UNS in table.uns:

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
+from sq_spade._utils import progress as _progress
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -18,14 +20,19 @@ from sq_spade._validation import (
     is_spatialdata,
     section_labels,
 )
+from sq_spade.io._sections import get_sections
+from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import resolve_features, rows_of
+from sq_spade.tl._contrastive import train_contrastive
+from sq_spade.tl._experts import train_experts
+from sq_spade.tl._predict import evaluate_expression, predict_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-METHODS = ("spade", "mclstexp", "ridge", "knn")
-SPLITS = ("leave_one_section_out", "by_patient")
+METHODS = K.METHODS
+SPLITS = K.SPLITS
 #: Arguments the folds set themselves.
 _RESERVED = ("train_sections", "validation_sections", "method", "panel", "n_top", "features_key", "backbone",
              "table_key", "seed", "key_added")
@@ -55,9 +62,9 @@ def _working_table(table: Any, features_key: str | None) -> Any:
     """A lean copy of what training needs: counts, obs, var, genes present, coordinates, provenance."""
     import anndata as ad
 
-    obsm = {k: np.asarray(table.obsm[k]) for k in ([features_key] if features_key else []) + ["spatial"]
+    obsm = {k: np.asarray(table.obsm[k]) for k in ([features_key] if features_key else []) + [K.OBSM.SPATIAL]
             if k in table.obsm}
-    uns = {k: table.uns[k] for k in (K.FEATURES_UNS, "sq_spade_sections") if k in table.uns}
+    uns = {k: table.uns[k] for k in (K.UNS.FEATURES, K.UNS.SECTIONS) if k in table.uns}
     work = ad.AnnData(X=table.X, obs=table.obs.copy(), var=table.var.copy(), obsm=obsm, uns=uns)
     if K.GENES_PRESENT in table.varm:
         work.varm[K.GENES_PRESENT] = table.varm[K.GENES_PRESENT]
@@ -72,9 +79,7 @@ def _fold_object(sdata: Any, work: Any, sections: list[str], table_key: str, as_
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
-    from sq_spade.io._sections import get_sections
-
-    attrs = get_table(sdata, table_key).uns.get("spatialdata_attrs", {})
+    attrs = get_table(sdata, table_key).uns.get(K.UNS.SPATIALDATA_ATTRS, {})
     secs = [s for s in get_sections(sdata, table_key=table_key) if s.section in sections]
     images = {s.image_key: sdata.images[s.image_key] for s in secs if s.image_key is not None}
     shapes = {s.shapes_key: sdata.shapes[s.shapes_key] for s in secs}
@@ -85,17 +90,18 @@ def _fold_object(sdata: Any, work: Any, sections: list[str], table_key: str, as_
     return SpatialData(images=images, shapes=shapes, tables={K.TABLE_KEY: table})
 
 
+@inject_docs
 def cross_validate(
     sdata: SpatialData | AnnData,
     *,
-    method: str = "spade",
-    split: str = "leave_one_section_out",
+    method: K.Method = "spade",
+    split: K.Split = "leave_one_section_out",
     sections: Sequence[str] | None = None,
     panel: str | Sequence[str] = "spade",
     n_top: int = 50,
     validation: str | None = "auto",
     k: int = 200,
-    weighting: str = "inverse_sq_l2",
+    weighting: K.Weighting = "inverse_sq_l2",
     features_key: str | None = None,
     backbone: str = "efficientnet_lite0",
     seed: int = 0,
@@ -109,8 +115,9 @@ def cross_validate(
 
     For each fold, its test sections are held out entirely: the gene panel (``"spade"`` or
     ``"heg"``) is chosen on the fold's training sections only, the model is trained on them
-    (:func:`sq_spade.tl.train_experts` for SPADE, :func:`sq_spade.tl.train_contrastive`
-    otherwise), the test sections' expression is predicted from their images alone
+    (:func:`sq_spade.tl.train_experts` for SPADE, :func:`sq_spade.tl.train_contrastive` for
+    mclSTExp, :func:`sq_spade.tl.train_baseline` for ridge and k-NN), the test sections'
+    expression is predicted from their images alone
     (:func:`sq_spade.tl.predict_expression`; retrieval methods retrieve from all the fold's
     non-test sections) and scored against their measured expression
     (:func:`sq_spade.tl.evaluate_expression`).
@@ -146,10 +153,8 @@ def cross_validate(
         Frozen features (default ``"X_<backbone>"``), computed when missing.
     seed
         Seed of every fold's training.
-    device
-        Torch device.
-    table_key
-        Table of a SpatialData.
+    %(device)s
+    %(table_key)s
     progress
         Progress bar over folds (default ``settings.progress``).
     return_per_gene
@@ -172,20 +177,15 @@ def cross_validate(
     >>> res = sqs.tl.cross_validate(sd, method="ridge", split="by_patient")  # doctest: +SKIP
     >>> res[["fold", "section", "ACG", "HEG"]]  # doctest: +SKIP
     """
-    from sq_spade._utils import progress as _progress
-    from sq_spade.tl._contrastive import train_contrastive
-    from sq_spade.tl._experts import train_experts
-    from sq_spade.tl._predict import evaluate_expression, predict_expression
-
     table = get_table(sdata, table_key)
     check_choice(method, "method", METHODS)
     check_choice(split, "split", SPLITS)
     check_choice(validation, "validation", ["auto", None])
-    check_choice(weighting, "weighting", ["inverse_sq_l2", "softmax", "uniform"])
+    check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(n_top, "n_top", integer=True)
     if isinstance(panel, str):
-        if panel not in ("spade", "heg"):
+        if panel not in K.PANEL_METHODS:
             raise ValueError(f"`panel` must be 'spade', 'heg' or a list of genes, got {panel!r}: a panel stored in "
                              "the table was chosen outside the folds and could leak the test sections.")
     else:
@@ -228,8 +228,10 @@ def cross_validate(
                       validation_sections=val or None, seed=seed, device=device)
         if method == "spade":
             model = train_experts(fold_train, **common, **train_kwargs)
+        elif method == "mclstexp":
+            model = train_contrastive(fold_train, **common, **train_kwargs)
         else:
-            model = train_contrastive(fold_train, method=method, **common, **train_kwargs)
+            model = train_baseline(fold_train, method=method, **common, **train_kwargs)
         panels[str(fold)] = list(model.panel)
         query = _fold_object(sdata, work, test, table_key, as_sd)
         k_used = int(k)

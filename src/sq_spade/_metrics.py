@@ -5,6 +5,9 @@ correlation of each gene across spots, averaged over all panel genes (ACG, "all 
 genes") and over the genes with the highest mean observed expression (HEG); MSE and MAE on
 the normalised scale. Genes constant in the prediction or the observation have no defined
 correlation: they are skipped and counted instead of producing NaN warnings.
+
+Arrays only, on the bottom floor: training-time selection (SPADE's reference side), the
+regressors' cross-validation and :func:`sq_spade.tl.evaluate_expression` all score with these.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from sq_spade._validation import check_positive_int
 
 __all__ = ["expression_metrics", "gene_correlations"]
 
@@ -71,7 +76,7 @@ def gene_correlations(predicted: Any, observed: Any) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._metrics import gene_correlations
+    >>> from sq_spade._metrics import gene_correlations
     >>> obs = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
     >>> gene_correlations(obs * 2 + 1, obs)
     array([ 1., nan])
@@ -117,7 +122,7 @@ def expression_metrics(
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._metrics import expression_metrics
+    >>> from sq_spade._metrics import expression_metrics
     >>> rng = np.random.default_rng(0)
     >>> obs = rng.random((100, 20))
     >>> summary, per_gene = expression_metrics(obs + 0.1 * rng.random((100, 20)), obs, n_heg=5)
@@ -126,8 +131,7 @@ def expression_metrics(
     """
     p, o = _check_pair(predicted, observed)
     n_spots, n_genes = o.shape
-    if isinstance(n_heg, bool) or not isinstance(n_heg, (int, np.integer)) or n_heg < 1:
-        raise ValueError(f"`n_heg` must be a positive integer, got {n_heg!r}.")
+    n_heg = check_positive_int(n_heg, "n_heg")
     if gene_names is None:
         names = np.array([f"gene_{i}" for i in range(n_genes)], dtype=object)
     else:
