@@ -10,6 +10,7 @@ import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade._validation import check_choice, check_obs_column, check_obsm, get_table
+from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -66,8 +67,6 @@ def few_shot(
     --------
     >>> sqs.tl.few_shot(sdata_a1, label_key="label", embedding_keys=["X_spade", "X_efficientnet_lite0"])  # doctest: +SKIP
     """
-    from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
-
     table = get_table(data, table_key, arg="data")
     check_choice(classifier, "classifier", ["logistic", "knn", "prototype"])
     if isinstance(embedding_keys, str) or not len(embedding_keys):

@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -46,9 +46,7 @@ from sq_spade.train._common import (
     load_checkpoint_state,
     state_for_checkpoint,
 )
-
-if TYPE_CHECKING:
-    from sq_spade.train._options import FitOptions
+from sq_spade.train._options import FitOptions
 
 CHECKPOINT_CLASS = "TrainingCheckpoint"
 Kind = Literal["fit_experts", "fit_contrastive"]
