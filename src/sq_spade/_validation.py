@@ -21,7 +21,7 @@ def is_spatialdata(obj: Any) -> bool:
     return type(obj).__name__ == "SpatialData" and hasattr(obj, "tables")
 
 
-def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLE_KEY, *,
+def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFAULT, *,
               arg: str = "sdata") -> AnnData:
     """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``)."""
     from anndata import AnnData
@@ -30,7 +30,7 @@ def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLE_KEY, 
         return data
     if not is_spatialdata(data):
         raise TypeError(f"`{arg}` must be an AnnData or a SpatialData, got {type(data).__name__}.")
-    table_key = K.TABLE_KEY if table_key is None else table_key
+    table_key = K.TABLES.DEFAULT if table_key is None else table_key
     if table_key not in data.tables:
         raise KeyError(
             f"`table_key={table_key!r}` is not a table of `{arg}`; "
@@ -123,16 +123,16 @@ def check_sections(adata: AnnData, sections: Sequence[str] | str | None, *, arg:
 
 def section_ids(adata: AnnData) -> np.ndarray:
     """Section ids in order of first appearance (one id ``'section'`` if the column is absent)."""
-    if K.SECTION_KEY not in adata.obs:
+    if K.OBS.SECTION not in adata.obs:
         return np.array(["section"])
-    return np.asarray(list(dict.fromkeys(adata.obs[K.SECTION_KEY].astype(str))))
+    return np.asarray(list(dict.fromkeys(adata.obs[K.OBS.SECTION].astype(str))))
 
 
 def section_labels(adata: AnnData) -> np.ndarray:
     """Per-row section id as a string array."""
-    if K.SECTION_KEY not in adata.obs:
+    if K.OBS.SECTION not in adata.obs:
         return np.full(adata.n_obs, "section", dtype=object)
-    return adata.obs[K.SECTION_KEY].astype(str).to_numpy()
+    return adata.obs[K.OBS.SECTION].astype(str).to_numpy()
 
 
 def check_rgb_uint8(image: np.ndarray, *, arg: str = "image") -> np.ndarray:

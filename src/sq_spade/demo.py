@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sq_spade import _constants as K
 from sq_spade import datasets, io, pl, pp, tl
 from sq_spade._utils import atomic_path
 from sq_spade._version import __version__
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     train = io.combine_sections([sections["C2"], sections["C3"]])
     query = sections["C4"]
     for name, sd in (("C2+C3", train), ("C4", query)):
-        t = sd.tables["table"]
+        t = sd.tables[K.TABLES.DEFAULT]
         say(f"{name}: {t.n_obs} spots, {t.n_vars} genes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # her2st is 0.69 um/px: patches are upsampled to 0.5
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     fig_path = out / "C4_predicted_vs_observed.png"
     pl.spatial(query, best, ncols=2, save=fig_path, show=False, dpi=110)
     model_path = model.save(out / "spade_model")
-    table = query.tables["table"]
-    order = np.argsort(-table.obs["patch_tissue_fraction"].to_numpy())
+    table = query.tables[K.TABLES.DEFAULT]
+    order = np.argsort(-table.obs[K.OBS.PATCH_TISSUE].to_numpy())
     pick = order[np.linspace(0, len(order) - 1, 16).astype(int)]
     from PIL import Image
 

@@ -76,9 +76,9 @@ def _color_values(adata: AnnData, name: str, layer: str | None) -> tuple[np.ndar
 def embedding(
     sdata: SpatialData | AnnData,
     *,
-    basis: str = K.SPADE_KEY,
-    color: str | Sequence[str] | None = (K.SECTION_KEY,),
-    table_key: str = K.TABLE_KEY,
+    basis: str = K.OBSM.SPADE,
+    color: str | Sequence[str] | None = (K.OBS.SECTION,),
+    table_key: str = K.TABLES.DEFAULT,
     layer: str | None = None,
     n_neighbors: int = 15,
     random_state: int = 0,

@@ -66,8 +66,8 @@ class _Canvas:
 
 def _resolve_table_key(sdata: Any, table_key: str) -> str:
     """The default predictions table falls back to the main table when there is none."""
-    if is_spatialdata(sdata) and table_key == K.PREDICTED_TABLE and table_key not in sdata.tables:
-        return K.TABLE_KEY
+    if is_spatialdata(sdata) and table_key == K.TABLES.PREDICTED and table_key not in sdata.tables:
+        return K.TABLES.DEFAULT
     return table_key
 
 
@@ -335,11 +335,11 @@ def spatial(
     sdata: SpatialData,
     genes: str | Sequence[str],
     *,
-    layer: str | None = K.PREDICTED_LAYER,
-    observed_layer: str | None = K.NORMALIZED_LAYER,
+    layer: str | None = K.LAYERS.PREDICTED,
+    observed_layer: str | None = K.LAYERS.NORMALIZED,
     compare: bool = True,
     section: str | None = None,
-    table_key: str = K.PREDICTED_TABLE,
+    table_key: str = K.TABLES.PREDICTED,
     image_key: str | None = None,
     cmap: str | Colormap = "viridis",
     ncols: int = 4,
@@ -440,8 +440,8 @@ def spatial(
     values = _dense_columns(table, layer, sec.rows, cols)
     observed = _dense_columns(table, observed_layer, sec.rows, cols) if pair else None
     measured = np.ones(len(genes), bool)
-    if pair and "observed" in table.var and table.var["observed"].dtype == bool:
-        measured = table.var["observed"].to_numpy()[cols]  # predicted-only genes of the panel
+    if pair and K.VAR.OBSERVED in table.var and table.var[K.VAR.OBSERVED].dtype == bool:
+        measured = table.var[K.VAR.OBSERVED].to_numpy()[cols]  # predicted-only genes of the panel
     pair = pair and bool(measured.any())
     per_gene = 2 if pair else 1
     check_ax(ax, len(genes) * per_gene)
@@ -494,9 +494,9 @@ def spatial(
 def experts(
     sdata: SpatialData,
     *,
-    key: str = K.SPADE_EXPERT,
+    key: str = K.OBS.SPADE_EXPERT,
     section: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     weights_key: str | None = None,
     expert: int | None = None,
     image_key: str | None = None,
@@ -617,7 +617,7 @@ def experts(
         else:
             fig, owns = ax.figure, False
         _draw_panel(ax, canvas, facecolors=face, title=title if title is not None else sec.section, **kw)
-        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if key == K.SPADE_EXPERT else key,
+        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if key == K.OBS.SPADE_EXPERT else key,
                    loc=legend_loc)
         return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi, owns_figure=owns)
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def feature_provenance(adata: Any, key: str) -> dict[str, Any] | None:
     """What :func:`compute_features` recorded for ``obsm[key]`` (``None`` when unknown)."""
-    return adata.uns.get(K.FEATURES_UNS, {}).get(key)
+    return adata.uns.get(K.UNS.FEATURES, {}).get(key)
 
 
 def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256: str | None = None) -> None:
@@ -52,7 +52,7 @@ def compute_features(
     device: str | None = None,
     num_workers: int | None = None,
     tta: bool = False,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
@@ -181,7 +181,7 @@ def compute_features(
     out[p.rows] = feats
     geometry = {k: v for k, v in p.geometry.to_dict().items()}
     table.obsm[key] = out
-    table.uns.setdefault(K.FEATURES_UNS, {})[key] = {
+    table.uns.setdefault(K.UNS.FEATURES, {})[key] = {
         "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
         "input_size": int(model.input_size), "patch_geometry": geometry, "tta": bool(tta),
         "sq_spade_version": __version__, "device": dev_type,

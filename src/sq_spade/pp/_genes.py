@@ -68,15 +68,15 @@ def _exclusion_mask(names: np.ndarray, exclude_mito: bool, exclude_ribo: bool) -
 
 def select_genes(
     data: AnnData | SpatialData,
-    method: str | Sequence[str] = "spade",
+    method: K.PanelMethod | Sequence[str] = "spade",
     *,
     n_top: int = 50,
     train_sections: Sequence[str] | str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     counts_layer: str | None = None,
     exclude_mito: bool = True,
     exclude_ribo: bool = True,
-    key_added: str = K.PANEL_VAR,
+    key_added: str = K.VAR.PANEL,
     inplace: bool = True,
 ) -> list[str] | None:
     """Choose a gene panel from the training sections only.
@@ -131,7 +131,7 @@ def select_genes(
     labels = section_labels(adata)
     train_rows = np.isin(labels, sections)
     if isinstance(method, str):
-        check_choice(method, "method", ["spade", "heg"])
+        check_choice(method, "method", K.PANEL_METHODS)
         check_positive(n_top, "n_top", integer=True)
         usable = genes_present_in(adata, sections) & _exclusion_mask(names, exclude_mito, exclude_ribo)
         X = _counts(adata, counts_layer)
@@ -190,7 +190,7 @@ def select_genes(
 def panel_genes(adata: AnnData, panel: str | Sequence[str] | None = None) -> list[str]:
     """Resolve a panel argument: a list of genes, a boolean var column, or the default panel."""
     if panel is None:
-        panel = K.PANEL_VAR if K.PANEL_VAR in adata.var else None
+        panel = K.VAR.PANEL if K.VAR.PANEL in adata.var else None
         if panel is None:
             return adata.var_names.astype(str).tolist()
     if isinstance(panel, str):
@@ -249,10 +249,10 @@ def normalize(
     data: AnnData | SpatialData,
     *,
     panel: str | Sequence[str] | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
-    layer_added: str = K.NORMALIZED_LAYER,
+    layer_added: str = K.LAYERS.NORMALIZED,
 ) -> None:
     """Library size over the panel genes, scaled to ``target_sum``, then log1p, into a layer.
 

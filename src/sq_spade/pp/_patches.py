@@ -304,7 +304,7 @@ def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
 def patches(
     sdata: SpatialData,
     *,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
@@ -332,8 +332,8 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
 
     table = get_table(sdata, table_key)
-    if patch_size_um is None and mpp is None and patch_px is None and K.PATCHES_UNS in table.uns:
-        g = table.uns[K.PATCHES_UNS]
+    if patch_size_um is None and mpp is None and patch_px is None and K.UNS.PATCHES in table.uns:
+        g = table.uns[K.UNS.PATCHES]
         if g.get("mode") == "native":
             patch_px = int(g["patch_px"])
         else:
@@ -401,7 +401,7 @@ def extract_patches(
     *,
     image_key: str | None = None,
     shapes_key: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     patch_size_um: float | None = None,
     mpp: float | None = None,
     patch_px: int | None = None,
@@ -460,10 +460,10 @@ def extract_patches(
     if tissue:
         tissue_frac = np.array([tissue_fraction(p[i]) for i in progress(range(len(p)), total=len(p), desc="patches")])
     table = get_table(sdata, table_key)
-    for key, values in ((K.PATCH_TISSUE, tissue_frac), (K.PATCH_PADDED, padded)):
+    for key, values in ((K.OBS.PATCH_TISSUE, tissue_frac), (K.OBS.PATCH_PADDED, padded)):
         if values is not None:
             col = np.full(table.n_obs, np.nan)
             col[p.rows] = values
             table.obs[key] = col
-    table.uns[K.PATCHES_UNS] = p.geometry.to_dict()
+    table.uns[K.UNS.PATCHES] = p.geometry.to_dict()
     return p

@@ -636,7 +636,7 @@ def write_feature_store(
     gene_input: K.GeneInput = "log1p_cp10k",
     counts_layer: str | None = None,
     sections: Sequence[str] | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     dtype: K.StoreDtype = "float16",
     chunk_rows: int = 4096,
     overwrite: bool = False,

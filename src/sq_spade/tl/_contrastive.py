@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 
     from sq_spade.models import KNNModel, RidgeModel
 
-#: ``uns`` key of :func:`train_contrastive`'s provenance (``K.UNS.MCLSTEXP``).
-MCLSTEXP_UNS = K.UNS.MCLSTEXP
-METHODS = K.CONTRASTIVE_METHODS
-
 
 def _clip_positions(pos: np.ndarray, model: MclSTExp) -> np.ndarray:
     n_x, n_y = int(model.config.n_x), int(model.config.n_y)
@@ -257,7 +253,7 @@ def train_contrastive(
     >>> model = sqs.tl.train_contrastive(sd, train_sections=["C2", "C3"], validation_sections=["C4"])  # doctest: +SKIP
     """
     table = get_table(sdata, table_key)
-    check_choice(method, "method", METHODS)
+    check_choice(method, "method", K.CONTRASTIVE_METHODS)
     check_choice(finetune, "finetune", K.FINETUNES)
     check_choice(loss, "loss", K.LOSSES)
     check_choice(position, "position", (*K.POSITIONS, None))
@@ -361,7 +357,7 @@ def train_contrastive(
         emb[patch_src.rows] = model.embed_patches(patch_src, device=device, num_workers=num_workers)
     # write results only once everything has succeeded
     table.obsm[key_added] = emb
-    table.uns[MCLSTEXP_UNS] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
+    table.uns[K.UNS.MCLSTEXP] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added, "sq_spade_version": __version__})
     return model
 

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-METHODS = K.METHODS
-SPLITS = K.SPLITS
 #: Arguments the folds set themselves.
 _RESERVED = ("train_sections", "validation_sections", "method", "panel", "n_top", "features_key", "backbone",
              "table_key", "seed", "key_added")
@@ -42,18 +40,18 @@ def _folds(table: Any, sections: list[str], split: str) -> list[tuple[str, list[
     """``(fold name, test sections)`` per fold."""
     if split == "leave_one_section_out":
         return [(s, [s]) for s in sections]
-    if K.PATIENT_KEY not in table.obs:
-        raise KeyError(f"`split='by_patient'` needs the obs column {K.PATIENT_KEY!r} (patient of each spot); "
+    if K.OBS.PATIENT not in table.obs:
+        raise KeyError(f"`split='by_patient'` needs the obs column {K.OBS.PATIENT!r} (patient of each spot); "
                        f"available: {list(table.obs.columns)}.")
     labels = section_labels(table)
-    patients = table.obs[K.PATIENT_KEY].astype(str).to_numpy()
-    if table.obs[K.PATIENT_KEY].isna().any():
-        raise ValueError(f"`obs[{K.PATIENT_KEY!r}]` has missing values: every spot needs a patient.")
+    patients = table.obs[K.OBS.PATIENT].astype(str).to_numpy()
+    if table.obs[K.OBS.PATIENT].isna().any():
+        raise ValueError(f"`obs[{K.OBS.PATIENT!r}]` has missing values: every spot needs a patient.")
     by_patient: dict[str, list[str]] = {}
     for s in sections:
         ps = sorted(set(patients[labels == s]))
         if len(ps) != 1:
-            raise ValueError(f"Section {s!r} has spots of several patients {ps} in `obs[{K.PATIENT_KEY!r}]`.")
+            raise ValueError(f"Section {s!r} has spots of several patients {ps} in `obs[{K.OBS.PATIENT!r}]`.")
         by_patient.setdefault(ps[0], []).append(s)
     return list(by_patient.items())
 
@@ -66,8 +64,8 @@ def _working_table(table: Any, features_key: str | None) -> Any:
             if k in table.obsm}
     uns = {k: table.uns[k] for k in (K.UNS.FEATURES, K.UNS.SECTIONS) if k in table.uns}
     work = ad.AnnData(X=table.X, obs=table.obs.copy(), var=table.var.copy(), obsm=obsm, uns=uns)
-    if K.GENES_PRESENT in table.varm:
-        work.varm[K.GENES_PRESENT] = table.varm[K.GENES_PRESENT]
+    if K.VARM.GENES_PRESENT in table.varm:
+        work.varm[K.VARM.GENES_PRESENT] = table.varm[K.VARM.GENES_PRESENT]
     return work
 
 
@@ -83,11 +81,11 @@ def _fold_object(sdata: Any, work: Any, sections: list[str], table_key: str, as_
     secs = [s for s in get_sections(sdata, table_key=table_key) if s.section in sections]
     images = {s.image_key: sdata.images[s.image_key] for s in secs if s.image_key is not None}
     shapes = {s.shapes_key: sdata.shapes[s.shapes_key] for s in secs}
-    region_key = attrs.get("region_key", K.REGION_KEY)
+    region_key = attrs.get("region_key", K.OBS.REGION)
     sub.obs[region_key] = pd.Categorical(sub.obs[region_key].astype(str))
     table = TableModel.parse(sub, region=list(shapes), region_key=region_key,
-                             instance_key=attrs.get("instance_key", K.INSTANCE_KEY))
-    return SpatialData(images=images, shapes=shapes, tables={K.TABLE_KEY: table})
+                             instance_key=attrs.get("instance_key", K.OBS.INSTANCE))
+    return SpatialData(images=images, shapes=shapes, tables={K.TABLES.DEFAULT: table})
 
 
 @inject_docs
@@ -106,7 +104,7 @@ def cross_validate(
     backbone: str = "efficientnet_lite0",
     seed: int = 0,
     device: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     progress: bool | None = None,
     return_per_gene: bool = False,
     **train_kwargs: Any,
@@ -178,8 +176,8 @@ def cross_validate(
     >>> res[["fold", "section", "ACG", "HEG"]]  # doctest: +SKIP
     """
     table = get_table(sdata, table_key)
-    check_choice(method, "method", METHODS)
-    check_choice(split, "split", SPLITS)
+    check_choice(method, "method", K.METHODS)
+    check_choice(split, "split", K.SPLITS)
     check_choice(validation, "validation", ["auto", None])
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
@@ -216,7 +214,7 @@ def cross_validate(
         fkey, _ = resolve_features(sdata, table, features_key=features_key, backbone=backbone, device=device,
                                    table_key=table_key)
     work = _working_table(table, fkey)
-    retrieval = method in ("spade", "mclstexp")
+    retrieval = method in ("spade", "mclstexp")  # the methods that retrieve from a reference
     rows, per_gene, panels = [], [], {}
     for fold, test in _progress(folds, total=len(folds), desc=f"cross-validating {method}", enabled=progress):
         rest = [s for s in sections if s not in test]
@@ -236,7 +234,7 @@ def cross_validate(
         query = _fold_object(sdata, work, test, table_key, as_sd)
         k_used = int(k)
         if retrieval:
-            n_ref = get_table(fold_train, K.TABLE_KEY).n_obs
+            n_ref = get_table(fold_train, K.TABLES.DEFAULT).n_obs
             if k > n_ref:
                 warnings.warn(f"Fold {fold!r}: `k={k}` exceeds its {n_ref} reference spots; using k={n_ref}.",
                               UserWarning, stacklevel=2)
@@ -244,7 +242,7 @@ def cross_validate(
         pred = predict_expression(query, model, reference=fold_train if retrieval else None, k=k_used,
                                   weighting=weighting, features_key=fkey, reference_features_key=fkey,
                                   device=device)
-        res, pg = evaluate_expression(pred, by=K.SECTION_KEY, return_per_gene=True)
+        res, pg = evaluate_expression(pred, by=K.OBS.SECTION, return_per_gene=True)
         for r in res.to_dict("records"):
             rows.append({"method": method, "split": split, "fold": str(fold), **r, "k": k_used if retrieval else None,
                          "train_sections": ",".join(train), "validation_sections": ",".join(val)})
@@ -252,7 +250,7 @@ def cross_validate(
         pg.insert(0, "method", method)
         per_gene.append(pg)
     df = pd.DataFrame(rows)
-    front = ["method", "split", "fold", K.SECTION_KEY, "n_spots", "n_genes", "ACG", "HEG", "MSE", "MAE",
+    front = ["method", "split", "fold", K.OBS.SECTION, "n_spots", "n_genes", "ACG", "HEG", "MSE", "MAE",
              "n_skipped_constant"]
     df = df[front + [c for c in df.columns if c not in front]]
     df.attrs["panels"] = panels

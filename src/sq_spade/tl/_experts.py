@@ -316,7 +316,7 @@ def train_experts_from_store(
                      centroid_groups=np.asarray(groups, dtype=object), train=train, val=val,
                      params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                              "loss": loss, "temperature": temperature, "seed": seed,
-                             "n_experts_requested": n_experts, "group_key": "section", "features_key": None,
+                             "n_experts_requested": n_experts, "group_key": K.OBS.SECTION, "features_key": None,
                              "patience": patience, "store": str(fs.path)})
 
 

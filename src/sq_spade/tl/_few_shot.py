@@ -24,9 +24,9 @@ def few_shot(
     embedding_keys: Sequence[str],
     shots: Sequence[int] = (1, 2, 4, 8, 16),
     n_repeats: int = 20,
-    classifier: str = "logistic",
+    classifier: K.Classifier = "logistic",
     seed: int = 0,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     summarize: bool = True,
 ) -> pd.DataFrame:
     """Compare embeddings by k-shot probes on spot labels (e.g. pathologist regions).
@@ -68,7 +68,7 @@ def few_shot(
     >>> sqs.tl.few_shot(sdata_a1, label_key="label", embedding_keys=["X_spade", "X_efficientnet_lite0"])  # doctest: +SKIP
     """
     table = get_table(data, table_key, arg="data")
-    check_choice(classifier, "classifier", ["logistic", "knn", "prototype"])
+    check_choice(classifier, "classifier", K.CLASSIFIERS)
     if isinstance(embedding_keys, str) or not len(embedding_keys):
         raise ValueError(f"`embedding_keys` must be a non-empty list of obsm keys, got {embedding_keys!r}.")
     labels = check_obs_column(table, label_key, arg="label_key")
