@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._settings import settings
 from sq_spade._utils import atomic_path, process_rank, resolve_device
 from sq_spade._validation import check_positive, get_table, is_spatialdata
@@ -42,6 +43,7 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
         )
 
 
+@inject_docs
 def compute_features(
     sdata: SpatialData,
     *,
@@ -80,8 +82,7 @@ def compute_features(
         ``obsm`` key; default ``"X_<backbone>"``.
     batch_size
         Patches per forward pass.
-    device
-        ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``...
+    %(device)s
     num_workers
         DataLoader workers reading patches (default: ``settings.num_workers``; 0 on CPU is
         best, since the forward pass dominates there).

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -66,6 +67,7 @@ def _exclusion_mask(names: np.ndarray, exclude_mito: bool, exclude_ribo: bool) -
     return keep
 
 
+@inject_docs
 def select_genes(
     data: AnnData | SpatialData,
     method: K.PanelMethod | Sequence[str] = "spade",
@@ -96,8 +98,7 @@ def select_genes(
     train_sections
         Sections the panel is computed from (default: all). Choose only training sections so
         evaluation cannot leak.
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     counts_layer
         Layer of raw counts (default ``X``).
     exclude_mito, exclude_ribo
@@ -245,6 +246,7 @@ def panel_expression(table: AnnData, panel: Sequence[str], *, gene_input: K.Gene
     return out, present
 
 
+@inject_docs
 def normalize(
     data: AnnData | SpatialData,
     *,
@@ -266,8 +268,7 @@ def normalize(
     panel
         Gene list, boolean ``var`` column, or ``None`` for the panel of
         :func:`select_genes` (or all genes when none was chosen).
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     counts_layer
         Layer of raw counts (default ``X``).
     target_sum

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._serialize import to_jsonable
 from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
@@ -627,6 +628,7 @@ class FeatureStore:
         return FeatureWindow(feats, expr, np.concatenate(ids), np.concatenate(secs), out_parts)
 
 
+@inject_docs
 def write_feature_store(
     data: AnnData | SpatialData,
     path: str | os.PathLike,
@@ -666,8 +668,7 @@ def write_feature_store(
         Layer of raw counts (default ``X``).
     sections
         Sections to write (default: every section of the table).
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     dtype
         Feature dtype of a new store: ``"float16"`` or ``"float32"``.
     chunk_rows

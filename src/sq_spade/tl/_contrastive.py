@@ -37,6 +37,14 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from sq_spade.models import KNNModel, RidgeModel
+    from sq_spade.train import FitOptions
+
+
+def _fit_options(**options: Any) -> FitOptions:
+    """MclSTExp's training options, checked."""
+    from sq_spade.train import FitOptions
+
+    return FitOptions.contrastive(**options)
 
 
 def _clip_positions(pos: np.ndarray, model: MclSTExp) -> np.ndarray:
@@ -255,13 +263,11 @@ def train_contrastive(
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.CONTRASTIVE_METHODS)
     check_choice(finetune, "finetune", K.FINETUNES)
-    check_choice(loss, "loss", K.LOSSES)
     check_choice(position, "position", (*K.POSITIONS, None))
     check_choice(context, "context", K.CONTEXTS)
     check_choice(gene_input, "gene_input", K.GENE_INPUTS)
     check_choice(schedule, "schedule", K.SCHEDULES)
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("n_top", n_top), ("out_dim", out_dim),
-                    ("tile_size", tile_size), ("patch_px", patch_px)):
+    for name, v in (("n_top", n_top), ("out_dim", out_dim), ("tile_size", tile_size), ("patch_px", patch_px)):
         check_positive(v, name, integer=True)
     if method != "mclstexp" and finetune != "none":
         raise ValueError(f"`finetune={finetune!r}` applies to method='mclstexp' only; {method!r} uses frozen features.")
@@ -273,6 +279,10 @@ def train_contrastive(
     if method != "mclstexp" and (checkpoint_dir is not None or resume is not False):
         raise ValueError(f"`checkpoint_dir` and `resume` apply to method='mclstexp' only; {method!r} has no "
                          f"training epochs.")
+    # the training options, checked once here (before any feature is computed)
+    opts = _fit_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+                        temperature=temperature, patience=patience, seed=seed, device=device or settings.device,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     if method != "mclstexp":
         warnings.warn(f"`sqs.tl.train_contrastive(method={method!r})` is deprecated: train the baselines with "
                       f"`sqs.tl.train_baseline(sdata, method={method!r}, ...)`.", FutureWarning, stacklevel=2)
@@ -282,13 +292,9 @@ def train_contrastive(
                               device=device, table_key=table_key)
 
     from sq_spade.nn.inference import resize_preprocess
-    from sq_spade.train import FitOptions, fit_contrastive
+    from sq_spade.train import fit_contrastive
     from sq_spade.train._finetune import finetune_prefixes
 
-    opts = FitOptions.contrastive(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
-                                  temperature=temperature, patience=patience, seed=seed,
-                                  device=device or settings.device, checkpoint_dir=checkpoint_dir,
-                                  checkpoint_every=checkpoint_every, resume=resume)
     train, val = split_sections(table, train_sections, validation_sections)
     genes_list = resolve_panel(table, panel, n_top, train)
     tr, va = rows_of(table, train), rows_of(table, val)

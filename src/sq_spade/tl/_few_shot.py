@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._validation import check_choice, check_obs_column, check_obsm, get_table
 from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
+@inject_docs
 def few_shot(
     data: SpatialData | AnnData,
     *,
@@ -53,8 +55,7 @@ def few_shot(
         ``"logistic"`` (standardised features, C = 1), ``"knn"`` or ``"prototype"``.
     seed
         Seed of the draws.
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     summarize
         Return mean and standard deviation over repeats (else one row per repeat).
 
