@@ -125,7 +125,7 @@ class JsonConfig(Mapping):
     def from_mapping(cls, values: Mapping[str, Any], *, error: type[Exception] = ValueError) -> Any:
         """A config from a dict, refusing unknown keys and invalid values with ``error``."""
         if isinstance(values, cls):
-            return values
+            return dataclasses.replace(values)  # a copy: models never share a config
         if not isinstance(values, Mapping):
             raise error(f"`config` must be a JSON object, got {type(values).__name__}.")
         unknown = set(values) - set(cls._rules())

@@ -174,8 +174,10 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     image_encoder
         Image encoder to fine-tune (moved to ``device``, trained in place).
     finetune
-        ``"all"`` its parameters, ``"last"`` those of its last top-level child that has
-        parameters, ``"none"`` (frozen, in eval mode), or a sequence of parameter-name prefixes.
+        ``"all"`` its parameters, ``"last"`` those of its last block (see
+        :func:`~sq_spade.train._finetune.last_block_prefixes`: EfficientNet's last stage and
+        head, ResNet's ``layer4[-1]``...; a registry backbone's wrapper is looked through),
+        ``"none"`` (frozen, in eval mode), or a sequence of parameter-name prefixes.
     augment
         With ``images``: ``True`` for :func:`default_augmentation` (per patch, training only),
         ``False`` for none, or a callable on uint8 ``(C, H, W)`` tensors.
