@@ -133,3 +133,24 @@ def test_checkpoint_contrastive_v1_reads_and_resumes(tmp_path):
         same(fit.image_head(torch.as_tensor(f)).numpy(), e["image_out"])
         same(fit.spot_encoder(torch.as_tensor(g), torch.as_tensor(p), "self").numpy(), e["spot_out"])
     same(fit.history["train_loss"], e["train_loss"])
+
+
+def test_each_format_version_has_its_reader_and_newer_ones_are_refused(tmp_path):
+    from sq_spade._files import FORMAT_VERSION, FORMATS
+    from sq_spade.pp._store import STORE_FORMAT, STORE_FORMATS
+    from sq_spade.train import CheckpointError, read_checkpoint
+    from sq_spade.train._checkpoint import CHECKPOINT_FORMATS, CHECKPOINT_VERSION
+
+    assert FORMAT_VERSION in FORMATS and CHECKPOINT_VERSION in CHECKPOINT_FORMATS and STORE_FORMAT in STORE_FORMATS
+    model = shutil.copytree(V1 / "ridge", tmp_path / "ridge")
+    doc = json.loads((model / "config.json").read_text())
+    for version, match in ((FORMAT_VERSION + 1, "newer than this sq_spade reads"), (0, "not a model-file format")):
+        (model / "config.json").write_text(json.dumps({**doc, "format_version": version}))
+        with pytest.raises(sqs.models.ModelFileError, match=match):
+            sqs.models.RidgeModel.load(model)
+    ckpt = shutil.copytree(V1 / "checkpoint_experts", tmp_path / "ckpt")
+    doc = json.loads((ckpt / "config.json").read_text())
+    doc["config"]["checkpoint_version"] = CHECKPOINT_VERSION + 1
+    (ckpt / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="checkpoint format 2, newer"):
+        read_checkpoint(ckpt)
