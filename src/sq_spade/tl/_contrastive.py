@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 def _fit_options(**options: Any) -> FitOptions:
-    """MclSTExp's training options, checked."""
+    """The training options of mclSTExp, checked."""
     from sq_spade.train import FitOptions
 
     return FitOptions.contrastive(**options)
