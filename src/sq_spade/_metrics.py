@@ -13,12 +13,14 @@ regressors' cross-validation and :func:`sq_spade.tl.evaluate_expression` all sco
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from sq_spade._validation import check_positive_int
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["expression_metrics", "gene_correlations"]
 
@@ -162,6 +164,8 @@ def expression_metrics(
         "n_skipped_constant": int((~scored).sum()),
         "n_heg_scored": int((scored & heg).sum()),
     }
+    import pandas as pd  # only here: the array-level metrics (and the regressors) do without it
+
     per_gene = pd.DataFrame({
         "gene": names,
         "pearson_r": r,
