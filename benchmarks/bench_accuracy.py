@@ -117,7 +117,7 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
             model = sqs.tl.train_contrastive(train, method="mclstexp", panel=panel, epochs=epochs_mcl,
                                              train_sections=fit_secs, validation_sections=val, seed=seed)
         else:
-            model = sqs.tl.train_contrastive(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
+            model = sqs.tl.train_baseline(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
         record(name, sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs)), t0)
     out = pd.concat(rows, ignore_index=True)
     out["train"] = "+".join(train_secs)

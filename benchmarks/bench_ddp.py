@@ -75,8 +75,8 @@ def train(args: argparse.Namespace) -> None:
         encoder: nn.Module = ConvNet()
         preprocess = None
     else:
-        from sq_spade.models._mclstexp import resize_preprocess
         from sq_spade.nn.backbones import get_backbone
+        from sq_spade.nn.inference import resize_preprocess
 
         encoder = get_backbone(args.backbone)
         preprocess = resize_preprocess(int(encoder.input_size), args.px)

@@ -11,8 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sq_spade._settings import settings
-
-__version__ = "0.1.0"
+from sq_spade._version import __version__
 
 _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "models", "nn", "train")
 

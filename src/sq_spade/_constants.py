@@ -1,6 +1,16 @@
-"""Every key that sq_spade reads from or writes into AnnData / SpatialData, in one place."""
+"""Every key that sq_spade reads from or writes into AnnData / SpatialData, and every option set.
+
+Keys are grouped by where they live (scvi-tools' ``REGISTRY_KEYS`` style): ``K.OBS.SECTION`` is
+the ``obs`` column of section ids, ``K.UNS.SECTIONS`` the ``uns`` entry of per-section metadata.
+The flat names of earlier versions (``K.SECTION_KEY``, ``K.PANEL_UNS``...) stay as aliases.
+
+Option sets are declared once, as a ``Literal`` alias for signatures and a tuple for checks
+(``LOSSES = get_args(Loss)``), so the check, the signature and the documentation cannot drift.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple, get_args
 
 # --- coordinate systems -------------------------------------------------------------------
 #: Suffix of the per-section physical coordinate system. Every image and shapes element of a
@@ -8,39 +18,97 @@ from __future__ import annotations
 #: micrometre; this is the one place where the physical pixel size is recorded.
 MICRONS_SUFFIX = "_um"
 
-# --- table layout ---------------------------------------------------------------------------
-TABLE_KEY = "table"
-REGION_KEY = "region"  # column naming the shapes element (one per section)
-INSTANCE_KEY = "spot_id"  # column linking a row to its circle in the shapes element
-SECTION_KEY = "section"  # categorical section id
-ARRAY_ROW = "array_row"
-ARRAY_COL = "array_col"
-IN_TISSUE = "in_tissue"
-PATIENT_KEY = "patient"
 
-#: ``varm`` DataFrame: which genes were measured in which section (combined objects).
-GENES_PRESENT = "genes_present"
+# --- keys, by where they live ---------------------------------------------------------------
+class _Tables(NamedTuple):
+    DEFAULT: str = "table"  # the annotation table of a SpatialData
+    PREDICTED: str = "predicted"  # predictions table written by tl.predict_expression
 
-# --- patches -------------------------------------------------------------------------------
-PATCHES_UNS = "sq_spade_patches"  # geometry of the last extract_patches call
-PATCH_TISSUE = "patch_tissue_fraction"
-PATCH_PADDED = "patch_padded_fraction"
 
-# --- panels and normalisation --------------------------------------------------------------
-PANEL_VAR = "sq_spade_panel"  # boolean var column
-PANEL_UNS = "sq_spade_panel"
-NORMALIZED_LAYER = "log1p_cp10k"
-COUNTS_LAYER = "counts"
+class _Obs(NamedTuple):
+    REGION: str = "region"  # names the shapes element (one per section)
+    INSTANCE: str = "spot_id"  # links a row to its circle in the shapes element
+    SECTION: str = "section"  # categorical section id
+    ARRAY_ROW: str = "array_row"
+    ARRAY_COL: str = "array_col"
+    IN_TISSUE: str = "in_tissue"
+    PATIENT: str = "patient"
+    PATCH_TISSUE: str = "patch_tissue_fraction"  # written by pp.extract_patches
+    PATCH_PADDED: str = "patch_padded_fraction"
+    SPADE_EXPERT: str = "spade_expert"  # expert of each spot (tl.train_experts, tl.embed)
 
-# --- features / embeddings / predictions -----------------------------------------------------
-FEATURES_UNS = "sq_spade_features"  # uns[FEATURES_UNS][obsm_key] -> provenance
-SPADE_KEY = "X_spade"
-SPADE_EXPERT = "spade_expert"
-SPADE_UNS = "spade"
-MCLSTEXP_KEY = "X_mclstexp"
-PREDICTED_LAYER = "predicted"
-PREDICTION_UNS = "sq_spade_prediction"
-PREDICTED_TABLE = "predicted"
+
+class _Var(NamedTuple):
+    PANEL: str = "sq_spade_panel"  # boolean: the gene panel of pp.select_genes
+    OBSERVED: str = "observed"  # predictions table: genes the query measured
+
+
+class _Varm(NamedTuple):
+    GENES_PRESENT: str = "genes_present"  # DataFrame: which genes each section measured
+
+
+class _Obsm(NamedTuple):
+    SPATIAL: str = "spatial"  # spot centres in pixels of the section's image
+    SPADE: str = "X_spade"
+    MCLSTEXP: str = "X_mclstexp"
+
+
+class _Layers(NamedTuple):
+    NORMALIZED: str = "log1p_cp10k"
+    COUNTS: str = "counts"
+    PREDICTED: str = "predicted"
+
+
+class _Uns(NamedTuple):
+    SECTIONS: str = "sq_spade_sections"  # per section: microns_per_pixel, image and shapes keys...
+    PATCHES: str = "sq_spade_patches"  # geometry of the last pp.extract_patches call
+    PANEL: str = "sq_spade_panel"  # how the panel was chosen
+    NORMALIZE: str = "sq_spade_normalize"  # per layer: parameters of pp.normalize
+    FEATURES: str = "sq_spade_features"  # per obsm key: provenance of the features
+    SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
+    MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
+    PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
+
+
+TABLES = _Tables()
+OBS = _Obs()
+VAR = _Var()
+VARM = _Varm()
+OBSM = _Obsm()
+LAYERS = _Layers()
+UNS = _Uns()
+
+#: Attribute of a feature store's root zarr group (``pp.write_feature_store``).
+FEATURE_STORE_ATTR = "sq_spade_feature_store"
+
+# flat aliases of the keys above (the names of earlier versions)
+TABLE_KEY = TABLES.DEFAULT
+PREDICTED_TABLE = TABLES.PREDICTED
+REGION_KEY = OBS.REGION
+INSTANCE_KEY = OBS.INSTANCE
+SECTION_KEY = OBS.SECTION
+ARRAY_ROW = OBS.ARRAY_ROW
+ARRAY_COL = OBS.ARRAY_COL
+IN_TISSUE = OBS.IN_TISSUE
+PATIENT_KEY = OBS.PATIENT
+PATCH_TISSUE = OBS.PATCH_TISSUE
+PATCH_PADDED = OBS.PATCH_PADDED
+SPADE_EXPERT = OBS.SPADE_EXPERT
+PANEL_VAR = VAR.PANEL
+GENES_PRESENT = VARM.GENES_PRESENT
+SPADE_KEY = OBSM.SPADE
+MCLSTEXP_KEY = OBSM.MCLSTEXP
+NORMALIZED_LAYER = LAYERS.NORMALIZED
+COUNTS_LAYER = LAYERS.COUNTS
+PREDICTED_LAYER = LAYERS.PREDICTED
+PATCHES_UNS = UNS.PATCHES
+PANEL_UNS = UNS.PANEL
+FEATURES_UNS = UNS.FEATURES
+SPADE_UNS = UNS.SPADE
+MCLSTEXP_UNS = UNS.MCLSTEXP
+PREDICTION_UNS = UNS.PREDICTION
+SECTIONS_UNS = UNS.SECTIONS
 
 
 def features_key(backbone: str) -> str:
@@ -51,3 +119,62 @@ def features_key(backbone: str) -> str:
 def microns_cs(section: str) -> str:
     """Name of the micrometre coordinate system of ``section``."""
     return f"{section}{MICRONS_SUFFIX}"
+
+
+# --- option sets ------------------------------------------------------------------------------
+#: Contrastive loss: BLEEP's soft targets, or CLIP's identity targets.
+Loss = Literal["bleep", "clip"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+#: Expression fed to a gene head / spot encoder.
+GeneInput = Literal["log1p_cp10k", "raw"]
+GENE_INPUTS: tuple[str, ...] = get_args(GeneInput)
+#: How retrieved reference values are averaged.
+Weighting = Literal["inverse_sq_l2", "softmax", "uniform"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+#: How keys are ranked in retrieval.
+Similarity = Literal["cosine", "dot"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+#: Spot positions of mclSTExp's spot encoder (``None``: no position embeddings).
+Position = Literal["grid", "pixel"]
+POSITIONS: tuple[str, ...] = get_args(Position)
+#: Which spots attend to each other in mclSTExp's spot encoder.
+Context = Literal["self", "batch", "tile"]
+CONTEXTS: tuple[str, ...] = get_args(Context)
+#: Which parameters of an image encoder train.
+Finetune = Literal["none", "last", "all"]
+FINETUNES: tuple[str, ...] = get_args(Finetune)
+#: What SPADE retrieves against on the reference side (``"auto"``: chosen on validation).
+ReferenceSide = Literal["genes", "images"]
+REFERENCE_SIDES: tuple[str, ...] = get_args(ReferenceSide)
+ReferenceSideChoice = Literal["auto", "genes", "images"]
+REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
+#: SPADE's routing of a spot to its experts.
+Routing = Literal["soft", "hard"]
+ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: Learning-rate schedule of mclSTExp.
+Schedule = Literal["constant", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+#: Ways to choose a gene panel on training sections.
+PanelMethod = Literal["spade", "heg"]
+PANEL_METHODS: tuple[str, ...] = get_args(PanelMethod)
+#: The reference regressors on frozen features.
+BaselineMethod = Literal["ridge", "knn"]
+BASELINE_METHODS: tuple[str, ...] = get_args(BaselineMethod)
+#: What ``tl.train_contrastive`` trains (``"ridge"``/``"knn"``: deprecated, see ``tl.train_baseline``).
+ContrastiveMethod = Literal["mclstexp", "ridge", "knn"]
+CONTRASTIVE_METHODS: tuple[str, ...] = get_args(ContrastiveMethod)
+#: Every method ``tl.cross_validate`` evaluates.
+Method = Literal["spade", "mclstexp", "ridge", "knn"]
+METHODS: tuple[str, ...] = get_args(Method)
+#: Cross-validation folds.
+Split = Literal["leave_one_section_out", "by_patient"]
+SPLITS: tuple[str, ...] = get_args(Split)
+#: Few-shot probe classifiers.
+Classifier = Literal["logistic", "knn", "prototype"]
+CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
+#: Score of a cross-validation fold of the regressors.
+Scoring = Literal["pearson", "mse"]
+SCORINGS: tuple[str, ...] = get_args(Scoring)
+#: Feature dtype of a feature store.
+StoreDtype = Literal["float16", "float32"]
+STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ def is_spatialdata(obj: Any) -> bool:
     return type(obj).__name__ == "SpatialData" and hasattr(obj, "tables")
 
 
-def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLE_KEY, *,
+def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFAULT, *,
               arg: str = "sdata") -> AnnData:
     """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``)."""
     from anndata import AnnData
@@ -28,7 +30,7 @@ def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLE_KEY, 
         return data
     if not is_spatialdata(data):
         raise TypeError(f"`{arg}` must be an AnnData or a SpatialData, got {type(data).__name__}.")
-    table_key = K.TABLE_KEY if table_key is None else table_key
+    table_key = K.TABLES.DEFAULT if table_key is None else table_key
     if table_key not in data.tables:
         raise KeyError(
             f"`table_key={table_key!r}` is not a table of `{arg}`; "
@@ -45,13 +47,45 @@ def check_choice(value: Any, arg: str, options: Iterable[Any]) -> Any:
     return value
 
 
-def check_positive(value: Any, arg: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
-    """Raise unless ``value`` is a positive (or non-negative) finite number."""
-    kind = "integer" if integer else "number"
-    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    if isinstance(value, bool) or not ok or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+def check_positive_int(value: Any, arg: str, *, allow_zero: bool = False, allow_none: bool = False) -> int | None:
+    """``value`` as an ``int`` if it is a positive (or non-negative) integer, else raise naming ``arg``.
+
+    The one integer check of the package: booleans are refused, numpy integers accepted.
+
+    Examples
+    --------
+    >>> check_positive_int(3, "epochs")
+    3
+    >>> check_positive_int(None, "k", allow_none=True) is None
+    True
+    """
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
         sign = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"`{arg}` must be a {sign} {kind}, got {value!r}.")
+        raise ValueError(f"`{arg}` must be a {sign} integer{' or None' if allow_none else ''}, got {value!r}.")
+    return int(value)
+
+
+def check_positive_float(value: Any, arg: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a ``float`` if it is a positive (or non-negative) finite number, else raise naming ``arg``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"`{arg}` must be a {sign} number, got {value!r}.")
+    return float(value)
+
+
+def check_positive(value: Any, arg: str, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    """Raise unless ``value`` is a positive (or non-negative) finite number; return it unchanged.
+
+    ``integer=True`` checks as :func:`check_positive_int`, otherwise as :func:`check_positive_float`.
+    """
+    if integer:
+        check_positive_int(value, arg, allow_zero=allow_zero)
+    else:
+        check_positive_float(value, arg, allow_zero=allow_zero)
     return value
 
 
@@ -89,16 +123,16 @@ def check_sections(adata: AnnData, sections: Sequence[str] | str | None, *, arg:
 
 def section_ids(adata: AnnData) -> np.ndarray:
     """Section ids in order of first appearance (one id ``'section'`` if the column is absent)."""
-    if K.SECTION_KEY not in adata.obs:
+    if K.OBS.SECTION not in adata.obs:
         return np.array(["section"])
-    return np.asarray(list(dict.fromkeys(adata.obs[K.SECTION_KEY].astype(str))))
+    return np.asarray(list(dict.fromkeys(adata.obs[K.OBS.SECTION].astype(str))))
 
 
 def section_labels(adata: AnnData) -> np.ndarray:
     """Per-row section id as a string array."""
-    if K.SECTION_KEY not in adata.obs:
+    if K.OBS.SECTION not in adata.obs:
         return np.full(adata.n_obs, "section", dtype=object)
-    return adata.obs[K.SECTION_KEY].astype(str).to_numpy()
+    return adata.obs[K.OBS.SECTION].astype(str).to_numpy()
 
 
 def check_rgb_uint8(image: np.ndarray, *, arg: str = "image") -> np.ndarray:

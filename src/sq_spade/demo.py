@@ -19,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sq_spade import _constants as K
+from sq_spade import datasets, io, pl, pp, tl
+from sq_spade._utils import atomic_path
+from sq_spade._version import __version__
+from sq_spade.datasets import DataUnavailableError
+
 
 def _montage(patches, rows: np.ndarray, ncols: int = 8) -> np.ndarray:
     tiles = [patches[int(i)] for i in rows]
@@ -43,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import sq_spade as sqs
-    from sq_spade._utils import atomic_path
-    from sq_spade.datasets import DataUnavailableError
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,30 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
-    say(f"sq_spade {sqs.__version__}; data folder {sqs.datasets.data_dir()}")
+    say(f"sq_spade {__version__}; data folder {datasets.data_dir()}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            sections = {s: sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")}
+            sections = {s: datasets.her2st(s) for s in ("C2", "C3", "C4")}
     except DataUnavailableError as e:
         print(f"\nThe demo needs the her2st data.\n{e}\n\nExample: export SQ_SPADE_DATA_DIR=/path/to/shared/data",
               file=sys.stderr)
         return 2
-    train = sqs.io.combine_sections([sections["C2"], sections["C3"]])
+    train = io.combine_sections([sections["C2"], sections["C3"]])
     query = sections["C4"]
     for name, sd in (("C2+C3", train), ("C4", query)):
-        t = sd.tables["table"]
+        t = sd.tables[K.TABLES.DEFAULT]
         say(f"{name}: {t.n_obs} spots, {t.n_vars} genes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # her2st is 0.69 um/px: patches are upsampled to 0.5
         for name, sd in (("C2+C3", train), ("C4", query)):
-            sqs.pp.extract_patches(sd)
-            sqs.pp.compute_features(sd, backbone="efficientnet_lite0")
+            pp.extract_patches(sd)
+            pp.compute_features(sd, backbone="efficientnet_lite0")
             say(f"{name}: EfficientNet-Lite0 features of 112 um patches at 0.5 um/px")
-    model = sqs.tl.train_experts(train, n_top=50, n_experts=args.experts, epochs=args.epochs, seed=0)
+    model = tl.train_experts(train, n_top=50, n_experts=args.experts, epochs=args.epochs, seed=0)
     say(f"trained {model} on C2 and C3")
-    sqs.tl.predict_expression(query, model, reference=train, k=args.k)
-    metrics, per_gene = sqs.tl.evaluate_expression(query, return_per_gene=True)
+    tl.predict_expression(query, model, reference=train, k=args.k)
+    metrics, per_gene = tl.evaluate_expression(query, return_per_gene=True)
     for name, df in (("metrics.csv", metrics), ("per_gene.csv", per_gene)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
@@ -85,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{c} {metrics[c].iloc[0]:.3f}" for c in ("ACG", "HEG", "MSE", "MAE")))
     best = per_gene.sort_values("pearson_r", ascending=False)["gene"].head(4).tolist()
     fig_path = out / "C4_predicted_vs_observed.png"
-    sqs.pl.spatial(query, best, ncols=2, save=fig_path, show=False, dpi=110)
+    pl.spatial(query, best, ncols=2, save=fig_path, show=False, dpi=110)
     model_path = model.save(out / "spade_model")
-    table = query.tables["table"]
-    order = np.argsort(-table.obs["patch_tissue_fraction"].to_numpy())
+    table = query.tables[K.TABLES.DEFAULT]
+    order = np.argsort(-table.obs[K.OBS.PATCH_TISSUE].to_numpy())
     pick = order[np.linspace(0, len(order) - 1, 16).astype(int)]
     from PIL import Image
 
     with atomic_path(out / "C4_patches.png") as tmp:
-        Image.fromarray(_montage(sqs.pp.patches(query), pick)).save(tmp, format="PNG")
+        Image.fromarray(_montage(pp.patches(query), pick)).save(tmp, format="PNG")
     summary = {"train": "C2 + C3", "query": "C4", "model": repr(model),
                "panel_size": len(model.panel), "metrics": metrics.to_dict(orient="records")[0],
                "best_genes": best, "seconds": round(time.perf_counter() - t0, 1)}

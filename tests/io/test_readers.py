@@ -164,7 +164,7 @@ def test_image_only_section_is_a_query_for_prediction():
                                    image=img, section="q", microns_per_pixel=1.0, spot_diameter_um=30.0)
     qt = q.tables["table"]
     assert qt.shape == (t.n_obs, 0)
-    model = sqs.tl.train_contrastive(sd, method="ridge", backbone="dummy", panel=list(t.var_names[:5]))
+    model = sqs.tl.train_baseline(sd, method="ridge", backbone="dummy", panel=list(t.var_names[:5]))
     pred = sqs.tl.predict_expression(q, model, reference=sd)
     assert pred.shape == (t.n_obs, 5) and np.isfinite(pred.layers["predicted"]).all()
     with pytest.raises(ValueError, match="`genes` were given without `counts`"):

@@ -45,7 +45,7 @@ def test_save_load_gives_identical_embeddings(tmp_path):
     back = MclSTExp.load(tmp_path / "m")
     assert np.array_equal(m.embed_images(feats), back.embed_images(feats))
     assert np.array_equal(m.embed_spots(expr, pos, groups), back.embed_spots(expr, pos, groups))
-    assert back.config == json.loads(json.dumps(m.config))  # the config survives as JSON
+    assert back.config == json.loads(json.dumps(m.config.to_json()))  # the config survives as JSON
     assert back.history == m.history and back.panel == m.panel
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert len(names) == 2 and names[0] == "config.json" and re.match(r"model-[0-9a-f]{16}\.safetensors$", names[1])

@@ -141,7 +141,7 @@ def test_write_feature_store_from_tables(tmp_path):
     # a second call appends; the panel and backbone must match
     store = sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel, sections=["b"])
     assert store.sections == ["a", "b"] and store.genes == panel and store.backbone == "dummy"
-    from sq_spade.tl._common import panel_expression
+    from sq_spade.pp._genes import panel_expression
 
     expr, _ = panel_expression(t, panel)
     for s in ("a", "b"):
@@ -181,3 +181,17 @@ def test_training_windows_serve_every_spot_with_its_expert(tmp_path):
         store.training_windows({"s0": np.full(7, 5)}, n_experts=3)
     with pytest.raises(KeyError, match="s9"):
         store.training_windows({"s9": np.zeros(3, int)}, n_experts=3)
+
+
+def test_store_of_an_unknown_format_is_refused(tmp_path):
+    import zarr
+
+    from sq_spade.pp._store import STORE_ATTR, STORE_FORMATS
+
+    _store(tmp_path, sizes=(3,))
+    root = zarr.open_group(tmp_path / "f.zarr", mode="r+")
+    meta = dict(root.attrs[STORE_ATTR])
+    assert meta["format"] in STORE_FORMATS
+    root.attrs[STORE_ATTR] = {**meta, "format": max(STORE_FORMATS) + 1}
+    with pytest.raises(ValueError, match="has format 2; this version reads format 1"):
+        FeatureStore(tmp_path / "f.zarr")

@@ -5,12 +5,13 @@ from torch import nn
 
 import sq_spade as sqs
 from sq_spade import _constants as K
+from sq_spade._metrics import expression_metrics
 from sq_spade.models._mclstexp import MclSTExp
-from sq_spade.models._reference import KNNModel, RidgeModel
-from sq_spade.tl._common import panel_expression, rows_of
-from sq_spade.tl._contrastive import last_block_prefixes, spot_keys, train_contrastive
-from sq_spade.tl._metrics import expression_metrics
-from sq_spade.tl._retrieval import retrieve_predict
+from sq_spade.nn.retrieval import retrieve_predict
+from sq_spade.pp._genes import panel_expression
+from sq_spade.tl._common import rows_of
+from sq_spade.tl._contrastive import spot_keys, train_contrastive
+from sq_spade.train._finetune import last_block_prefixes
 
 GENES = [f"gene{i}" for i in range(12)]
 SMALL = dict(out_dim=32, heads=2, dim_head=8, batch_size=32, lr=1e-3, device="cpu")
@@ -110,43 +111,6 @@ def test_position_tables_are_sized_from_the_data():
     assert keys.shape == (100, 32) and np.isfinite(keys).all()
 
 
-@pytest.mark.parametrize("method,cls,kw", [("ridge", RidgeModel, {"n_components": 4}),
-                                           ("knn", KNNModel, {"k_grid": [5, 10]})])
-def test_reference_methods_fit_predict_save_load(tmp_path, method, cls, kw):
-    ad = _data().tables["table"].copy()
-    obsm_before, uns_before = set(ad.obsm), set(ad.uns)
-    model = _train(ad, method=method, regressor_kwargs=kw)
-    assert isinstance(model, cls) and model.panel == GENES and model.backbone == "fake"
-    assert set(ad.obsm) == obsm_before and set(ad.uns) == uns_before  # nothing written
-    assert model.config["params"]["validation"]["ACG"] > 0.3
-    pred = sqs.tl.predict_expression(ad, model)
-    assert list(pred.var_names) == GENES
-    res = sqs.tl.evaluate_expression(pred).set_index("section")
-    assert res.loc["s2", "ACG"] > 0.3
-    # the regressor predicted from the query's features alone: a reference changes nothing
-    again = sqs.tl.predict_expression(ad, model, reference=ad[:5].copy())
-    assert np.array_equal(again.layers[K.PREDICTED_LAYER], pred.layers[K.PREDICTED_LAYER])
-    model.save(tmp_path / "m")
-    back = cls.load(tmp_path / "m")
-    assert np.array_equal(back.predict(ad.obsm["X_fake"]), model.predict(ad.obsm["X_fake"]))
-    assert back.config["regressor"] == model.config["regressor"]
-    with pytest.raises(sqs.models.ModelFileError):
-        (RidgeModel if cls is KNNModel else KNNModel).load(tmp_path / "m")
-
-
-def test_predictions_table_for_every_model_type():
-    sd = _data()
-    models = {"mclstexp": _train(sd, epochs=2), "ridge": _train(sd, method="ridge"), "knn": _train(sd, method="knn")}
-    for name, m in models.items():
-        sqs.tl.predict_expression(sd, m, reference=sd, k=10, layer_added=f"pred_{name}")
-    table = sd.tables[K.PREDICTED_TABLE]
-    assert list(table.var_names) == GENES
-    assert {f"pred_{n}" for n in models} <= set(table.layers)
-    assert table.uns[K.PREDICTION_UNS]["pred_knn"]["model"] == "KNNModel"
-    for n in models:
-        assert np.isfinite(table.layers[f"pred_{n}"]).all()
-
-
 class _TinyConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -213,8 +177,6 @@ def test_errors_and_nothing_written_on_failure():
         _train(t.copy(), finetune="all", backbone="dummy")
     with pytest.raises(ValueError, match="regressor_kwargs"):
         _train(sd, regressor_kwargs={"k": 3})
-    with pytest.raises(TypeError, match="regressor_kwargs"):
-        _train(sd, method="knn", regressor_kwargs={"neighbours": 3})
     ad = t.copy()
     del ad.obs[K.ARRAY_COL]
     for kw in ({"position": "grid"}, {"position": None, "context": "tile"}):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sq_spade
-from sq_spade.models._files import CONFIG_FILE
+from sq_spade._files import CONFIG_FILE
 from sq_spade.train import CheckpointError, read_checkpoint
 from sq_spade.train import fit_contrastive as _fit_contrastive
 from sq_spade.train import fit_experts as _fit_experts
@@ -398,7 +398,7 @@ KILL_POINTS = {
     """,
     # killed after the new tensors file is in place, before the config names it
     "rename": """
-        import sq_spade.models._files as mf
+        import sq_spade._files as mf
         real = mf.atomic_path
         calls = []
         def atomic_path(path):
@@ -411,7 +411,7 @@ KILL_POINTS = {
     # killed after writing the new config's temporary file, before renaming it
     "config": """
         import contextlib
-        import sq_spade.models._files as mf
+        import sq_spade._files as mf
         real = mf.atomic_path
         calls = []
         @contextlib.contextmanager

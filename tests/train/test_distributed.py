@@ -289,8 +289,8 @@ def test_shards_cover_each_global_batch_once():
 
 
 def test_non_zero_rank_writes_nothing_and_shows_no_progress(monkeypatch, tmp_path, capsys):
+    from sq_spade._files import save_model_files
     from sq_spade._utils import progress
-    from sq_spade.models._files import save_model_files
 
     monkeypatch.setenv("RANK", "1")  # as torchrun sets it (no process group here)
     assert save_model_files(tmp_path / "m", cls="X", config={}, tensors={"a": torch.zeros(2)},

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade.datasets._fetch import GIOTTO, HER2ST, HISTOGENE, SCANPY, STUTILITY, fetch
+from sq_spade.io import read_st, read_visium, section_from_arrays
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -57,8 +58,6 @@ def her2st(section: str = "C2") -> SpatialData:
     >>> sd.tables["table"].n_obs  # doctest: +SKIP
     187
     """
-    from sq_spade.io import read_st
-
     _check_section(section, tuple(HER2ST_IMAGES))
     counts = fetch(HER2ST, f"data/ST-cnts/{section}.tsv.gz")
     spots = fetch(HER2ST, f"data/ST-spotfiles/{section}_selection.tsv")
@@ -110,8 +109,6 @@ def stutility_mob(section: str = "MOB1", *, in_tissue_only: bool = True, symbols
     >>> sd.tables["table"].n_obs  # doctest: +SKIP
     379
     """
-    from sq_spade.io import read_st
-
     _check_section(section, MOB_SECTIONS)
     counts = fetch(STUTILITY, f"inst/extdata/counts/{section}.tsv")
     spots = fetch(STUTILITY, f"inst/extdata/counts/alignment_table_{section}.tsv")
@@ -139,8 +136,6 @@ def visium_mini(image: str = "deg_image2") -> SpatialData:
     """
     from PIL import Image
     from spatialdata.transformations import Affine
-
-    from sq_spade.io import section_from_arrays
 
     extents = {"deg_image2": (2000.5, 6790.5, -5730.25, -2380.75), "deg_image": (2364.5, 6522.5, -5425.25, -2620.75)}
     _check_section(image, tuple(extents))
@@ -170,8 +165,6 @@ def visium_fixture() -> SpatialData:
 
     Its hires image is blank (all zeros); the lowres image is real. A file-format fixture.
     """
-    from sq_spade.io import read_visium
-
     base = "tests/_data/visium_data/1.0.0/"
     for f in ("spatial/scalefactors_json.json", "spatial/tissue_hires_image.png",
               "spatial/tissue_lowres_image.png", "spatial/tissue_positions_list.csv"):

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sq_spade.io._sections import section_from_arrays
+
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
@@ -63,8 +65,6 @@ def synthetic_section(
     >>> sd.tables["table"].n_obs
     16
     """
-    from sq_spade.io._sections import section_from_arrays
-
     if image not in ("tissue", "pattern"):
         raise ValueError(f"`image` must be 'tissue' or 'pattern', got {image!r}.")
     if n_types > len(_PALETTE):

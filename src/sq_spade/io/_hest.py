@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sq_spade import _constants as K
 from sq_spade.io._sections import section_from_arrays
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def read_hest(
     if mpp is None:
         raise ValueError(f"`metadata` {metadata.name!r} has no 'pixel_size_um_estimated': the pixel size is unknown.")
     adata = ad.read_h5ad(h5ad)
-    if "spatial" not in adata.obsm:
+    if K.OBSM.SPATIAL not in adata.obsm:
         raise ValueError(f"`h5ad` {h5ad.name!r} has no obsm['spatial'] with the spot centres.")
     img = _lazy_tiff(wsi)
     diameter = spot_diameter_um or float(meta.get("spot_diameter", 55.0) or 55.0)
@@ -94,12 +95,12 @@ def read_hest(
     in_tissue = obs["in_tissue"].to_numpy() == 1 if "in_tissue" in obs else None
     extra = obs.drop(columns=[c for c in ("array_col", "array_row", "in_tissue") if c in obs.columns])
     sd = section_from_arrays(
-        adata.X, genes=adata.var_names, spot_ids=adata.obs_names, centers_px=np.asarray(adata.obsm["spatial"])[:, :2],
+        adata.X, genes=adata.var_names, spot_ids=adata.obs_names, centers_px=np.asarray(adata.obsm[K.OBSM.SPATIAL])[:, :2],
         image=img, section=sample_id, microns_per_pixel=float(mpp), spot_diameter_um=diameter,
         array_coords=array_coords, in_tissue=in_tissue, obs=extra,
         patient=patient if patient is not None else meta.get("patient"),
     )
-    info = sd.tables["table"].uns["sq_spade_sections"][sample_id]
+    info = sd.tables[K.TABLES.DEFAULT].uns[K.UNS.SECTIONS][sample_id]
     info.update({"microns_per_pixel_source": "pixel_size_um_estimated", "layout": "hest",
                  "hest_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}})
     return sd

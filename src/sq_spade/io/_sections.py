@@ -190,27 +190,27 @@ def section_from_arrays(
                                transformations={cs: Scale([mpp, mpp], axes=("x", "y"))})
 
     obs_df = pd.DataFrame(index=pd.Index([f"{section}_{s}" for s in spot_ids]))
-    obs_df[K.SECTION_KEY] = pd.Categorical([section] * n)
-    obs_df[K.REGION_KEY] = pd.Categorical([shapes_key] * n)
-    obs_df[K.INSTANCE_KEY] = spot_ids.to_numpy()
+    obs_df[K.OBS.SECTION] = pd.Categorical([section] * n)
+    obs_df[K.OBS.REGION] = pd.Categorical([shapes_key] * n)
+    obs_df[K.OBS.INSTANCE] = spot_ids.to_numpy()
     if array_coords is not None:
         ac = np.asarray(array_coords)
-        obs_df[K.ARRAY_COL] = ac[:, 0]
-        obs_df[K.ARRAY_ROW] = ac[:, 1]
-    obs_df[K.IN_TISSUE] = np.ones(n, bool) if in_tissue is None else np.asarray(in_tissue, bool)
+        obs_df[K.OBS.ARRAY_COL] = ac[:, 0]
+        obs_df[K.OBS.ARRAY_ROW] = ac[:, 1]
+    obs_df[K.OBS.IN_TISSUE] = np.ones(n, bool) if in_tissue is None else np.asarray(in_tissue, bool)
     if patient is not None:
-        obs_df[K.PATIENT_KEY] = pd.Categorical([str(patient)] * n)
+        obs_df[K.OBS.PATIENT] = pd.Categorical([str(patient)] * n)
     if obs is not None:
         for c in obs.columns:
             obs_df[c] = obs[c].array  # keeps categoricals categorical
     adata = AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=genes))
-    adata.obsm["spatial"] = centers_px.copy()
-    adata.uns["sq_spade_sections"] = {
+    adata.obsm[K.OBSM.SPATIAL] = centers_px.copy()
+    adata.uns[K.UNS.SECTIONS] = {
         section: {"image": image_key, "shapes": shapes_key, "microns_per_pixel": mpp,
                   "spot_diameter_um": float(spot_diameter_um)}
     }
-    table = TableModel.parse(adata, region=shapes_key, region_key=K.REGION_KEY, instance_key=K.INSTANCE_KEY)
-    return SpatialData(images={image_key: img_el}, shapes={shapes_key: shapes}, tables={K.TABLE_KEY: table})
+    table = TableModel.parse(adata, region=shapes_key, region_key=K.OBS.REGION, instance_key=K.OBS.INSTANCE)
+    return SpatialData(images={image_key: img_el}, shapes={shapes_key: shapes}, tables={K.TABLES.DEFAULT: table})
 
 
 def _image_extent_px(img_el: Any, transform: Any) -> tuple[float, float]:
@@ -272,7 +272,7 @@ def _coordinate_systems(element: Any) -> list[str]:
     return list(get_transformation(element, get_all=True))
 
 
-def get_sections(sdata: SpatialData, *, table_key: str = K.TABLE_KEY, image_key: str | None = None,
+def get_sections(sdata: SpatialData, *, table_key: str = K.TABLES.DEFAULT, image_key: str | None = None,
                  shapes_key: str | None = None) -> list[Section]:
     """Resolve the sections of a SpatialData: their shapes, image and micrometre coordinate system.
 
@@ -288,8 +288,8 @@ def get_sections(sdata: SpatialData, *, table_key: str = K.TABLE_KEY, image_key:
         A section without a micrometre coordinate system (no physical scale) or without image.
     """
     table = get_table(sdata, table_key, arg="sdata")
-    attrs = table.uns.get("spatialdata_attrs", {})
-    region_key = attrs.get("region_key", K.REGION_KEY)
+    attrs = table.uns.get(K.UNS.SPATIALDATA_ATTRS, {})
+    region_key = attrs.get("region_key", K.OBS.REGION)
     if region_key not in table.obs:
         raise ValueError(f"Table {table_key!r} has no region column {region_key!r}: it is not linked to shapes.")
     regions = table.obs[region_key].astype(str).to_numpy()
@@ -329,11 +329,11 @@ def get_sections(sdata: SpatialData, *, table_key: str = K.TABLE_KEY, image_key:
     return out
 
 
-def spot_centers_um(sdata: SpatialData, sec: Section, *, table_key: str = K.TABLE_KEY) -> tuple[np.ndarray, np.ndarray]:
+def spot_centers_um(sdata: SpatialData, sec: Section, *, table_key: str = K.TABLES.DEFAULT) -> tuple[np.ndarray, np.ndarray]:
     """Spot centres (x, y) in micrometres and radii in micrometres, in table row order of ``sec``."""
     table = get_table(sdata, table_key)
-    attrs = table.uns.get("spatialdata_attrs", {})
-    inst_key = attrs.get("instance_key", K.INSTANCE_KEY)
+    attrs = table.uns.get(K.UNS.SPATIALDATA_ATTRS, {})
+    inst_key = attrs.get("instance_key", K.OBS.INSTANCE)
     shapes = sdata.shapes[sec.shapes_key]
     inst = table.obs[inst_key].to_numpy()[sec.rows]
     idx = shapes.index
@@ -378,7 +378,7 @@ def set_microns_per_pixel(sdata: SpatialData, microns_per_pixel: float, *, secti
 
 
 def combine_sections(sdatas: Sequence[SpatialData] | Mapping[str, SpatialData], *, join: str = "outer",
-                     table_key: str = K.TABLE_KEY) -> SpatialData:
+                     table_key: str = K.TABLES.DEFAULT) -> SpatialData:
     """Combine single-section objects into one multi-section SpatialData.
 
     One image and one shapes element per section are kept under their names; the tables are
@@ -425,11 +425,11 @@ def combine_sections(sdatas: Sequence[SpatialData] | Mapping[str, SpatialData], 
                 raise ValueError(f"Shapes {name!r} appear in two inputs; section ids must be unique.")
             shapes[name] = el
         t = t.copy()
-        t.uns.pop("spatialdata_attrs", None)
-        sections_meta.update(t.uns.get("sq_spade_sections", {}))
+        t.uns.pop(K.UNS.SPATIALDATA_ATTRS, None)
+        sections_meta.update(t.uns.get(K.UNS.SECTIONS, {}))
         tables.append(t)
     present = pd.DataFrame(
-        {str(np.asarray(t.obs[K.SECTION_KEY])[0]) if K.SECTION_KEY in t.obs else f"s{i}": True
+        {str(np.asarray(t.obs[K.OBS.SECTION])[0]) if K.OBS.SECTION in t.obs else f"s{i}": True
          for i, t in enumerate(tables)}, index=[0]
     )
     gene_sets = [t.var_names for t in tables]
@@ -440,21 +440,21 @@ def combine_sections(sdatas: Sequence[SpatialData] | Mapping[str, SpatialData], 
     secs = list(present.columns)
     mask = pd.DataFrame({s: combined.var_names.isin(g) for s, g in zip(secs, gene_sets, strict=True)},
                         index=combined.var_names)
-    combined.varm[K.GENES_PRESENT] = mask
-    for c in (K.SECTION_KEY, K.REGION_KEY, K.PATIENT_KEY):
+    combined.varm[K.VARM.GENES_PRESENT] = mask
+    for c in (K.OBS.SECTION, K.OBS.REGION, K.OBS.PATIENT):
         if c in combined.obs:
             combined.obs[c] = pd.Categorical(combined.obs[c].astype(str))
-    combined.uns["sq_spade_sections"] = sections_meta
-    regions = list(dict.fromkeys(combined.obs[K.REGION_KEY].astype(str)))
-    table = TableModel.parse(combined, region=regions, region_key=K.REGION_KEY, instance_key=K.INSTANCE_KEY)
-    return SpatialData(images=images, shapes=shapes, tables={K.TABLE_KEY: table})
+    combined.uns[K.UNS.SECTIONS] = sections_meta
+    regions = list(dict.fromkeys(combined.obs[K.OBS.REGION].astype(str)))
+    table = TableModel.parse(combined, region=regions, region_key=K.OBS.REGION, instance_key=K.OBS.INSTANCE)
+    return SpatialData(images=images, shapes=shapes, tables={K.TABLES.DEFAULT: table})
 
 
 def genes_present_in(adata: AnnData, sections: Sequence[str]) -> np.ndarray:
     """Boolean mask of genes measured in every one of ``sections``."""
-    if K.GENES_PRESENT not in adata.varm:
+    if K.VARM.GENES_PRESENT not in adata.varm:
         return np.ones(adata.n_vars, bool)
-    m = adata.varm[K.GENES_PRESENT]
+    m = adata.varm[K.VARM.GENES_PRESENT]
     cols = [s for s in sections if s in m.columns]
     if not cols:
         return np.ones(adata.n_vars, bool)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from sq_spade import _constants as K
 from sq_spade._validation import check_positive
 from sq_spade.io._images import read_rgb
 from sq_spade.io._sections import section_from_arrays
@@ -186,7 +187,7 @@ def read_st(
         microns_per_pixel=float(microns_per_pixel) / image_scale, spot_diameter_um=spot_diameter_um,
         array_coords=st[["x", "y"]].to_numpy(int), in_tissue=in_tissue, patient=patient,
     )
-    meta = sd.tables["table"].uns["sq_spade_sections"][sample_id]
+    meta = sd.tables[K.TABLES.DEFAULT].uns[K.UNS.SECTIONS][sample_id]
     meta.update({"microns_per_pixel_fullres": float(microns_per_pixel), "image_scale": float(image_scale),
                  "microns_per_pixel_source": mpp_source, "array_kind": kind or "unknown",
                  "array_pitch_um": pitch if pitch is not None else float("nan"), "layout": "legacy_st"})

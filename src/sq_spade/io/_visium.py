@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade.io._sections import image_levels
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -22,8 +23,6 @@ def _rgb_only(img: Any) -> Any:
     """Drop an alpha channel Space Ranger sometimes writes into its PNGs; keep transforms."""
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation
-
-    from sq_spade.io._sections import image_levels
 
     level = image_levels(img)[0]
     if level.sizes["c"] == 3:
@@ -102,23 +101,23 @@ def read_visium(
     for el in [*images.values(), *sd.shapes.values()]:
         base = get_transformation(el, to_coordinate_system=dataset_id)
         set_transformation(el, Seq([base, Scale([mpp, mpp], axes=("x", "y"))]), to_coordinate_system=cs)
-    table = sd.tables["table"]
+    table = sd.tables[K.TABLES.DEFAULT]
     if in_tissue_only and "in_tissue" in table.obs:
         keep = table.obs["in_tissue"].to_numpy() == 1
         if not keep.any():
             raise ValueError("No spot is under tissue (`in_tissue == 1`); pass `in_tissue_only=False`.")
         table = table[keep].copy()
-    table.obs[K.SECTION_KEY] = pd.Categorical([section] * table.n_obs)
+    table.obs[K.OBS.SECTION] = pd.Categorical([section] * table.n_obs)
     if "in_tissue" in table.obs:
-        table.obs[K.IN_TISSUE] = table.obs["in_tissue"].to_numpy() == 1
+        table.obs[K.OBS.IN_TISSUE] = table.obs["in_tissue"].to_numpy() == 1
     if patient is not None:
-        table.obs[K.PATIENT_KEY] = pd.Categorical([str(patient)] * table.n_obs)
+        table.obs[K.OBS.PATIENT] = pd.Categorical([str(patient)] * table.n_obs)
     table.obs_names = [f"{section}_{b}" for b in table.obs_names]
     import scipy.sparse as sp
 
     table.X = sp.csr_matrix(table.X, dtype=np.float32)
-    table.uns["sq_spade_sections"] = {section: {
+    table.uns[K.UNS.SECTIONS] = {section: {
         "image": next(iter(images), None), "shapes": section, "microns_per_pixel": mpp,
         "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM, "microns_per_pixel_source": "spot_diameter_fullres",
         "layout": "visium"}}
-    return SpatialData(images=images, shapes=dict(sd.shapes), tables={K.TABLE_KEY: table})
+    return SpatialData(images=images, shapes=dict(sd.shapes), tables={K.TABLES.DEFAULT: table})

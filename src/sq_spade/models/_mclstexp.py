@@ -2,66 +2,57 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sq_spade.models._files import ModelFileError, load_model_files, save_model_files
+from sq_spade import _constants as K
+from sq_spade._config import check
+from sq_spade._files import ModelFileError
+from sq_spade._utils import resolve_device
+from sq_spade.models._base import Model, ModelConfig, run_batches
 
 #: Prefixes of the three modules' tensors inside the tensors file.
 IMAGE_HEAD, SPOT_ENCODER, IMAGE_ENCODER = "image_head.", "spot_encoder.", "image_encoder."
 
-_SCHEMA = {
-    "backbone": ("str", True, None),
-    "weights_sha256": ("str", False, None),
-    "feature_dim": ("int", True, lambda v: v > 0),
-    "panel": ("list", True, lambda v: len(v) > 0 and all(isinstance(g, str) for g in v)),
-    "gene_input": ("str", True, lambda v: v in ("log1p_cp10k", "raw")),
-    "position": ("str", False, lambda v: v in ("grid", "pixel")),
-    "n_x": ("int", False, lambda v: v > 0),
-    "n_y": ("int", False, lambda v: v > 0),
-    "position_bin_um": ("float", False, lambda v: v > 0),
-    "context": ("str", True, lambda v: v in ("self", "batch", "tile")),
-    "tile_size": ("int", False, lambda v: v > 0),
-    "out_dim": ("int", True, lambda v: v > 0),
-    "dropout": ("float", True, lambda v: 0 <= v < 1),
-    "spot_encoder": ("dict", True, None),
-    "finetune": ("str", True, lambda v: v in ("none", "last", "all")),
-    "patch_px": ("int", False, lambda v: v > 0),
-    "input_size": ("int", False, lambda v: v > 0),
-    "train_sections": ("list", False, None),
-    "validation_sections": ("list", False, None),
-    "params": ("dict", False, None),
-    "history": ("dict", False, None),
-}
+
+def _positive(v: Any) -> bool:
+    return v > 0
 
 
-def resize_preprocess(input_size: int | None, patch_px: int | None) -> Callable | None:
-    """The preprocessing of fine-tuned mclSTExp: resize to the backbone's input size if needed.
+@dataclass(eq=False, kw_only=True)
+class MclSTExpConfig(ModelConfig):
+    """Configuration of a :class:`MclSTExp` model (saved as JSON beside its tensors).
 
-    Training (:func:`sq_spade.train.fit_contrastive`'s ``preprocess``) and inference
-    (:meth:`MclSTExp.embed_patches`) share this function, so both see the same pixels.
-    ``None`` when the patches already have the backbone's size (mclSTExp: 224 native pixels).
+    Besides :class:`~sq_spade.models.ModelConfig`'s keys: ``gene_input`` (the spot encoder's
+    input), ``position`` (``"grid"``, ``"pixel"`` or ``None``) with the position tables'
+    sizes ``n_x`` / ``n_y`` and ``position_bin_um`` (pixel positions), ``context`` and
+    ``tile_size`` (which spots attend to each other), ``out_dim``, ``dropout``,
+    ``spot_encoder`` (the :class:`~sq_spade.nn.spot_encoder.SpotEncoder`'s arguments),
+    ``finetune`` with ``patch_px`` and ``input_size`` (fine-tuned image encoders) and
+    ``history`` (losses).
     """
-    if input_size is None or patch_px is None or int(input_size) == int(patch_px):
-        return None
-    size = int(input_size)
 
-    def resize(x: Any) -> Any:
-        import torch.nn.functional as F
+    gene_input: K.GeneInput
+    context: K.Context
+    out_dim: int = field(metadata=check(_positive))
+    dropout: float = field(metadata=check(lambda v: 0 <= v < 1))
+    spot_encoder: dict[str, Any]
+    finetune: K.Finetune
+    position: K.Position | None = None
+    n_x: int | None = field(default=None, metadata=check(_positive))
+    n_y: int | None = field(default=None, metadata=check(_positive))
+    position_bin_um: float | None = field(default=None, metadata=check(_positive))
+    tile_size: int | None = field(default=None, metadata=check(_positive))
+    patch_px: int | None = field(default=None, metadata=check(_positive))
+    input_size: int | None = field(default=None, metadata=check(_positive))
+    history: dict[str, Any] | None = None
 
-        if tuple(x.shape[-2:]) == (size, size):
-            return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
-    return resize
-
-
-class MclSTExp:
+class MclSTExp(Model):
     """mclSTExp: contrastive image and spot encoders, for expression prediction by retrieval.
 
     Build it with :func:`sq_spade.tl.train_contrastive`; use it with
@@ -84,7 +75,8 @@ class MclSTExp:
     image_encoder
         The fine-tuned :class:`sq_spade.nn.backbones.Backbone`, or ``None``.
     config
-        Backbone, panel, positions, context rule, hyper-parameters, provenance (JSON-able).
+        Backbone, panel, positions, context rule, hyper-parameters, provenance (a
+        :class:`MclSTExpConfig`, read like a dict).
     history
         Loss per epoch (``train_loss``, ``val_loss``, ``best_epoch``...).
 
@@ -95,37 +87,32 @@ class MclSTExp:
     >>> same = sqs.models.MclSTExp.load("mclstexp_model")  # doctest: +SKIP
     """
 
+    config_class = MclSTExpConfig
+    file_class = "MclSTExp"
+
     def __init__(self, image_head: Any, spot_encoder: Any, config: Mapping[str, Any],
                  image_encoder: Any = None):
+        super().__init__(config)
         self.image_head = image_head.eval()
         self.spot_encoder = spot_encoder.eval()
         self.image_encoder = None if image_encoder is None else image_encoder.eval()
-        self.config = dict(config)
-        self.history = self.config.get("history") or {}
         if self.finetuned and self.image_encoder is None:
-            raise ValueError(f"A model fine-tuned with finetune={self.config['finetune']!r} needs its `image_encoder`.")
-
-    # --- properties ---------------------------------------------------------------------------
-    @property
-    def backbone(self) -> str:
-        return self.config["backbone"]
-
-    @property
-    def panel(self) -> list[str]:
-        return list(self.config["panel"])
+            raise ValueError(f"A model fine-tuned with finetune={self.config.finetune!r} needs its `image_encoder`.")
 
     @property
     def finetuned(self) -> bool:
         """Whether the image encoder was trained (then predictions need patches, not features)."""
-        return self.config["finetune"] != "none"
+        return self.config.finetune != "none"
 
     @property
     def context(self) -> str:
-        return self.config["context"]
+        """Which spots attend to each other in the spot encoder."""
+        return self.config.context
 
     @property
     def position(self) -> str | None:
-        return self.config.get("position")
+        """Positions of the spot encoder (``None``: no position embeddings)."""
+        return self.config.position
 
     def __repr__(self) -> str:
         pos = self.position or "none"
@@ -139,22 +126,11 @@ class MclSTExp:
         Only for frozen-backbone models; a fine-tuned model embeds patches
         (:meth:`embed_patches`).
         """
-        import torch
-
         if self.finetuned:
             raise ValueError("This model fine-tuned its image encoder: frozen backbone features do not fit it; "
                              "use `embed_patches` with uint8 patches.")
-        x = np.asarray(features, dtype=np.float32)
-        d = int(self.config["feature_dim"])
-        if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"`features` must be (N, {d}) features of backbone {self.backbone!r}, got shape {x.shape}.")
-        if not np.isfinite(x).all():
-            raise ValueError("`features` contains NaN or infinite values.")
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(x), batch_size):
-                out.append(self.image_head(torch.from_numpy(np.ascontiguousarray(x[s: s + batch_size]))).numpy())
-        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
+        x = self._check_features(features, finite=True)
+        return run_batches(self.image_head, x, self.config.out_dim, batch_size)
 
     def embed_patches(self, patches: Any, *, batch_size: int = 64, device: str | None = None,
                       num_workers: int = 0) -> np.ndarray:
@@ -175,14 +151,13 @@ class MclSTExp:
         """
         import torch
 
-        from sq_spade._utils import resolve_device
-        from sq_spade.train._contrastive import _encode
+        from sq_spade.nn.inference import encode_images, resize_preprocess
 
         if not self.finetuned:
             raise ValueError("This model uses frozen backbone features: compute them "
                              "(sqs.pp.compute_features) and use `embed_images`.")
         dev = resolve_device(device)
-        pre = resize_preprocess(self.config.get("input_size"), self.config.get("patch_px"))
+        pre = resize_preprocess(self.config.input_size, self.config.patch_px)
         if isinstance(patches, (np.ndarray, torch.Tensor)):
             arr = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(patches))
             if arr.dtype != torch.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
@@ -206,11 +181,11 @@ class MclSTExp:
                     if b.dtype != torch.uint8 or b.ndim != 4 or b.shape[-1] != 3:
                         raise ValueError(f"`patches` must yield uint8 (H, W, 3) patches, got {b.dtype} {tuple(b.shape)}.")
                     x = b.to(dev).permute(0, 3, 1, 2)
-                    out.append(head(_encode(enc, x, pre)).float().cpu().numpy())
+                    out.append(head(encode_images(enc, x, pre)).float().cpu().numpy())
         finally:
             enc.cpu()
             head.cpu()
-        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, int(self.config.out_dim)), np.float32)
 
     # --- spot side ----------------------------------------------------------------------------
     def embed_spots(self, expr: np.ndarray, pos: np.ndarray | None = None, context: Any = None, *,
@@ -242,7 +217,7 @@ class MclSTExp:
         if not np.isfinite(g).all():
             raise ValueError("`expr` contains NaN or infinite values.")
         n = len(g)
-        has_pos = self.config.get("n_x") is not None
+        has_pos = self.config.n_x is not None
         if has_pos and pos is None:
             raise ValueError("`pos` is required: this model has position embeddings "
                              f"(position={self.position!r}).")
@@ -279,7 +254,7 @@ class MclSTExp:
                     bounds.append(int(s))
                     last = int(s)
             bounds.append(n)
-        out = np.zeros((n, int(self.config["out_dim"])), np.float32)
+        out = np.zeros((n, int(self.config.out_dim)), np.float32)
         with torch.inference_mode():
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 if b <= a:
@@ -292,33 +267,27 @@ class MclSTExp:
         return out
 
     # --- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
-
-        The image head, the spot encoder and (fine-tuned models) the image encoder's state dict
-        share one safetensors file under the prefixes ``image_head.``, ``spot_encoder.`` and
-        ``image_encoder.``.
-        Under ``torchrun`` only rank 0 writes (every rank may call this; the models are the
-        same); call ``torch.distributed.barrier()`` before other ranks read the folder.
-        """
-        import sq_spade
-
+    def _to_files(self) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        # one safetensors file: the image head, the spot encoder and (fine-tuned models) the image
+        # encoder under the prefixes image_head., spot_encoder. and image_encoder.
         tensors = {IMAGE_HEAD + k: v for k, v in self.image_head.state_dict().items()}
         tensors.update({SPOT_ENCODER + k: v for k, v in self.spot_encoder.state_dict().items()})
         if self.image_encoder is not None:
             tensors.update({IMAGE_ENCODER + k: v for k, v in self.image_encoder.state_dict().items()})
-        return save_model_files(path, cls="MclSTExp", config=self.config, tensors=tensors,
-                                version=sq_spade.__version__)
+        return self.config.to_json(), tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MclSTExp:
-        """Load a model saved with :meth:`save` (safetensors only: no code runs).
+    def load(cls, path: Any) -> MclSTExp:
+        """Load a model saved with :meth:`save` (safetensors and JSON only: no code runs).
 
         A fine-tuned model rebuilds its backbone's architecture from the registry
         (``get_backbone(name, pretrained=False)``: nothing is downloaded) and loads the saved
         weights into it strictly.
         """
-        config, tensors = load_model_files(path, cls="MclSTExp", schema=_SCHEMA)
+        return super().load(path)
+
+    @classmethod
+    def _from_files(cls, config: MclSTExpConfig, tensors: dict[str, Any]) -> MclSTExp:
         head, spot, encoder = build_modules(config)
         parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}
         if encoder is not None:

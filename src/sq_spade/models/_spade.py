@@ -4,35 +4,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sq_spade.models._files import load_model_files, save_model_files
-
-_SCHEMA = {
-    "backbone": ("str", True, None),
-    "weights_sha256": ("str", False, None),
-    "feature_dim": ("int", True, lambda v: v > 0),
-    "panel": ("list", True, lambda v: len(v) > 0 and all(isinstance(g, str) for g in v)),
-    "gene_input": ("str", True, lambda v: v in ("log1p_cp10k", "raw")),
-    "n_experts": ("int", True, lambda v: v > 0),
-    "n_fine": ("int", True, lambda v: v > 0),
-    "out_dim": ("int", True, lambda v: v > 0),
-    "dropout": ("float", True, lambda v: 0 <= v < 1),
-    "routing_temperature": ("float", True, lambda v: v > 0),
-    "reference_side": ("str", True, lambda v: v in ("genes", "images")),
-    "centroid_groups": ("list", False, None),
-    "train_sections": ("list", False, None),
-    "validation_sections": ("list", False, None),
-    "params": ("dict", False, None),
-    "history": ("dict", False, None),
-    "selection": ("dict", False, None),
-}
+from sq_spade import _constants as K
+from sq_spade._config import check
+from sq_spade._files import ModelFileError
+from sq_spade._validation import check_choice, check_positive_float
+from sq_spade.models._base import Model, ModelConfig, run_batches
 
 
-class Spade:
+@dataclass(eq=False, kw_only=True)
+class SpadeConfig(ModelConfig):
+    """Configuration of a :class:`Spade` model (saved as JSON beside its tensors).
+
+    Besides :class:`~sq_spade.models.ModelConfig`'s keys: ``gene_input`` (what the gene heads
+    read), ``n_experts``, ``n_fine`` (fine centroids), ``out_dim``, ``dropout``,
+    ``routing_temperature`` (soft routing at inference), ``reference_side`` (what
+    :func:`sq_spade.tl.predict_expression` retrieves against), ``centroid_groups`` (group of
+    each fine centroid), ``history`` (losses) and ``selection`` (validation scores of the
+    reference sides).
+    """
+
+    gene_input: K.GeneInput
+    n_experts: int = field(metadata=check(lambda v: v > 0))
+    n_fine: int = field(metadata=check(lambda v: v > 0))
+    out_dim: int = field(metadata=check(lambda v: v > 0))
+    dropout: float = field(metadata=check(lambda v: 0 <= v < 1))
+    routing_temperature: float = field(metadata=check(lambda v: v > 0))
+    reference_side: K.ReferenceSide
+    centroid_groups: list[Any] | None = None
+    history: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+
+
+class Spade(Model):
     """SPADE: a mixture of contrastive experts over frozen image features.
 
     Build it with :func:`sq_spade.tl.train_experts`; use it with :func:`sq_spade.tl.embed`
@@ -42,8 +50,10 @@ class Spade:
 
     Attributes
     ----------
+    module
+        The :class:`~sq_spade.nn.experts.MixtureOfExperts`.
     config
-        Backbone, panel, sizes and provenance (JSON-able).
+        Backbone, panel, sizes and provenance (a :class:`SpadeConfig`, read like a dict).
     history
         Loss per epoch and expert (``train_loss``, ``val_loss``).
 
@@ -54,58 +64,38 @@ class Spade:
     >>> same = sqs.models.Spade.load("spade_model")  # doctest: +SKIP
     """
 
+    config_class = SpadeConfig
+    file_class = "Spade"
+
     def __init__(self, module: Any, config: Mapping[str, Any]):
+        super().__init__(config)
         self.module = module.eval()
-        self.config = dict(config)
-        self.history = self.config.get("history") or {}
-
-    # --- properties ---------------------------------------------------------------------------
-    @property
-    def backbone(self) -> str:
-        return self.config["backbone"]
-
-    @property
-    def panel(self) -> list[str]:
-        return list(self.config["panel"])
 
     @property
     def n_experts(self) -> int:
-        return int(self.config["n_experts"])
+        """Number of experts."""
+        return int(self.config.n_experts)
 
     def __repr__(self) -> str:
         return (f"Spade(backbone={self.backbone!r}, experts={self.n_experts}, fine centroids="
                 f"{int(self.module.centroids.shape[0])}, panel={len(self.panel)} genes)")
 
     # --- maths ------------------------------------------------------------------------------------
-    def _run(self, fn: Any, x: np.ndarray, batch: int = 8192) -> np.ndarray:
-        import torch
+    def _run(self, fn: Any, x: np.ndarray) -> np.ndarray:
+        return run_batches(fn, x, self.config.out_dim)
 
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(x), batch):
-                out.append(fn(torch.as_tensor(np.ascontiguousarray(x[s: s + batch]), dtype=torch.float32)).numpy())
-        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
-
-    def _check_features(self, features: np.ndarray) -> np.ndarray:
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.config["feature_dim"]:
-            raise ValueError(f"`features` must be (N, {self.config['feature_dim']}) features of backbone "
-                             f"{self.backbone!r}, got shape {x.shape}.")
-        return x
-
-    def embed_images(self, features: np.ndarray, *, routing: str = "soft", temperature: float | None = None) -> np.ndarray:
+    def embed_images(self, features: np.ndarray, *, routing: K.Routing = "soft",
+                     temperature: float | None = None) -> np.ndarray:
         """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``."""
-        if routing not in ("soft", "hard"):
-            raise ValueError(f"`routing` must be 'soft' or 'hard', got {routing!r}.")
-        t = self.config["routing_temperature"] if temperature is None else float(temperature)
-        if not t > 0:
-            raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
+        check_choice(routing, "routing", K.ROUTINGS)
+        t = self.config.routing_temperature if temperature is None else check_positive_float(temperature,
+                                                                                              "temperature")
         x = self._check_features(features)
         return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
 
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
-        t = self.config["routing_temperature"] if temperature is None else float(temperature)
+        t = self.config.routing_temperature if temperature is None else float(temperature)
         return self._run(lambda b: self.module.route(b, temperature=t), self._check_features(features))
 
     def assign(self, features: np.ndarray) -> np.ndarray:
@@ -124,28 +114,17 @@ class Spade:
         with torch.inference_mode():
             for s in range(0, len(g), 8192):
                 out.append(self.module.embed_genes(torch.as_tensor(g[s: s + 8192]), torch.as_tensor(e[s: s + 8192])).numpy())
-        return np.concatenate(out) if out else np.zeros((0, int(self.config["out_dim"])), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, int(self.config.out_dim)), np.float32)
 
     # --- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
-
-        Under ``torchrun`` only rank 0 writes (every rank may call this).
-        """
-        import sq_spade
-
-        state = {k: v for k, v in self.module.state_dict().items()}
-        return save_model_files(path, cls="Spade", config=self.config, tensors=state, version=sq_spade.__version__)
+    def _to_files(self) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        return self.config.to_json(), dict(self.module.state_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Spade:
-        """Load a model saved with :meth:`save` (safetensors only: no code runs)."""
-        config, tensors = load_model_files(path, cls="Spade", schema=_SCHEMA)
+    def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
         module = build_module(config, centroids=tensors.get("centroids"), fine_to_expert=tensors.get("fine_to_expert"))
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            from sq_spade.models._files import ModelFileError
-
             raise ModelFileError(f"The tensors file does not fit the Spade config: missing {missing[:10]}, "
                                  f"unexpected {unexpected[:10]}.")
         return cls(module, config)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sq_spade._validation import check_positive_float, check_positive_int
 from sq_spade.nn.heads import ProjectionHead, _check_dims
 
 
@@ -64,9 +65,7 @@ class ExpertHeads(nn.Module):
                  dropout: float = 0.1) -> None:
         super().__init__()
         _check_dims(in_dim, out_dim, dropout)
-        if (isinstance(n_experts, bool) or not isinstance(n_experts, numbers.Integral)
-                or n_experts <= 0):
-            raise ValueError(f"`n_experts` must be a positive integer, got {n_experts!r}.")
+        check_positive_int(n_experts, "n_experts")
         self.n_experts, self.in_dim, self.out_dim = int(n_experts), int(in_dim), int(out_dim)
         self.dropout_p = float(dropout)
         self.eps = 1e-5  # nn.LayerNorm's default
@@ -323,14 +322,12 @@ def route(features: Tensor, centroids: Tensor, fine_to_expert: Tensor, n_experts
     if (not isinstance(fine_to_expert, Tensor) or fine_to_expert.shape != (k,)
             or fine_to_expert.dtype.is_floating_point):
         raise ValueError(f"`fine_to_expert` must be an integer tensor of shape ({k},).")
-    if isinstance(n_experts, bool) or not isinstance(n_experts, numbers.Integral) or n_experts <= 0:
-        raise ValueError(f"`n_experts` must be a positive integer, got {n_experts!r}.")
+    check_positive_int(n_experts, "n_experts")
     f2e = fine_to_expert.to(features.device).long()
     if k and (int(f2e.min()) < 0 or int(f2e.max()) >= n_experts):
         raise ValueError(f"`fine_to_expert` must lie in [0, {n_experts}).")
-    if not hard and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                     or not temperature > 0):
-        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+    if not hard:
+        check_positive_float(temperature, "temperature")
     d = torch.cdist(features, centroids.to(features.device, features.dtype))
     if hard:
         nearest = f2e[d.argmin(dim=1)]
@@ -386,8 +383,7 @@ class MixtureOfExperts(nn.Module):
             raise ValueError(f"`fine_to_expert` must have shape ({centroids.shape[0]},).")
         if int(fine_to_expert.min()) < 0 or int(fine_to_expert.max()) >= image_heads.n_experts:
             raise ValueError(f"`fine_to_expert` must lie in [0, {image_heads.n_experts}).")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+        check_positive_float(temperature, "temperature")
         self.image_heads = image_heads
         self.gene_heads = gene_heads
         self.register_buffer("centroids", centroids)

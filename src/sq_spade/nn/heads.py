@@ -7,6 +7,8 @@ import numbers
 import torch
 from torch import nn
 
+from sq_spade._validation import check_positive_int
+
 
 class ProjectionHead(nn.Module):
     r"""Map a feature vector to the shared latent space.
@@ -56,8 +58,7 @@ class ProjectionHead(nn.Module):
 
 
 def _check_dims(in_dim: int, out_dim: int, dropout: float) -> None:
-    for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    check_positive_int(in_dim, "in_dim")
+    check_positive_int(out_dim, "out_dim")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")

@@ -1,14 +1,18 @@
-"""Batched feature extraction: uint8 patch batches in, float32 features out.
+"""Running image encoders: uint8 patch batches in, float features out.
 
-This module knows nothing of AnnData or SpatialData: it takes any iterable of uint8
-``(B, H, W, 3)`` batches (typically a :class:`torch.utils.data.DataLoader`, pinned or not) and
-a :class:`~sq_spade.nn.backbones.Backbone`, and returns an ``(N, D)`` array.
+This module knows nothing of AnnData or SpatialData. :func:`embed_batches` takes any iterable
+of uint8 ``(B, H, W, 3)`` batches (typically a :class:`torch.utils.data.DataLoader`, pinned or
+not) and a :class:`~sq_spade.nn.backbones.Backbone`, and returns an ``(N, D)`` array (frozen
+features). :func:`encode_images` is the one forward step of a trainable encoder, shared by
+mclSTExp's training (:func:`sq_spade.train.fit_contrastive`) and its inference
+(:meth:`sq_spade.models.MclSTExp.embed_patches`), with :func:`resize_preprocess` in front, so
+both see the same pixels.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 from sq_spade._utils import progress as _progress
 from sq_spade._utils import resolve_device
 
-__all__ = ["dihedral_transforms", "embed_batches"]
+__all__ = ["dihedral_transforms", "embed_batches", "encode_images", "resize_preprocess"]
 
 
 def dihedral_transforms(x: Tensor) -> list[Tensor]:
@@ -175,3 +179,53 @@ def embed_batches(
         dim = getattr(model, "dim", None)
         return np.zeros((0, dim if isinstance(dim, int) else 0), np.float32)
     return torch.cat(outs).numpy().astype(np.float32, copy=False)
+
+
+def encode_images(encoder: nn.Module, imgs: Tensor, preprocess: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Features ``(B, D)`` of uint8 images ``(B, 3, H, W)``: scaled to ``[0, 1]``, ``preprocess``, ``encoder``.
+
+    A 4-D output (a feature map) is average-pooled. Gradients flow (call it under
+    :func:`torch.no_grad` for inference).
+
+    Examples
+    --------
+    >>> enc = nn.Sequential(nn.Conv2d(3, 4, 1))
+    >>> encode_images(enc, torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape
+    torch.Size([2, 4])
+    """
+    x = imgs.float() / 255.0
+    if preprocess is not None:
+        x = preprocess(x)
+    out = encoder(x)
+    if out.ndim == 4:  # feature map: global average pooling
+        out = out.mean(dim=(2, 3))
+    if out.ndim != 2:
+        raise ValueError(f"`image_encoder` must return (B, D) or (B, D, h, w) features, "
+                         f"got shape {tuple(out.shape)}.")
+    return out
+
+
+def resize_preprocess(input_size: int | None, patch_px: int | None) -> Callable[[Tensor], Tensor] | None:
+    """Resize float images to the encoder's ``input_size`` when the patches differ (else ``None``).
+
+    The preprocessing of fine-tuned mclSTExp: training (:func:`sq_spade.train.fit_contrastive`'s
+    ``preprocess``) and inference (:meth:`sq_spade.models.MclSTExp.embed_patches`) share it.
+    ``None`` when the patches already have the backbone's size (mclSTExp: 224 native pixels).
+
+    Examples
+    --------
+    >>> resize_preprocess(224, 224) is None
+    True
+    >>> resize_preprocess(16, 32)(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 3, 16, 16])
+    """
+    if input_size is None or patch_px is None or int(input_size) == int(patch_px):
+        return None
+    size = int(input_size)
+
+    def resize(x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == (size, size):
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    return resize

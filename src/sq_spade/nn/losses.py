@@ -10,10 +10,10 @@ gives the same loss (and the same gradients) as the unpadded one.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
+
+from sq_spade._validation import check_positive_float
 
 
 def clip_loss(img: Tensor, spot: Tensor, temperature: float = 1.0,
@@ -138,9 +138,7 @@ def _check_inputs(img: Tensor, spot: Tensor, temperature: float,
         raise ValueError(
             f"`spot` must have the shape of `img` {tuple(img.shape)}, got {tuple(spot.shape)}."
         )
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not float(temperature) > 0):
-        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+    check_positive_float(temperature, "temperature")
     squeeze = img.ndim == 2
     if squeeze:
         img, spot = img[None], spot[None]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sq_spade._validation import check_positive_int
 from sq_spade.nn.heads import ProjectionHead
 
 _SELF = "self"
@@ -120,12 +121,12 @@ class SpotEncoder(nn.Module):
         for name, value in (("n_genes", n_genes), ("depth", depth), ("heads", heads),
                             ("dim_head", dim_head), ("mlp_dim", mlp_dim), ("out_dim", out_dim),
                             ("chunk_size", chunk_size)):
-            _check_int(value, name, allow_zero=name == "depth")
+            check_positive_int(value, name, allow_zero=name == "depth")
         if (n_x is None) != (n_y is None):
             raise ValueError(f"`n_x` and `n_y` must both be set or both be None, got {n_x!r}, {n_y!r}.")
         if n_x is not None:
-            _check_int(n_x, "n_x")
-            _check_int(n_y, "n_y")
+            check_positive_int(n_x, "n_x")
+            check_positive_int(n_y, "n_y")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
         self.n_genes, self.n_x, self.n_y = int(n_genes), n_x, n_y
@@ -242,9 +243,3 @@ class SpotEncoder(nn.Module):
             start = end
         # back from group order to the caller's order
         return torch.cat(parts)[torch.argsort(order)]
-
-
-def _check_int(value: object, name: str, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._validation import check_obsm, check_positive, get_table
 from sq_spade.pl._utils import (
     add_legend,
@@ -73,12 +74,13 @@ def _color_values(adata: AnnData, name: str, layer: str | None) -> tuple[np.ndar
     raise KeyError(f"`color={name!r}` is neither a column of `obs` ({list(adata.obs.columns)}) nor a gene.")
 
 
+@inject_docs
 def embedding(
     sdata: SpatialData | AnnData,
     *,
-    basis: str = K.SPADE_KEY,
-    color: str | Sequence[str] | None = (K.SECTION_KEY,),
-    table_key: str = K.TABLE_KEY,
+    basis: str = K.OBSM.SPADE,
+    color: str | Sequence[str] | None = (K.OBS.SECTION,),
+    table_key: str = K.TABLES.DEFAULT,
     layer: str | None = None,
     n_neighbors: int = 15,
     random_state: int = 0,
@@ -110,8 +112,7 @@ def embedding(
         ``obsm`` key of the embedding.
     color
         ``obs`` columns (categorical: legend; numeric: colourbar) or genes; ``None``: no colour.
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     layer
         Layer for gene colours (default X).
     n_neighbors

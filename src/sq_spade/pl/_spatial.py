@@ -12,6 +12,7 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade.io._sections import Section, affine_to, get_sections, image_levels, spot_centers_um
 from sq_spade.pl._utils import (
     add_legend,
     categorical_colors,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
-
-    from sq_spade.io._sections import Section
 
 #: The coarsest pyramid level with at least this many pixels across the crop is drawn: sharp
 #: enough for a figure panel, and a full-resolution level (often > 10,000 px) is never read.
@@ -67,16 +66,14 @@ class _Canvas:
 
 def _resolve_table_key(sdata: Any, table_key: str) -> str:
     """The default predictions table falls back to the main table when there is none."""
-    if is_spatialdata(sdata) and table_key == K.PREDICTED_TABLE and table_key not in sdata.tables:
-        return K.TABLE_KEY
+    if is_spatialdata(sdata) and table_key == K.TABLES.PREDICTED and table_key not in sdata.tables:
+        return K.TABLES.DEFAULT
     return table_key
 
 
 def _pick_section(sdata: SpatialData, *, table_key: str, section: str | None,
                   image_key: str | None) -> Section:
     """The one section to draw, with its image (``image_key`` or the section's finest)."""
-    from sq_spade.io._sections import get_sections
-
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image and spot shapes, got {type(sdata).__name__}.")
     secs = get_sections(sdata, table_key=table_key)
@@ -121,8 +118,6 @@ def _crop_bounds(xy: np.ndarray, radius: np.ndarray, image_box: tuple[float, ...
 
 def _image_box_um(img_el: Any, cs: str) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Affine (level-0 px -> um) of an image and the bounding box of its extent in um."""
-    from sq_spade.io._sections import affine_to, image_levels
-
     a = affine_to(img_el, cs)
     h, w = image_levels(img_el)[0].shape[-2:]
     corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ a.T
@@ -146,8 +141,6 @@ def _to_display(arr: np.ndarray) -> np.ndarray:
 
 def _load_image(canvas: _Canvas, img_el: Any) -> None:
     """Read the crop of the coarsest adequate pyramid level into ``canvas``."""
-    from sq_spade.io._sections import image_levels
-
     a, _ = _image_box_um(img_el, canvas.sec.coordinate_system)
     levels = image_levels(img_el)
     h0, w0 = levels[0].shape[-2:]
@@ -208,8 +201,6 @@ def _is_derived(level: Any, finest: Any) -> bool:
 
 def _canvas(sdata: SpatialData, sec: Section, *, table_key: str, spot_size: float, crop: bool,
             with_image: bool) -> _Canvas:
-    from sq_spade.io._sections import spot_centers_um
-
     xy, radius = spot_centers_um(sdata, sec, table_key=table_key)
     if not np.isfinite(radius).all():
         radius = np.where(np.isfinite(radius), radius, _fallback_radius(xy))
@@ -344,11 +335,11 @@ def spatial(
     sdata: SpatialData,
     genes: str | Sequence[str],
     *,
-    layer: str | None = K.PREDICTED_LAYER,
-    observed_layer: str | None = K.NORMALIZED_LAYER,
+    layer: str | None = K.LAYERS.PREDICTED,
+    observed_layer: str | None = K.LAYERS.NORMALIZED,
     compare: bool = True,
     section: str | None = None,
-    table_key: str = K.PREDICTED_TABLE,
+    table_key: str = K.TABLES.PREDICTED,
     image_key: str | None = None,
     cmap: str | Colormap = "viridis",
     ncols: int = 4,
@@ -449,8 +440,8 @@ def spatial(
     values = _dense_columns(table, layer, sec.rows, cols)
     observed = _dense_columns(table, observed_layer, sec.rows, cols) if pair else None
     measured = np.ones(len(genes), bool)
-    if pair and "observed" in table.var and table.var["observed"].dtype == bool:
-        measured = table.var["observed"].to_numpy()[cols]  # predicted-only genes of the panel
+    if pair and K.VAR.OBSERVED in table.var and table.var[K.VAR.OBSERVED].dtype == bool:
+        measured = table.var[K.VAR.OBSERVED].to_numpy()[cols]  # predicted-only genes of the panel
     pair = pair and bool(measured.any())
     per_gene = 2 if pair else 1
     check_ax(ax, len(genes) * per_gene)
@@ -503,9 +494,9 @@ def spatial(
 def experts(
     sdata: SpatialData,
     *,
-    key: str = K.SPADE_EXPERT,
+    key: str = K.OBS.SPADE_EXPERT,
     section: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     weights_key: str | None = None,
     expert: int | None = None,
     image_key: str | None = None,
@@ -626,7 +617,7 @@ def experts(
         else:
             fig, owns = ax.figure, False
         _draw_panel(ax, canvas, facecolors=face, title=title if title is not None else sec.section, **kw)
-        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if key == K.SPADE_EXPERT else key,
+        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if key == K.OBS.SPADE_EXPERT else key,
                    loc=legend_loc)
         return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi, owns_figure=owns)
 

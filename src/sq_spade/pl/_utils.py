@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sq_spade._utils import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.colors import Colormap
@@ -67,7 +69,6 @@ def finish(fig: Figure, *, show: bool | None, save: str | Path | None, return_fi
         path = Path(save)
         if path.suffix == "":
             raise ValueError(f"`save={str(save)!r}` needs a file extension (e.g. '.png', '.pdf').")
-        from sq_spade._utils import atomic_path
 
         kw = {"dpi": dpi} if dpi is not None else {}
         with atomic_path(path) as tmp:  # the temporary name hides the extension: say the format

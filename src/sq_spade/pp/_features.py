@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._settings import settings
+from sq_spade._utils import atomic_path, process_rank, resolve_device
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade._version import __version__
+from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
 
 def feature_provenance(adata: Any, key: str) -> dict[str, Any] | None:
     """What :func:`compute_features` recorded for ``obsm[key]`` (``None`` when unknown)."""
-    return adata.uns.get(K.FEATURES_UNS, {}).get(key)
+    return adata.uns.get(K.UNS.FEATURES, {}).get(key)
 
 
 def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256: str | None = None) -> None:
@@ -39,6 +43,7 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
         )
 
 
+@inject_docs
 def compute_features(
     sdata: SpatialData,
     *,
@@ -49,7 +54,7 @@ def compute_features(
     device: str | None = None,
     num_workers: int | None = None,
     tta: bool = False,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
@@ -77,8 +82,7 @@ def compute_features(
         ``obsm`` key; default ``"X_<backbone>"``.
     batch_size
         Patches per forward pass.
-    device
-        ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``...
+    %(device)s
     num_workers
         DataLoader workers reading patches (default: ``settings.num_workers``; 0 on CPU is
         best, since the forward pass dominates there).
@@ -131,10 +135,7 @@ def compute_features(
     ...     sqs.pp.compute_features(sdata, backbone="efficientnet_lite0", client=client)
     'X_efficientnet_lite0'
     """
-    import sq_spade
-    from sq_spade._utils import resolve_device
     from sq_spade.nn.backbones import Backbone, get_backbone
-    from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
@@ -181,10 +182,10 @@ def compute_features(
     out[p.rows] = feats
     geometry = {k: v for k, v in p.geometry.to_dict().items()}
     table.obsm[key] = out
-    table.uns.setdefault(K.FEATURES_UNS, {})[key] = {
+    table.uns.setdefault(K.UNS.FEATURES, {})[key] = {
         "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
         "input_size": int(model.input_size), "patch_geometry": geometry, "tta": bool(tta),
-        "sq_spade_version": sq_spade.__version__, "device": dev_type,
+        "sq_spade_version": __version__, "device": dev_type,
         "from_cache": bool(from_cache),
     }
     return key
@@ -222,7 +223,6 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
     """Features ``(len(p), D)`` float32 of patches ``p`` and whether they came from the cache."""
     import torch
 
-    from sq_spade._utils import process_rank
     from sq_spade.nn.inference import embed_batches
 
     # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
@@ -242,8 +242,6 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
         feats = np.asarray(feats, dtype=np.float32)
         from_cache = False
         if cache_path is not None and process_rank() == 0:  # one writer under torchrun
-            from sq_spade._utils import atomic_path
-
             with atomic_path(cache_path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, feats, allow_pickle=False)
@@ -295,8 +293,6 @@ def _worker_backbone(source: Any) -> Any:
 
 def _section_task(part: Any, source: Any, device: str, job: _Job) -> tuple[np.ndarray, bool, str]:
     """One section on a dask worker: load its level (under the budget), embed its patches."""
-    from sq_spade._utils import resolve_device
-
     model = _worker_backbone(source)
     dev = resolve_device(device)
     feats, from_cache = _embed(part.resolved(job.memory_budget_bytes), model, dev, job)

@@ -1,4 +1,8 @@
-"""Gene panels chosen on training sections only, and panel-wise normalisation."""
+"""Gene panels chosen on training sections only, and panel-wise normalisation.
+
+:func:`panel_expression` is the one place where a table's counts become the normalised
+expression of a panel (the targets and inputs of every method, and the retrieval values).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -18,6 +23,7 @@ from sq_spade._validation import (
     get_table,
     section_labels,
 )
+from sq_spade.io._sections import genes_present_in
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -61,17 +67,18 @@ def _exclusion_mask(names: np.ndarray, exclude_mito: bool, exclude_ribo: bool) -
     return keep
 
 
+@inject_docs
 def select_genes(
     data: AnnData | SpatialData,
-    method: str | Sequence[str] = "spade",
+    method: K.PanelMethod | Sequence[str] = "spade",
     *,
     n_top: int = 50,
     train_sections: Sequence[str] | str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     counts_layer: str | None = None,
     exclude_mito: bool = True,
     exclude_ribo: bool = True,
-    key_added: str = K.PANEL_VAR,
+    key_added: str = K.VAR.PANEL,
     inplace: bool = True,
 ) -> list[str] | None:
     """Choose a gene panel from the training sections only.
@@ -91,8 +98,7 @@ def select_genes(
     train_sections
         Sections the panel is computed from (default: all). Choose only training sections so
         evaluation cannot leak.
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     counts_layer
         Layer of raw counts (default ``X``).
     exclude_mito, exclude_ribo
@@ -116,8 +122,6 @@ def select_genes(
     import scanpy as sc
     from anndata import AnnData
 
-    from sq_spade.io._sections import genes_present_in
-
     adata = get_table(data, table_key, arg="data")
     names = np.array([str(g) for g in adata.var_names], dtype=object)
     if adata.var_names.has_duplicates:
@@ -128,7 +132,7 @@ def select_genes(
     labels = section_labels(adata)
     train_rows = np.isin(labels, sections)
     if isinstance(method, str):
-        check_choice(method, "method", ["spade", "heg"])
+        check_choice(method, "method", K.PANEL_METHODS)
         check_positive(n_top, "n_top", integer=True)
         usable = genes_present_in(adata, sections) & _exclusion_mask(names, exclude_mito, exclude_ribo)
         X = _counts(adata, counts_layer)
@@ -187,7 +191,7 @@ def select_genes(
 def panel_genes(adata: AnnData, panel: str | Sequence[str] | None = None) -> list[str]:
     """Resolve a panel argument: a list of genes, a boolean var column, or the default panel."""
     if panel is None:
-        panel = K.PANEL_VAR if K.PANEL_VAR in adata.var else None
+        panel = K.VAR.PANEL if K.VAR.PANEL in adata.var else None
         if panel is None:
             return adata.var_names.astype(str).tolist()
     if isinstance(panel, str):
@@ -202,14 +206,55 @@ def panel_genes(adata: AnnData, panel: str | Sequence[str] | None = None) -> lis
     return genes
 
 
+def panel_expression(table: AnnData, panel: Sequence[str], *, gene_input: K.GeneInput = "log1p_cp10k",
+                     counts_layer: str | None = None, allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Expression of ``panel`` genes ``(N, G)`` float32 and a mask of the genes present.
+
+    ``log1p_cp10k`` normalises each spot's library over the panel genes present; ``raw`` gives
+    the counts.
+
+    Parameters
+    ----------
+    table
+        AnnData with raw counts in ``X`` (or ``counts_layer``).
+    panel
+        Gene names, in the order of the output's columns.
+    gene_input
+        ``"log1p_cp10k"`` or ``"raw"``.
+    counts_layer
+        Layer of raw counts (default ``X``).
+    allow_missing
+        Give genes absent from the table zero columns (``False``: raise a KeyError).
+
+    Examples
+    --------
+    >>> t = sqs.datasets.synthetic_section().tables["table"]
+    >>> expr, present = panel_expression(t, ["gene0", "gene1"])
+    >>> expr.shape, bool(present.all())
+    ((64, 2), True)
+    """
+    check_choice(gene_input, "gene_input", K.GENE_INPUTS)
+    cols = table.var_names.get_indexer(list(panel))
+    present = cols >= 0
+    if not present.all() and not allow_missing:
+        missing = [g for g, ok in zip(panel, present, strict=True) if not ok]
+        raise KeyError(f"{len(missing)} panel genes are absent from the table (e.g. {missing[:5]}).")
+    X = _counts(table, counts_layer)[:, cols[present]]
+    Y = log1p_cp10k(X) if gene_input == "log1p_cp10k" else X
+    out = np.zeros((table.n_obs, len(panel)), np.float32)
+    out[:, present] = Y.toarray()
+    return out, present
+
+
+@inject_docs
 def normalize(
     data: AnnData | SpatialData,
     *,
     panel: str | Sequence[str] | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
-    layer_added: str = K.NORMALIZED_LAYER,
+    layer_added: str = K.LAYERS.NORMALIZED,
 ) -> None:
     """Library size over the panel genes, scaled to ``target_sum``, then log1p, into a layer.
 
@@ -223,8 +268,7 @@ def normalize(
     panel
         Gene list, boolean ``var`` column, or ``None`` for the panel of
         :func:`select_genes` (or all genes when none was chosen).
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     counts_layer
         Layer of raw counts (default ``X``).
     target_sum
@@ -252,5 +296,5 @@ def normalize(
     Y = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ X)
     Y.data = np.log1p(Y.data)
     adata.layers[layer_added] = Y
-    adata.uns.setdefault("sq_spade_normalize", {})[layer_added] = {
+    adata.uns.setdefault(K.UNS.NORMALIZE, {})[layer_added] = {
         "target_sum": float(target_sum), "n_panel_genes": len(genes), "counts": counts_layer or "X"}

@@ -37,6 +37,13 @@ from sq_spade import _constants as K
 from sq_spade._settings import settings
 from sq_spade._utils import progress
 from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade.io._sections import (
+    affine_to,
+    get_sections,
+    image_levels,
+    microns_per_pixel,
+    spot_centers_um,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -282,8 +289,6 @@ def tissue_fraction(patch: np.ndarray) -> float:
 
 
 def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
-    from sq_spade.io._sections import image_levels
-
     levels = image_levels(sdata.images[image_key])
     lv0 = levels[0]
     c = lv0.sizes.get("c", 0)
@@ -299,7 +304,7 @@ def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
 def patches(
     sdata: SpatialData,
     *,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
@@ -325,16 +330,10 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
     """:func:`patches`; ``load=False`` leaves every level lazy (see :meth:`Patches.resolved`)."""
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
-    from sq_spade.io._sections import (
-        affine_to,
-        get_sections,
-        microns_per_pixel,
-        spot_centers_um,
-    )
 
     table = get_table(sdata, table_key)
-    if patch_size_um is None and mpp is None and patch_px is None and K.PATCHES_UNS in table.uns:
-        g = table.uns[K.PATCHES_UNS]
+    if patch_size_um is None and mpp is None and patch_px is None and K.UNS.PATCHES in table.uns:
+        g = table.uns[K.UNS.PATCHES]
         if g.get("mode") == "native":
             patch_px = int(g["patch_px"])
         else:
@@ -402,7 +401,7 @@ def extract_patches(
     *,
     image_key: str | None = None,
     shapes_key: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     patch_size_um: float | None = None,
     mpp: float | None = None,
     patch_px: int | None = None,
@@ -461,10 +460,10 @@ def extract_patches(
     if tissue:
         tissue_frac = np.array([tissue_fraction(p[i]) for i in progress(range(len(p)), total=len(p), desc="patches")])
     table = get_table(sdata, table_key)
-    for key, values in ((K.PATCH_TISSUE, tissue_frac), (K.PATCH_PADDED, padded)):
+    for key, values in ((K.OBS.PATCH_TISSUE, tissue_frac), (K.OBS.PATCH_PADDED, padded)):
         if values is not None:
             col = np.full(table.n_obs, np.nan)
             col[p.rows] = values
             table.obs[key] = col
-    table.uns[K.PATCHES_UNS] = p.geometry.to_dict()
+    table.uns[K.UNS.PATCHES] = p.geometry.to_dict()
     return p

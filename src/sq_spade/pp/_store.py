@@ -30,14 +30,39 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
-from sq_spade._validation import check_positive, get_table
+from sq_spade._docs import inject_docs
+from sq_spade._serialize import to_jsonable
+from sq_spade._settings import settings
+from sq_spade._validation import check_choice, check_positive, get_table, section_labels
+from sq_spade._version import __version__
+from sq_spade.pp._features import feature_provenance
+from sq_spade.pp._genes import panel_expression, panel_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-STORE_ATTR = "sq_spade_feature_store"
-STORE_FORMAT = 1
+STORE_ATTR = K.FEATURE_STORE_ATTR
+
+
+class FeatureStoreV1:
+    """Format 1 of a feature store (sq_spade 0.1): the layout of the module docstring.
+
+    The root's ``attrs["sq_spade_feature_store"]`` holds ``format`` (1), ``backbone``,
+    ``weights_sha256``, ``dim``, ``dtype``, ``chunk_rows``, ``genes``, ``gene_input``,
+    ``features_key`` and ``sq_spade_version``.
+    """
+
+    version = 1
+
+    def upgrade(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The root attributes in the current layout (format 1 is the current one)."""
+        return meta
+
+
+#: Every feature-store format this version reads, by ``format``.
+STORE_FORMATS: dict[int, FeatureStoreV1] = {1: FeatureStoreV1()}
+STORE_FORMAT = FeatureStoreV1.version  # the format new stores are written in
 _SECTIONS = "sections"
 _NAME_OK = re.compile(r"^[^/\\\x00]+$")
 
@@ -181,16 +206,17 @@ class FeatureStore:
         meta = root.attrs.get(STORE_ATTR)
         if not isinstance(meta, Mapping):
             raise ValueError(f"`path` {str(self.path)!r} is a zarr group but not an sq_spade feature store.")
-        if int(meta.get("format", -1)) != STORE_FORMAT:
+        fmt = STORE_FORMATS.get(int(meta.get("format", -1)))
+        if fmt is None:
             raise ValueError(f"feature store {str(self.path)!r} has format {meta.get('format')!r}; this version "
                              f"reads format {STORE_FORMAT}.")
-        self.attrs: dict[str, Any] = dict(meta)
+        self.attrs: dict[str, Any] = fmt.upgrade(dict(meta))
 
     # --- creation -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, *, genes: Sequence[str], dim: int, backbone: str,
-               weights_sha256: str, features_key: str | None = None, gene_input: str = "log1p_cp10k",
-               dtype: str = "float16", chunk_rows: int = 4096, exist_ok: bool = False) -> FeatureStore:
+               weights_sha256: str, features_key: str | None = None, gene_input: K.GeneInput = "log1p_cp10k",
+               dtype: K.StoreDtype = "float16", chunk_rows: int = 4096, exist_ok: bool = False) -> FeatureStore:
         """Create an empty store (atomically: a temporary folder renamed into place).
 
         Parameters
@@ -226,16 +252,12 @@ class FeatureStore:
             raise ValueError("`genes` must be a non-empty list of unique gene names.")
         check_positive(dim, "dim", integer=True)
         check_positive(chunk_rows, "chunk_rows", integer=True)
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"`dtype` must be 'float16' or 'float32', got {dtype!r}.")
-        if gene_input not in ("log1p_cp10k", "raw"):
-            raise ValueError(f"`gene_input` must be 'log1p_cp10k' or 'raw', got {gene_input!r}.")
-        import sq_spade
-
+        check_choice(dtype, "dtype", K.STORE_DTYPES)
+        check_choice(gene_input, "gene_input", K.GENE_INPUTS)
         meta = {"format": STORE_FORMAT, "backbone": str(backbone), "weights_sha256": str(weights_sha256),
                 "dim": int(dim), "dtype": dtype, "chunk_rows": int(chunk_rows), "genes": genes,
                 "gene_input": gene_input, "features_key": features_key,
-                "sq_spade_version": sq_spade.__version__}
+                "sq_spade_version": __version__}
         path = Path(path)
         if path.exists():
             if not exist_ok:
@@ -377,8 +399,6 @@ class FeatureStore:
                              + ("" if np.isfinite(feats).all() else " first") + ".")
         if not np.isfinite(expr).all():
             raise ValueError(f"`expression` of section {name!r} is not finite.")
-        from sq_spade.train._common import history_to_json
-
         chunk = int(self.attrs["chunk_rows"])
         tmp = self.path / _SECTIONS / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
         old = None
@@ -389,7 +409,7 @@ class FeatureStore:
             g.create_array("expression", data=expr, chunks=(min(chunk, n), len(self.genes)))
             g.create_array("spot_ids", shape=(n,), dtype=str, chunks=(min(chunk, n),))[:] = ids
             g.attrs["n_spots"] = int(n)
-            g.attrs["provenance"] = history_to_json(dict(provenance or {}))
+            g.attrs["provenance"] = to_jsonable(dict(provenance or {}), nonfinite="null")
             if target.exists():
                 old = target.parent / f".{name}.{uuid.uuid4().hex[:8]}.old"
                 os.rename(target, old)
@@ -464,8 +484,6 @@ class FeatureStore:
         reading needs a few chunks of buffers: each window gets half of the budget less four
         chunks' worth of rows (at most a quarter of the budget).
         """
-        from sq_spade._settings import settings
-
         budget = settings.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
         check_positive(budget, "memory_budget_bytes", integer=True)
         reserve = min(budget // 4, 4 * int(self.attrs["chunk_rows"]) * self.row_bytes)
@@ -610,17 +628,18 @@ class FeatureStore:
         return FeatureWindow(feats, expr, np.concatenate(ids), np.concatenate(secs), out_parts)
 
 
+@inject_docs
 def write_feature_store(
     data: AnnData | SpatialData,
     path: str | os.PathLike,
     *,
     features_key: str | None = None,
     panel: str | Sequence[str] | None = None,
-    gene_input: str = "log1p_cp10k",
+    gene_input: K.GeneInput = "log1p_cp10k",
     counts_layer: str | None = None,
     sections: Sequence[str] | None = None,
-    table_key: str = K.TABLE_KEY,
-    dtype: str = "float16",
+    table_key: str = K.TABLES.DEFAULT,
+    dtype: K.StoreDtype = "float16",
     chunk_rows: int = 4096,
     overwrite: bool = False,
 ) -> FeatureStore:
@@ -649,8 +668,7 @@ def write_feature_store(
         Layer of raw counts (default ``X``).
     sections
         Sections to write (default: every section of the table).
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     dtype
         Feature dtype of a new store: ``"float16"`` or ``"float32"``.
     chunk_rows
@@ -672,11 +690,6 @@ def write_feature_store(
     >>> store["synth"].load().expression.shape
     (9, 2)
     """
-    from sq_spade._validation import section_labels
-    from sq_spade.pp._features import feature_provenance
-    from sq_spade.pp._genes import panel_genes
-    from sq_spade.tl._common import panel_expression
-
     table = get_table(data, table_key, arg="data")
     if features_key is None:
         known = [k for k in table.obsm if feature_provenance(table, k) is not None]

@@ -1,8 +1,8 @@
-"""Plumbing shared by the ``tl`` functions: features, panel expression, section splits."""
+"""Plumbing shared by the ``tl`` trainers and predictors: features, gene panels, section splits."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,14 +15,14 @@ from sq_spade._validation import (
     section_ids,
     section_labels,
 )
+from sq_spade.pp._features import check_features_backbone, compute_features
+from sq_spade.pp._genes import panel_genes, select_genes
 
 
 def resolve_features(data: Any, table: Any, *, features_key: str | None, backbone: str,
                      weights_sha256: str | None = None, weights: str | None = None,
-                     device: str | None = None, table_key: str = K.TABLE_KEY) -> tuple[str, np.ndarray]:
+                     device: str | None = None, table_key: str = K.TABLES.DEFAULT) -> tuple[str, np.ndarray]:
     """Features of every row: ``obsm[features_key]``, computed with ``backbone`` when absent."""
-    from sq_spade.pp._features import check_features_backbone, compute_features
-
     key = features_key or K.features_key(backbone)
     if key not in table.obsm:
         if features_key is not None:
@@ -35,26 +35,28 @@ def resolve_features(data: Any, table: Any, *, features_key: str | None, backbon
     return key, check_obsm(table, key, arg="features_key")
 
 
-def panel_expression(table: Any, panel: Sequence[str], *, gene_input: str = "log1p_cp10k",
-                     counts_layer: str | None = None, allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Expression of ``panel`` genes ``(N, G)`` float32 and a mask of the genes present.
+def features_provenance(table: Any, key: str | None) -> dict[str, Any]:
+    """What computed ``obsm[key]`` (backbone, weights sha256...), ``{}`` when unknown."""
+    return dict(table.uns.get(K.UNS.FEATURES, {}).get(key, {})) if key is not None else {}
 
-    ``log1p_cp10k`` normalises each spot's library over the panel genes present.
+
+def resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, train: list[str]) -> list[str]:
+    """The genes a trainer uses: a list, a boolean ``var`` column, or chosen on ``train`` sections.
+
+    ``None``: the table's panel (``var['sq_spade_panel']``) when it was chosen on training
+    sections only, else ``"spade"``; ``"spade"`` / ``"heg"``: chosen on ``train`` with ``n_top``.
     """
-    from sq_spade.pp._genes import _counts, log1p_cp10k
-
-    if gene_input not in ("log1p_cp10k", "raw"):
-        raise ValueError(f"`gene_input` must be 'log1p_cp10k' or 'raw', got {gene_input!r}.")
-    cols = table.var_names.get_indexer(list(panel))
-    present = cols >= 0
-    if not present.all() and not allow_missing:
-        missing = [g for g, ok in zip(panel, present, strict=True) if not ok]
-        raise KeyError(f"{len(missing)} panel genes are absent from the table (e.g. {missing[:5]}).")
-    X = _counts(table, counts_layer)[:, cols[present]]
-    Y = log1p_cp10k(X) if gene_input == "log1p_cp10k" else X
-    out = np.zeros((table.n_obs, len(panel)), np.float32)
-    out[:, present] = Y.toarray()
-    return out, present
+    if panel is None:
+        panel = K.VAR.PANEL if K.VAR.PANEL in table.var else "spade"
+        if panel == K.VAR.PANEL:
+            chosen_on = table.uns.get(K.UNS.PANEL, {}).get("train_sections")
+            if chosen_on is not None and set(chosen_on) - set(train):
+                raise ValueError(f"The table's panel was chosen on sections {list(chosen_on)}, which include sections "
+                                 f"outside training {train}: that would leak. Pass `panel=` explicitly.")
+            return panel_genes(table, K.VAR.PANEL)
+    if isinstance(panel, str) and panel in K.PANEL_METHODS:
+        return select_genes(table, panel, n_top=n_top, train_sections=train, inplace=False)
+    return panel_genes(table, panel)
 
 
 def split_sections(table: Any, train_sections: Sequence[str] | str | None,
@@ -75,22 +77,3 @@ def split_sections(table: Any, train_sections: Sequence[str] | str | None,
 def rows_of(table: Any, sections: Sequence[str]) -> np.ndarray:
     """Boolean mask of the rows of ``sections``."""
     return np.isin(section_labels(table), list(sections))
-
-
-def storable(obj: Any) -> Any:
-    """A copy of a JSON-like dict that h5ad and zarr can write: no ``None``, lists as arrays.
-
-    ``None`` entries are dropped, numeric lists (with ``None`` for NaN) become float arrays,
-    other lists string arrays (an empty list an empty string array).
-    """
-    if isinstance(obj, Mapping):
-        return {str(k): storable(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, (list, tuple)):
-        flat = list(obj)
-        if any(isinstance(v, (list, tuple, Mapping)) for v in flat):
-            return {str(i): storable(v) for i, v in enumerate(flat) if v is not None}
-        if flat and all(v is None or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
-                        for v in flat):
-            return np.array([np.nan if v is None else v for v in flat], dtype=np.float64)
-        return np.array([str(v) for v in flat], dtype=str)
-    return obj

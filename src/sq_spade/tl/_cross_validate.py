@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
+from sq_spade._utils import progress as _progress
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -18,14 +20,17 @@ from sq_spade._validation import (
     is_spatialdata,
     section_labels,
 )
+from sq_spade.io._sections import get_sections
+from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import resolve_features, rows_of
+from sq_spade.tl._contrastive import train_contrastive
+from sq_spade.tl._experts import train_experts
+from sq_spade.tl._predict import evaluate_expression, predict_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-METHODS = ("spade", "mclstexp", "ridge", "knn")
-SPLITS = ("leave_one_section_out", "by_patient")
 #: Arguments the folds set themselves.
 _RESERVED = ("train_sections", "validation_sections", "method", "panel", "n_top", "features_key", "backbone",
              "table_key", "seed", "key_added")
@@ -35,18 +40,18 @@ def _folds(table: Any, sections: list[str], split: str) -> list[tuple[str, list[
     """``(fold name, test sections)`` per fold."""
     if split == "leave_one_section_out":
         return [(s, [s]) for s in sections]
-    if K.PATIENT_KEY not in table.obs:
-        raise KeyError(f"`split='by_patient'` needs the obs column {K.PATIENT_KEY!r} (patient of each spot); "
+    if K.OBS.PATIENT not in table.obs:
+        raise KeyError(f"`split='by_patient'` needs the obs column {K.OBS.PATIENT!r} (patient of each spot); "
                        f"available: {list(table.obs.columns)}.")
     labels = section_labels(table)
-    patients = table.obs[K.PATIENT_KEY].astype(str).to_numpy()
-    if table.obs[K.PATIENT_KEY].isna().any():
-        raise ValueError(f"`obs[{K.PATIENT_KEY!r}]` has missing values: every spot needs a patient.")
+    patients = table.obs[K.OBS.PATIENT].astype(str).to_numpy()
+    if table.obs[K.OBS.PATIENT].isna().any():
+        raise ValueError(f"`obs[{K.OBS.PATIENT!r}]` has missing values: every spot needs a patient.")
     by_patient: dict[str, list[str]] = {}
     for s in sections:
         ps = sorted(set(patients[labels == s]))
         if len(ps) != 1:
-            raise ValueError(f"Section {s!r} has spots of several patients {ps} in `obs[{K.PATIENT_KEY!r}]`.")
+            raise ValueError(f"Section {s!r} has spots of several patients {ps} in `obs[{K.OBS.PATIENT!r}]`.")
         by_patient.setdefault(ps[0], []).append(s)
     return list(by_patient.items())
 
@@ -55,12 +60,12 @@ def _working_table(table: Any, features_key: str | None) -> Any:
     """A lean copy of what training needs: counts, obs, var, genes present, coordinates, provenance."""
     import anndata as ad
 
-    obsm = {k: np.asarray(table.obsm[k]) for k in ([features_key] if features_key else []) + ["spatial"]
+    obsm = {k: np.asarray(table.obsm[k]) for k in ([features_key] if features_key else []) + [K.OBSM.SPATIAL]
             if k in table.obsm}
-    uns = {k: table.uns[k] for k in (K.FEATURES_UNS, "sq_spade_sections") if k in table.uns}
+    uns = {k: table.uns[k] for k in (K.UNS.FEATURES, K.UNS.SECTIONS) if k in table.uns}
     work = ad.AnnData(X=table.X, obs=table.obs.copy(), var=table.var.copy(), obsm=obsm, uns=uns)
-    if K.GENES_PRESENT in table.varm:
-        work.varm[K.GENES_PRESENT] = table.varm[K.GENES_PRESENT]
+    if K.VARM.GENES_PRESENT in table.varm:
+        work.varm[K.VARM.GENES_PRESENT] = table.varm[K.VARM.GENES_PRESENT]
     return work
 
 
@@ -72,35 +77,34 @@ def _fold_object(sdata: Any, work: Any, sections: list[str], table_key: str, as_
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
-    from sq_spade.io._sections import get_sections
-
-    attrs = get_table(sdata, table_key).uns.get("spatialdata_attrs", {})
+    attrs = get_table(sdata, table_key).uns.get(K.UNS.SPATIALDATA_ATTRS, {})
     secs = [s for s in get_sections(sdata, table_key=table_key) if s.section in sections]
     images = {s.image_key: sdata.images[s.image_key] for s in secs if s.image_key is not None}
     shapes = {s.shapes_key: sdata.shapes[s.shapes_key] for s in secs}
-    region_key = attrs.get("region_key", K.REGION_KEY)
+    region_key = attrs.get("region_key", K.OBS.REGION)
     sub.obs[region_key] = pd.Categorical(sub.obs[region_key].astype(str))
     table = TableModel.parse(sub, region=list(shapes), region_key=region_key,
-                             instance_key=attrs.get("instance_key", K.INSTANCE_KEY))
-    return SpatialData(images=images, shapes=shapes, tables={K.TABLE_KEY: table})
+                             instance_key=attrs.get("instance_key", K.OBS.INSTANCE))
+    return SpatialData(images=images, shapes=shapes, tables={K.TABLES.DEFAULT: table})
 
 
+@inject_docs
 def cross_validate(
     sdata: SpatialData | AnnData,
     *,
-    method: str = "spade",
-    split: str = "leave_one_section_out",
+    method: K.Method = "spade",
+    split: K.Split = "leave_one_section_out",
     sections: Sequence[str] | None = None,
     panel: str | Sequence[str] = "spade",
     n_top: int = 50,
     validation: str | None = "auto",
     k: int = 200,
-    weighting: str = "inverse_sq_l2",
+    weighting: K.Weighting = "inverse_sq_l2",
     features_key: str | None = None,
     backbone: str = "efficientnet_lite0",
     seed: int = 0,
     device: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     progress: bool | None = None,
     return_per_gene: bool = False,
     **train_kwargs: Any,
@@ -109,8 +113,9 @@ def cross_validate(
 
     For each fold, its test sections are held out entirely: the gene panel (``"spade"`` or
     ``"heg"``) is chosen on the fold's training sections only, the model is trained on them
-    (:func:`sq_spade.tl.train_experts` for SPADE, :func:`sq_spade.tl.train_contrastive`
-    otherwise), the test sections' expression is predicted from their images alone
+    (:func:`sq_spade.tl.train_experts` for SPADE, :func:`sq_spade.tl.train_contrastive` for
+    mclSTExp, :func:`sq_spade.tl.train_baseline` for ridge and k-NN), the test sections'
+    expression is predicted from their images alone
     (:func:`sq_spade.tl.predict_expression`; retrieval methods retrieve from all the fold's
     non-test sections) and scored against their measured expression
     (:func:`sq_spade.tl.evaluate_expression`).
@@ -146,10 +151,8 @@ def cross_validate(
         Frozen features (default ``"X_<backbone>"``), computed when missing.
     seed
         Seed of every fold's training.
-    device
-        Torch device.
-    table_key
-        Table of a SpatialData.
+    %(device)s
+    %(table_key)s
     progress
         Progress bar over folds (default ``settings.progress``).
     return_per_gene
@@ -172,20 +175,15 @@ def cross_validate(
     >>> res = sqs.tl.cross_validate(sd, method="ridge", split="by_patient")  # doctest: +SKIP
     >>> res[["fold", "section", "ACG", "HEG"]]  # doctest: +SKIP
     """
-    from sq_spade._utils import progress as _progress
-    from sq_spade.tl._contrastive import train_contrastive
-    from sq_spade.tl._experts import train_experts
-    from sq_spade.tl._predict import evaluate_expression, predict_expression
-
     table = get_table(sdata, table_key)
-    check_choice(method, "method", METHODS)
-    check_choice(split, "split", SPLITS)
+    check_choice(method, "method", K.METHODS)
+    check_choice(split, "split", K.SPLITS)
     check_choice(validation, "validation", ["auto", None])
-    check_choice(weighting, "weighting", ["inverse_sq_l2", "softmax", "uniform"])
+    check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(n_top, "n_top", integer=True)
     if isinstance(panel, str):
-        if panel not in ("spade", "heg"):
+        if panel not in K.PANEL_METHODS:
             raise ValueError(f"`panel` must be 'spade', 'heg' or a list of genes, got {panel!r}: a panel stored in "
                              "the table was chosen outside the folds and could leak the test sections.")
     else:
@@ -216,7 +214,7 @@ def cross_validate(
         fkey, _ = resolve_features(sdata, table, features_key=features_key, backbone=backbone, device=device,
                                    table_key=table_key)
     work = _working_table(table, fkey)
-    retrieval = method in ("spade", "mclstexp")
+    retrieval = method in ("spade", "mclstexp")  # the methods that retrieve from a reference
     rows, per_gene, panels = [], [], {}
     for fold, test in _progress(folds, total=len(folds), desc=f"cross-validating {method}", enabled=progress):
         rest = [s for s in sections if s not in test]
@@ -228,13 +226,15 @@ def cross_validate(
                       validation_sections=val or None, seed=seed, device=device)
         if method == "spade":
             model = train_experts(fold_train, **common, **train_kwargs)
+        elif method == "mclstexp":
+            model = train_contrastive(fold_train, **common, **train_kwargs)
         else:
-            model = train_contrastive(fold_train, method=method, **common, **train_kwargs)
+            model = train_baseline(fold_train, method=method, **common, **train_kwargs)
         panels[str(fold)] = list(model.panel)
         query = _fold_object(sdata, work, test, table_key, as_sd)
         k_used = int(k)
         if retrieval:
-            n_ref = get_table(fold_train, K.TABLE_KEY).n_obs
+            n_ref = get_table(fold_train, K.TABLES.DEFAULT).n_obs
             if k > n_ref:
                 warnings.warn(f"Fold {fold!r}: `k={k}` exceeds its {n_ref} reference spots; using k={n_ref}.",
                               UserWarning, stacklevel=2)
@@ -242,7 +242,7 @@ def cross_validate(
         pred = predict_expression(query, model, reference=fold_train if retrieval else None, k=k_used,
                                   weighting=weighting, features_key=fkey, reference_features_key=fkey,
                                   device=device)
-        res, pg = evaluate_expression(pred, by=K.SECTION_KEY, return_per_gene=True)
+        res, pg = evaluate_expression(pred, by=K.OBS.SECTION, return_per_gene=True)
         for r in res.to_dict("records"):
             rows.append({"method": method, "split": split, "fold": str(fold), **r, "k": k_used if retrieval else None,
                          "train_sections": ",".join(train), "validation_sections": ",".join(val)})
@@ -250,7 +250,7 @@ def cross_validate(
         pg.insert(0, "method", method)
         per_gene.append(pg)
     df = pd.DataFrame(rows)
-    front = ["method", "split", "fold", K.SECTION_KEY, "n_spots", "n_genes", "ACG", "HEG", "MSE", "MAE",
+    front = ["method", "split", "fold", K.OBS.SECTION, "n_spots", "n_genes", "ACG", "HEG", "MSE", "MAE",
              "n_skipped_constant"]
     df = df[front + [c for c in df.columns if c not in front]]
     df.attrs["panels"] = panels

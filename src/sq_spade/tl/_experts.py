@@ -1,4 +1,4 @@
-"""SPADE in the ``tl`` API: ``train_experts`` and ``embed``."""
+"""SPADE in the ``tl`` API: ``train_experts``, ``train_experts_from_store``, ``embed`` and its predictor."""
 
 from __future__ import annotations
 
@@ -10,38 +10,39 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
+from sq_spade._metrics import expression_metrics
+from sq_spade._serialize import storable, to_jsonable
+from sq_spade._settings import settings
+from sq_spade._utils import progress
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
+from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
+from sq_spade.models._spade import Spade
+from sq_spade.pp._genes import panel_expression
+from sq_spade.pp._store import FeatureStore
 from sq_spade.tl._common import (
-    panel_expression,
+    features_provenance,
     resolve_features,
+    resolve_panel,
     rows_of,
     split_sections,
-    storable,
 )
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from sq_spade.models import Spade
+    from sq_spade.train import FitOptions
 
 
-def _resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, train: list[str]) -> list[str]:
-    from sq_spade.pp._genes import panel_genes, select_genes
+def _fit_options(**options: Any) -> FitOptions:
+    """SPADE's training options, checked (before any feature is computed)."""
+    from sq_spade.train import FitOptions
 
-    if panel is None:
-        panel = K.PANEL_VAR if K.PANEL_VAR in table.var else "spade"
-        if panel == K.PANEL_VAR:
-            chosen_on = table.uns.get(K.PANEL_UNS, {}).get("train_sections")
-            if chosen_on is not None and set(chosen_on) - set(train):
-                raise ValueError(f"The table's panel was chosen on sections {list(chosen_on)}, which include sections "
-                                 f"outside training {train}: that would leak. Pass `panel=` explicitly.")
-            return panel_genes(table, K.PANEL_VAR)
-    if isinstance(panel, str) and panel in ("spade", "heg"):
-        return select_genes(table, panel, n_top=n_top, train_sections=train, inplace=False)
-    return panel_genes(table, panel)
+    return FitOptions.experts(**options)
 
 
+@inject_docs
 def train_experts(
     sdata: SpatialData | AnnData,
     *,
@@ -56,9 +57,9 @@ def train_experts(
     batch_size: int = 128,
     lr: float = 1e-4,
     weight_decay: float = 1e-2,
-    loss: str = "bleep",
+    loss: K.Loss = "bleep",
     temperature: float = 1.0,
-    gene_input: str = "log1p_cp10k",
+    gene_input: K.GeneInput = "log1p_cp10k",
     dropout: float = 0.1,
     routing_temperature: float = 0.1,
     train_sections: Sequence[str] | str | None = None,
@@ -66,9 +67,9 @@ def train_experts(
     patience: int | None = None,
     seed: int = 0,
     device: str | None = None,
-    table_key: str = K.TABLE_KEY,
-    key_added: str = K.SPADE_KEY,
-    reference_side: str = "auto",
+    table_key: str = K.TABLES.DEFAULT,
+    key_added: str = K.OBSM.SPADE,
+    reference_side: K.ReferenceSideChoice = "auto",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool | str | os.PathLike = False,
@@ -87,8 +88,7 @@ def train_experts(
     ----------
     sdata
         SpatialData (features can be computed) or AnnData with the features in ``obsm``.
-    features_key
-        ``obsm`` key of the frozen features (default ``"X_<backbone>"``).
+    %(features_key)s
     backbone
         Backbone of the features.
     panel
@@ -100,46 +100,22 @@ def train_experts(
     group_key
         ``obs`` column grouping spots for the first clustering stage (organ, tissue); ``None``:
         one group.
-    n_fine, n_experts
-        Fine centroids per group and experts (16 and 16). Groups with fewer distinct spots than
-        ``n_fine`` get one centroid per spot; ``n_experts`` above the number of fine centroids is
-        clamped (each centroid its own expert) with a warning.
-    epochs, batch_size, lr, weight_decay
-        Training settings (SPADE: 100, 128, 1e-4, 1e-2).
-    loss
-        ``"bleep"`` (soft targets, SPADE's) or ``"clip"``.
-    temperature
-        Loss temperature.
+    %(spade_training)s
     gene_input
         ``"log1p_cp10k"`` (library size over the panel, 1e4, log1p) or ``"raw"`` counts (the
         original code's choice).
-    dropout
-        Dropout of the heads.
-    routing_temperature
-        Default temperature of soft routing at inference (0.1).
     train_sections, validation_sections
         Sections to train on (default: all but validation) and to validate on.
-    patience
-        Stop an expert after this many epochs without validation improvement.
-    seed
-        Seeds clustering, initialisation and batching.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``.
-    table_key
-        Table of a SpatialData.
-    key_added
-        ``obsm`` key of the SPADE embedding written for every spot.
+    %(seed)s
+    %(device)s
+    %(table_key)s
+    %(key_added)s
     reference_side
         What :func:`sq_spade.tl.predict_expression` retrieves against on the reference side:
         the reference spots' gene-head embeddings (``"genes"``), their image embeddings
         (``"images"``), or ``"auto"``: the better of the two by validation ACG (``"genes"``
         without validation sections).
-    checkpoint_dir, checkpoint_every, resume
-        Checkpoints of the expert training every ``checkpoint_every`` epochs into the folder
-        ``checkpoint_dir``, and resuming from one (``resume=True``: from ``checkpoint_dir`` when
-        it holds one, else a fresh start); see :func:`sq_spade.train.fit_experts`. On the same
-        device, a resumed run gives exactly the model of an uninterrupted one; the data, panel,
-        clustering and training arguments must be the same (a ValueError says what differs).
+    %(checkpoints)s
 
     Returns
     -------
@@ -154,22 +130,22 @@ def train_experts(
     """
     import torch
 
-    import sq_spade
-    from sq_spade.models._clustering import two_stage_clustering
-    from sq_spade.train._experts import fit_experts
+    from sq_spade.train import fit_experts
 
     table = get_table(sdata, table_key)
-    check_choice(loss, "loss", ["bleep", "clip"])
-    check_choice(gene_input, "gene_input", ["log1p_cp10k", "raw"])
-    check_choice(reference_side, "reference_side", ["auto", "genes", "images"])
-    for name, v in (("n_fine", n_fine), ("n_experts", n_experts), ("epochs", epochs), ("batch_size", batch_size)):
+    opts = _fit_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+                        temperature=temperature, patience=patience, seed=seed, device=device or settings.device,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    check_choice(gene_input, "gene_input", K.GENE_INPUTS)
+    check_choice(reference_side, "reference_side", K.REFERENCE_SIDE_CHOICES)
+    for name, v in (("n_fine", n_fine), ("n_experts", n_experts)):
         check_positive(v, name, integer=True)
     check_positive(routing_temperature, "routing_temperature")
     train, val = split_sections(table, train_sections, validation_sections)
     fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
                                    device=device, table_key=table_key)
-    prov = table.uns.get(K.FEATURES_UNS, {}).get(fkey, {})
-    genes_list = _resolve_panel(table, panel, n_top, train)
+    prov = features_provenance(table, fkey)
+    genes_list = resolve_panel(table, panel, n_top, train)
     expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
     tr, va = rows_of(table, train), rows_of(table, val)
     if tr.sum() < 2:
@@ -189,10 +165,7 @@ def train_experts(
     img_heads, gene_heads, history = fit_experts(
         feats[tr], expr[tr], clus.expert, n_experts=clus.n_experts,
         val_features=feats[va] if va.any() else None, val_genes=expr[va] if va.any() else None,
-        val_expert=val_expert, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        loss=loss, temperature=temperature, dropout=dropout, seed=seed,
-        device=device or sq_spade.settings.device, patience=patience,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        val_expert=val_expert, dropout=dropout, options=opts,
     )
     model = _assemble(img_heads, gene_heads, centroids, f2e, history, backbone=prov.get("backbone", backbone),
                       weights_sha256=prov.get("weights_sha256"), panel=genes_list, gene_input=gene_input,
@@ -209,8 +182,8 @@ def train_experts(
     # write results only once everything has succeeded
     emb = model.embed_images(feats)
     table.obsm[key_added] = emb
-    table.obs[K.SPADE_EXPERT] = pd.Categorical(model.assign(feats).astype(str))
-    table.uns[K.SPADE_UNS] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
+    table.obs[K.OBS.SPADE_EXPERT] = pd.Categorical(model.assign(feats).astype(str))
+    table.uns[K.UNS.SPADE] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added})
     return model
 
@@ -220,9 +193,7 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
               routing_temperature: float, reference_side: str, centroid_groups: Any, train: list[str],
               val: list[str], params: dict) -> Spade:
     """The Spade model (module and config) from trained heads and the clustering."""
-    from sq_spade.models._spade import Spade
     from sq_spade.nn.experts import MixtureOfExperts
-    from sq_spade.train._common import history_to_json
 
     module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e,
                               temperature=routing_temperature).eval()
@@ -232,11 +203,13 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
         "n_fine": int(n_fine), "out_dim": int(img_heads.out_dim), "dropout": float(dropout),
         "routing_temperature": float(routing_temperature), "reference_side": reference_side,
         "centroid_groups": [str(g) for g in centroid_groups], "train_sections": list(train),
-        "validation_sections": list(val), "history": history_to_json(history), "params": params,
+        "validation_sections": list(val), "history": to_jsonable(dict(history), nonfinite="null"),
+        "params": params,
     }
     return Spade(module, config)
 
 
+@inject_docs
 def train_experts_from_store(
     store: Any,
     *,
@@ -248,7 +221,7 @@ def train_experts_from_store(
     batch_size: int = 128,
     lr: float = 1e-4,
     weight_decay: float = 1e-2,
-    loss: str = "bleep",
+    loss: K.Loss = "bleep",
     temperature: float = 1.0,
     dropout: float = 0.1,
     routing_temperature: float = 0.1,
@@ -269,8 +242,8 @@ def train_experts_from_store(
     two pools all fine centroids into ``n_experts``; the experts then train from windows of whole
     sections under ``memory_budget_bytes`` (see :class:`sq_spade.train.TrainingWindows`: each
     epoch visits the windows in a shuffled order, batches mix spots of one window). Validation
-    sections are loaded whole (keep them few). Otherwise as :func:`train_experts`, whose
-    parameters these are; the reference side is ``"genes"``.
+    sections are loaded whole (keep them few). Otherwise as :func:`train_experts`; the reference
+    side is ``"genes"``.
 
     Parameters
     ----------
@@ -278,12 +251,12 @@ def train_experts_from_store(
         A :class:`sq_spade.pp.FeatureStore` or the path of one.
     train_sections, validation_sections
         Sections of the store to train on (default: all but validation) and to validate on.
+    %(spade_training)s
     memory_budget_bytes
         Most bytes of training windows in memory (default ``settings.memory_budget_bytes``).
-    n_fine, n_experts, epochs, batch_size, lr, weight_decay, loss, temperature, dropout
-        As :func:`train_experts`.
-    routing_temperature, patience, seed, device, checkpoint_dir, checkpoint_every, resume
-        As :func:`train_experts`.
+    %(seed)s
+    %(device)s
+    %(checkpoints)s
 
     Returns
     -------
@@ -296,15 +269,13 @@ def train_experts_from_store(
     """
     import torch
 
-    import sq_spade
-    from sq_spade._utils import progress
-    from sq_spade.models._clustering import fine_centroids, pool_centroids
-    from sq_spade.pp._store import FeatureStore
-    from sq_spade.train._experts import TrainingWindows, fit_experts
+    from sq_spade.train import TrainingWindows, fit_experts
 
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    check_choice(loss, "loss", ["bleep", "clip"])
-    for name, v in (("n_fine", n_fine), ("n_experts", n_experts), ("epochs", epochs), ("batch_size", batch_size)):
+    opts = _fit_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+                        temperature=temperature, patience=patience, seed=seed, device=device or settings.device,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    for name, v in (("n_fine", n_fine), ("n_experts", n_experts)):
         check_positive(v, name, integer=True)
     check_positive(routing_temperature, "routing_temperature")
     val = [validation_sections] if isinstance(validation_sections, str) else list(validation_sections or [])
@@ -336,11 +307,8 @@ def train_experts_from_store(
         d = torch.cdist(torch.as_tensor(vf), torch.as_tensor(centroids))
         val_kw = {"val_features": vf, "val_genes": np.concatenate([w.expression for w in parts]),
                   "val_expert": f2e[d.argmin(1).numpy()]}
-    img_heads, gene_heads, history = fit_experts(
-        windows, None, None, n_experts=n_eff, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, loss=loss, temperature=temperature, dropout=dropout, seed=seed,
-        device=device or sq_spade.settings.device, patience=patience, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every, resume=resume, **val_kw)
+    img_heads, gene_heads, history = fit_experts(windows, None, None, n_experts=n_eff, dropout=dropout, options=opts,
+                                                 **val_kw)
     return _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
                      backbone=fs.backbone, weights_sha256=fs.weights_sha256, panel=fs.genes,
                      gene_input=fs.attrs.get("gene_input", "log1p_cp10k"), n_fine=n_fine, dropout=dropout,
@@ -348,15 +316,14 @@ def train_experts_from_store(
                      centroid_groups=np.asarray(groups, dtype=object), train=train, val=val,
                      params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                              "loss": loss, "temperature": temperature, "seed": seed,
-                             "n_experts_requested": n_experts, "group_key": "section", "features_key": None,
+                             "n_experts_requested": n_experts, "group_key": K.OBS.SECTION, "features_key": None,
                              "patience": patience, "store": str(fs.path)})
 
 
 def _choose_reference_side(model: Spade, f_ref: np.ndarray, e_ref: np.ndarray, f_val: np.ndarray,
                            e_val: np.ndarray, k: int = 50) -> tuple[str, dict[str, float]]:
     """Pick gene-head or image-head reference embeddings by retrieval ACG on validation spots."""
-    from sq_spade.tl._metrics import expression_metrics
-    from sq_spade.tl._retrieval import retrieve_predict
+    from sq_spade.nn.retrieval import retrieve_predict
 
     q = model.embed_images(f_val)
     keys = {"genes": model.embed_genes(e_ref, model.assign(f_ref)), "images": model.embed_images(f_ref)}
@@ -368,16 +335,17 @@ def _choose_reference_side(model: Spade, f_ref: np.ndarray, e_ref: np.ndarray, f
     return best, {f"validation_acg_{s}": v for s, v in scores.items()}
 
 
+@inject_docs
 def embed(
     sdata: SpatialData | AnnData,
     model: Spade,
     *,
-    routing: str = "soft",
+    routing: K.Routing = "soft",
     temperature: float | None = None,
     features_key: str | None = None,
-    key_added: str = K.SPADE_KEY,
+    key_added: str = K.OBSM.SPADE,
     weights_key: str | None = None,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     device: str | None = None,
 ) -> None:
     """Embed any slide into the SPADE space: ``obsm[key_added]`` (and the routing).
@@ -397,16 +365,12 @@ def embed(
         ``"soft"`` or ``"hard"``.
     temperature
         Soft-routing temperature (default: the model's, 0.1).
-    features_key
-        ``obsm`` key of the features (default ``"X_<backbone>"``).
-    key_added
-        ``obsm`` key of the embedding.
+    %(features_key)s
+    %(key_added)s
     weights_key
         Also write the routing weights ``(n, n_experts)`` to ``obsm[weights_key]``.
-    table_key
-        Table of a SpatialData.
-    device
-        Device for feature computation.
+    %(table_key)s
+    %(device)s
 
     Examples
     --------
@@ -414,24 +378,57 @@ def embed(
     >>> sdata_new.tables["table"].obsm["X_spade"].shape  # doctest: +SKIP
     (184, 256)
     """
-    from sq_spade.models._spade import Spade
-
     if not isinstance(model, Spade):
         raise TypeError(f"`model` must be a sq_spade.models.Spade, got {type(model).__name__}.")
-    check_choice(routing, "routing", ["soft", "hard"])
+    check_choice(routing, "routing", K.ROUTINGS)
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
-                                weights_sha256=model.config.get("weights_sha256"), device=device, table_key=table_key)
-    if feats.shape[1] != model.config["feature_dim"]:
-        raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config['feature_dim']}.")
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+    if feats.shape[1] != model.config.feature_dim:
+        raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config.feature_dim}.")
     emb = model.embed_images(feats, routing=routing, temperature=temperature)
     weights = model.routing_weights(feats, temperature=temperature) if weights_key else None
     experts = model.assign(feats)
     table.obsm[key_added] = emb
     if weights is not None:
         table.obsm[weights_key] = weights
-    table.obs[K.SPADE_EXPERT] = pd.Categorical(experts.astype(str))
-    table.uns.setdefault(K.SPADE_UNS, {})["embedding"] = storable({
+    table.obs[K.OBS.SPADE_EXPERT] = pd.Categorical(experts.astype(str))
+    table.uns.setdefault(K.UNS.SPADE, {})["embedding"] = storable({
         "key": key_added, "routing": routing,
-        "temperature": float(model.config["routing_temperature"] if temperature is None else temperature),
+        "temperature": float(model.config.routing_temperature if temperature is None else temperature),
         "backbone": model.backbone, "sections": sorted(set(section_labels(table)))})
+
+
+# --- prediction (tl.predict_expression dispatches Spade models here) -------------------------------------------
+def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, model: Spade, k: int, weighting: str,
+                  temperature: float, features_key: str | None, reference_features_key: str | None,
+                  device: str | None, table_key: str, reference_table_key: str,
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """SPADE's expression prediction: query image embeddings retrieve reference spots' expression.
+
+    The reference side is the model's ``reference_side``: the reference spots' gene-head
+    embeddings (``"genes"``) or their image embeddings (``"images"``).
+    """
+    from sq_spade.nn.retrieval import retrieve_predict
+
+    if reference is None:
+        raise ValueError("`reference` is required for SPADE retrieval: the annotated spots (e.g. the training "
+                         "SpatialData) whose expression is retrieved.")
+    sha = model.weights_sha256
+    _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
+                             weights_sha256=sha, device=device, table_key=table_key)
+    _, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
+                             weights_sha256=sha, device=device, table_key=reference_table_key)
+    values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
+    q = model.embed_images(fq)
+    side = model.config.reference_side
+    if side == "genes":
+        gin, _ = panel_expression(r_table, model.panel, gene_input=model.config.gene_input)
+        keys = model.embed_genes(gin, model.assign(fr))
+    else:
+        keys = model.embed_images(fr)
+    if k > len(keys):
+        raise ValueError(f"`k={k}` exceeds the {len(keys)} reference spots.")
+    pred = retrieve_predict(q, keys, values, k=k, weighting=weighting, temperature=temperature)
+    info = {"reference_side": side, "n_reference": int(len(keys))}
+    return pred, {K.OBSM.SPADE: q}, info

@@ -9,13 +9,16 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
 from sq_spade._validation import check_choice, check_obs_column, check_obsm, get_table
+from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
+@inject_docs
 def few_shot(
     data: SpatialData | AnnData,
     *,
@@ -23,9 +26,9 @@ def few_shot(
     embedding_keys: Sequence[str],
     shots: Sequence[int] = (1, 2, 4, 8, 16),
     n_repeats: int = 20,
-    classifier: str = "logistic",
+    classifier: K.Classifier = "logistic",
     seed: int = 0,
-    table_key: str = K.TABLE_KEY,
+    table_key: str = K.TABLES.DEFAULT,
     summarize: bool = True,
 ) -> pd.DataFrame:
     """Compare embeddings by k-shot probes on spot labels (e.g. pathologist regions).
@@ -52,8 +55,7 @@ def few_shot(
         ``"logistic"`` (standardised features, C = 1), ``"knn"`` or ``"prototype"``.
     seed
         Seed of the draws.
-    table_key
-        Table of a SpatialData.
+    %(table_key)s
     summarize
         Return mean and standard deviation over repeats (else one row per repeat).
 
@@ -66,10 +68,8 @@ def few_shot(
     --------
     >>> sqs.tl.few_shot(sdata_a1, label_key="label", embedding_keys=["X_spade", "X_efficientnet_lite0"])  # doctest: +SKIP
     """
-    from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
-
     table = get_table(data, table_key, arg="data")
-    check_choice(classifier, "classifier", ["logistic", "knn", "prototype"])
+    check_choice(classifier, "classifier", K.CLASSIFIERS)
     if isinstance(embedding_keys, str) or not len(embedding_keys):
         raise ValueError(f"`embedding_keys` must be a non-empty list of obsm keys, got {embedding_keys!r}.")
     labels = check_obs_column(table, label_key, arg="label_key")

@@ -1,4 +1,10 @@
-"""Expression prediction into ``layers`` for every model type, and its evaluation."""
+"""Expression prediction into ``layers`` for every model type, and its evaluation.
+
+:func:`predict_expression` dispatches through :data:`PREDICTORS`, one table keyed by model
+class: each predictor lives beside its trainer (SPADE in :mod:`~sq_spade.tl._experts`, mclSTExp
+in :mod:`~sq_spade.tl._contrastive`, the baselines in :mod:`~sq_spade.tl._baselines`), and a
+subclass of a model follows its base class.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from sq_spade import _constants as K
+from sq_spade._docs import inject_docs
+from sq_spade._metrics import expression_metrics
+from sq_spade._serialize import storable
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -17,53 +27,35 @@ from sq_spade._validation import (
     is_spatialdata,
     section_labels,
 )
-from sq_spade.tl._common import panel_expression, resolve_features, storable
+from sq_spade._version import __version__
+from sq_spade.models import KNNModel, MclSTExp, RidgeModel, Spade
+from sq_spade.pp._genes import panel_expression
+from sq_spade.tl._baselines import predict_baseline
+from sq_spade.tl._contrastive import predict_mclstexp
+from sq_spade.tl._experts import predict_spade
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-#: model class name -> function(query, q_table, reference, r_table, **kw) -> (pred, obsm dict, info)
-PREDICTORS: dict[str, Callable[..., tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]]] = {}
+Predictor = Callable[..., tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]]
+
+#: How :func:`predict_expression` handles each model class:
+#: ``predictor(query, q_table, reference, r_table, *, model, k, weighting, ...) -> (pred, obsm, info)``.
+PREDICTORS: dict[type, Predictor] = {
+    Spade: predict_spade,
+    MclSTExp: predict_mclstexp,
+    RidgeModel: predict_baseline,
+    KNNModel: predict_baseline,
+}
 
 
-def register_predictor(class_name: str) -> Callable:
-    """Register how :func:`predict_expression` handles a model class (by class name)."""
-
-    def deco(fn: Callable) -> Callable:
-        PREDICTORS[class_name] = fn
-        return fn
-
-    return deco
-
-
-@register_predictor("Spade")
-def _predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, model: Any, k: int, weighting: str,
-                   temperature: float, features_key: str | None, reference_features_key: str | None,
-                   device: str | None, table_key: str, reference_table_key: str, **_: Any):
-    from sq_spade.tl._retrieval import retrieve_predict
-
-    if reference is None:
-        raise ValueError("`reference` is required for SPADE retrieval: the annotated spots (e.g. the training "
-                         "SpatialData) whose expression is retrieved.")
-    sha = model.config.get("weights_sha256")
-    _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=table_key)
-    _, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=reference_table_key)
-    values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
-    q = model.embed_images(fq)
-    side = model.config["reference_side"]
-    if side == "genes":
-        gin, _ = panel_expression(r_table, model.panel, gene_input=model.config["gene_input"])
-        keys = model.embed_genes(gin, model.assign(fr))
-    else:
-        keys = model.embed_images(fr)
-    if k > len(keys):
-        raise ValueError(f"`k={k}` exceeds the {len(keys)} reference spots.")
-    pred = retrieve_predict(q, keys, values, k=k, weighting=weighting, temperature=temperature)
-    info = {"reference_side": side, "n_reference": int(len(keys))}
-    return pred, {K.SPADE_KEY: q}, info
+def predictor_of(model: Any) -> Predictor:
+    """The predictor of ``model``'s class, or of its nearest base class in :data:`PREDICTORS`."""
+    for cls in type(model).__mro__:
+        if cls in PREDICTORS:
+            return PREDICTORS[cls]
+    raise TypeError(f"`model` must be one of {sorted(c.__name__ for c in PREDICTORS)}, got {type(model).__name__}.")
 
 
 def _observed(q_table: Any, panel: list[str]) -> tuple[np.ndarray | None, np.ndarray]:
@@ -81,7 +73,6 @@ def _observed(q_table: Any, panel: list[str]) -> tuple[np.ndarray | None, np.nda
 def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, layer_added: str, table_added: str,
            obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str) -> AnnData:
     import anndata as ad
-    import scipy.sparse as sp
 
     obs_vals, mask = _observed(q_table, panel)
     existing = query.tables.get(table_added) if is_spatialdata(query) else None
@@ -94,40 +85,41 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, laye
     else:
         out = ad.AnnData(X=sp.csr_matrix(pred.shape, dtype=np.float32), obs=q_table.obs.copy(),
                          var=pd.DataFrame(index=pd.Index(panel, name=None)))
-        out.var["observed"] = mask
-        if "spatial" in q_table.obsm:
-            out.obsm["spatial"] = np.asarray(q_table.obsm["spatial"])
+        out.var[K.VAR.OBSERVED] = mask
+        if K.OBSM.SPATIAL in q_table.obsm:
+            out.obsm[K.OBSM.SPATIAL] = np.asarray(q_table.obsm[K.OBSM.SPATIAL])
     out.layers[layer_added] = pred.astype(np.float32)
     if obs_vals is not None and observed_layer not in out.layers:
         out.layers[observed_layer] = obs_vals
-        out.var["observed"] = mask
+        out.var[K.VAR.OBSERVED] = mask
     for key, val in obsm.items():
         out.obsm[key] = val
-    out.uns.setdefault(K.PREDICTION_UNS, {})[layer_added] = storable(uns)
+    out.uns.setdefault(K.UNS.PREDICTION, {})[layer_added] = storable(uns)
     if is_spatialdata(query) and not fits:
         from spatialdata.models import TableModel
 
-        attrs = q_table.uns.get("spatialdata_attrs", {})
-        out.uns.pop("spatialdata_attrs", None)
+        attrs = q_table.uns.get(K.UNS.SPATIALDATA_ATTRS, {})
+        out.uns.pop(K.UNS.SPATIALDATA_ATTRS, None)
         out = TableModel.parse(out, region=attrs.get("region"), region_key=attrs.get("region_key"),
                                instance_key=attrs.get("instance_key"))
         query.tables[table_added] = out
     return out
 
 
+@inject_docs
 def predict_expression(
     query: SpatialData | AnnData,
-    model: Any,
+    model: Spade | MclSTExp | RidgeModel | KNNModel,
     *,
     reference: SpatialData | AnnData | None = None,
     k: int = 200,
-    weighting: str = "inverse_sq_l2",
+    weighting: K.Weighting = "inverse_sq_l2",
     temperature: float = 1.0,
-    layer_added: str = K.PREDICTED_LAYER,
-    table_added: str = K.PREDICTED_TABLE,
-    observed_layer: str = K.NORMALIZED_LAYER,
-    table_key: str = K.TABLE_KEY,
-    reference_table_key: str = K.TABLE_KEY,
+    layer_added: str = K.LAYERS.PREDICTED,
+    table_added: str = K.TABLES.PREDICTED,
+    observed_layer: str = K.LAYERS.NORMALIZED,
+    table_key: str = K.TABLES.DEFAULT,
+    reference_table_key: str = K.TABLES.DEFAULT,
     features_key: str | None = None,
     reference_features_key: str | None = None,
     device: str | None = None,
@@ -154,8 +146,8 @@ def predict_expression(
     query
         SpatialData (features computed when missing) or AnnData with features in ``obsm``.
     model
-        :class:`~sq_spade.models.Spade`, :class:`~sq_spade.models.MclSTExp` or a reference
-        model (:class:`~sq_spade.models.RidgeModel`, :class:`~sq_spade.models.KNNModel`).
+        :class:`~sq_spade.models.Spade`, :class:`~sq_spade.models.MclSTExp` or a baseline
+        (:class:`~sq_spade.models.RidgeModel`, :class:`~sq_spade.models.KNNModel`).
     reference
         Annotated spots to retrieve from (retrieval models), usually the training data.
     k
@@ -171,9 +163,9 @@ def predict_expression(
     table_key, reference_table_key
         Tables of the query and the reference.
     features_key, reference_features_key
-        ``obsm`` keys of frozen features (default ``"X_<backbone>"``).
-    device
-        Device for feature computation.
+        ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
+        model's backbone when absent from a SpatialData.
+    %(device)s
 
     Returns
     -------
@@ -184,28 +176,24 @@ def predict_expression(
     >>> pred = sqs.tl.predict_expression(sdata_c4, model, reference=sdata_train)  # doctest: +SKIP
     >>> sqs.tl.evaluate_expression(sdata_c4)  # doctest: +SKIP
     """
-    name = type(model).__name__
-    if name not in PREDICTORS:
-        raise TypeError(f"`model` must be one of {sorted(PREDICTORS)}, got {name}.")
-    check_choice(weighting, "weighting", ["inverse_sq_l2", "softmax", "uniform"])
+    predictor = predictor_of(model)
+    check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
     if layer_added == observed_layer:
         raise ValueError(f"`layer_added` and `observed_layer` must differ, both are {layer_added!r}.")
     q_table = get_table(query, table_key, arg="query")
     r_table = get_table(reference, reference_table_key, arg="reference") if reference is not None else None
-    pred, obsm, info = PREDICTORS[name](
+    pred, obsm, info = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
         table_key=table_key, reference_table_key=reference_table_key)
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
-    import sq_spade
-
-    uns = {"model": name, "backbone": getattr(model, "backbone", None), "k": int(k), "weighting": weighting,
+    uns = {"model": type(model).__name__, "backbone": getattr(model, "backbone", None), "k": int(k), "weighting": weighting,
            "temperature": float(temperature), "sections": sorted(set(section_labels(q_table))),
-           "sq_spade_version": sq_spade.__version__, **info}
+           "sq_spade_version": __version__, **info}
     for key, val in obsm.items():
         q_table.obsm[key] = val
     return _store(query, q_table, pred, panel, layer_added=layer_added, table_added=table_added, obsm=obsm,
@@ -215,9 +203,9 @@ def predict_expression(
 def evaluate_expression(
     data: SpatialData | AnnData,
     *,
-    predicted_layer: str = K.PREDICTED_LAYER,
-    observed_layer: str = K.NORMALIZED_LAYER,
-    table_key: str = K.PREDICTED_TABLE,
+    predicted_layer: str = K.LAYERS.PREDICTED,
+    observed_layer: str = K.LAYERS.NORMALIZED,
+    table_key: str = K.TABLES.PREDICTED,
     by: str | None = "section",
     n_heg: int = 50,
     return_per_gene: bool = False,
@@ -252,14 +240,13 @@ def evaluate_expression(
     --------
     >>> sqs.tl.evaluate_expression(sdata_c4)  # doctest: +SKIP
     """
-    from sq_spade.tl._metrics import expression_metrics
-
     table = get_table(data, table_key, arg="data")
     for arg, layer in (("predicted_layer", predicted_layer), ("observed_layer", observed_layer)):
         if layer not in table.layers:
             raise KeyError(f"`{arg}={layer!r}` is not a layer of table {table_key!r}; available: {sorted(table.layers)}.")
     check_positive(n_heg, "n_heg", integer=True)
-    genes = table.var["observed"].to_numpy(bool) if "observed" in table.var else np.ones(table.n_vars, bool)
+    genes = (table.var[K.VAR.OBSERVED].to_numpy(bool) if K.VAR.OBSERVED in table.var
+             else np.ones(table.n_vars, bool))
     if not genes.any():
         raise ValueError("No predicted gene was observed in this table: nothing to evaluate.")
     pred = _dense(table.layers[predicted_layer])[:, genes]
@@ -283,6 +270,4 @@ def evaluate_expression(
 
 
 def _dense(x: Any) -> np.ndarray:
-    import scipy.sparse as sp
-
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)

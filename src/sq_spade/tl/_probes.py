@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sq_spade import _constants as K
+from sq_spade._validation import check_choice, check_positive_float, check_positive_int
+
 __all__ = ["few_shot_probe", "summarize_few_shot"]
 
-CLASSIFIERS = ("logistic", "knn", "prototype")
+CLASSIFIERS = K.CLASSIFIERS
 
 
 def _check_embeddings(embeddings: Any, n: int) -> dict[str, np.ndarray]:
@@ -162,8 +165,7 @@ def few_shot_probe(
     >>> summarize_few_shot(df).shape
     (4, 7)
     """
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"`classifier` must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
+    check_choice(classifier, "classifier", CLASSIFIERS)
     from sklearn.metrics import balanced_accuracy_score
 
     arr = labels.to_numpy() if isinstance(labels, (pd.Series, pd.Index)) else np.asarray(labels, dtype=object)
@@ -173,15 +175,10 @@ def few_shot_probe(
     embs = _check_embeddings(embeddings, len(lab))
     shot_list = _check_shots(shots)
     for arg, val in (("n_repeats", n_repeats), ("min_test_per_class", min_test_per_class), ("max_iter", max_iter)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"`{arg}` must be a positive integer, got {val!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
-    if not (isinstance(C, (int, float, np.number)) and np.isfinite(C) and C > 0):
-        raise ValueError(f"`C` must be a positive number, got {C!r}.")
-    if n_neighbors is not None and (isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer))
-                                    or n_neighbors < 1):
-        raise ValueError(f"`n_neighbors` must be a positive integer or None, got {n_neighbors!r}.")
+        check_positive_int(val, arg)
+    check_positive_int(seed, "seed", allow_zero=True)
+    check_positive_float(C, "C")
+    check_positive_int(n_neighbors, "n_neighbors", allow_none=True)
 
     labelled = ~lab.isna().to_numpy()
     codes_l, classes = pd.factorize(lab[labelled], sort=True)

@@ -1,6 +1,6 @@
 """Training checkpoints: written every N epochs, resumed to the exact weights of an uninterrupted run.
 
-A checkpoint is a folder in the package's model-file container (:mod:`sq_spade.models._files`):
+A checkpoint is a folder in the package's model-file container (:mod:`sq_spade._files`):
 
 - ``model-<sha256[:16]>.safetensors``: every tensor of the run, as written by
   :func:`~sq_spade.train.state_for_checkpoint` (``model.*`` parameters and buffers, ``optim.*``
@@ -16,6 +16,9 @@ Writes survive SIGKILL at any instant (content-addressed tensors file, then the 
 atomically, then the old tensors file removed): the folder always holds the previous complete
 checkpoint or the new one. Reading uses json and safetensors only, checks the sha256 the config
 records, and never unpickles anything.
+
+Format versions: the config's ``checkpoint_version`` names the layout of its entries, one
+config class per version in :data:`CHECKPOINT_FORMATS` (version 1: :class:`CheckpointConfigV1`).
 """
 
 from __future__ import annotations
@@ -29,38 +32,43 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sq_spade.models._files import (
-    CONFIG_FILE,
-    ModelFileError,
-    load_model_files,
-    save_model_files,
-)
+from sq_spade._config import JsonConfig, check
+from sq_spade._files import CONFIG_FILE, ModelFileError, load_model_files, save_model_files
 from sq_spade.train._common import (
     EarlyStopping,
     History,
-    check_positive_int,
     load_checkpoint_state,
     state_for_checkpoint,
 )
+from sq_spade.train._options import FitOptions
 
 CHECKPOINT_CLASS = "TrainingCheckpoint"
-CHECKPOINT_VERSION = 1
-KINDS = ("fit_experts", "fit_contrastive")
-_SCHEMA = {
-    "checkpoint_version": ("int", True, lambda v: v == CHECKPOINT_VERSION),
-    "kind": ("str", True, lambda v: v in KINDS),
-    "epoch": ("int", True, lambda v: v >= 1),
-    "finished": ("bool", True, None),
-    "fingerprint": ("dict", True, None),
-    "state": ("dict", True, None),
-    "loop": ("dict", True, None),
-}
+Kind = Literal["fit_experts", "fit_contrastive"]
+KINDS: tuple[str, ...] = get_args(Kind)
+
+
+@dataclass(eq=False, kw_only=True)
+class CheckpointConfigV1(JsonConfig):
+    """Config of a training checkpoint, format 1 (sq_spade 0.1): what the module docstring lists."""
+
+    checkpoint_version: int = field(default=1, metadata=check(lambda v: v == 1))
+    kind: Kind
+    epoch: int = field(metadata=check(lambda v: v >= 1))
+    finished: bool
+    fingerprint: dict[str, Any]
+    state: dict[str, Any]
+    loop: dict[str, Any]
+
+
+#: Every checkpoint format this version reads, by ``checkpoint_version``.
+CHECKPOINT_FORMATS: dict[int, type[CheckpointConfigV1]] = {1: CheckpointConfigV1}
+CHECKPOINT_VERSION = 1  # the format new checkpoints are written in
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, torch.save's zip
 
 
@@ -112,27 +120,19 @@ class Checkpointer:
         self._objects: dict[str, Any] | None = None
 
     @classmethod
-    def open(cls, checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
-             resume: bool | str | os.PathLike, *, kind: str,
+    def open(cls, options: FitOptions, *, kind: str,
              fingerprint: Callable[[], dict[str, Any]]) -> Checkpointer | None:
-        """Check the arguments, load the checkpoint to resume from (if any), check it fits.
+        """Load the checkpoint to resume from (if any) and check it fits the run.
 
-        Returns ``None`` when the run neither writes nor resumes checkpoints. ``fingerprint`` is
-        called only when checkpoints are used (it may hash the data).
+        ``options`` carries ``checkpoint_dir``, ``checkpoint_every`` and ``resume`` (checked
+        when it was made); this checks the folders. Returns ``None`` when the run neither writes
+        nor resumes checkpoints. ``fingerprint`` is called only when checkpoints are used (it
+        may hash the data).
         """
-        every = check_positive_int(checkpoint_every, "checkpoint_every")
-        if not isinstance(resume, (bool, str, os.PathLike)):
-            raise TypeError(f"`resume` must be False, True or the path of a checkpoint folder, "
-                            f"got {type(resume).__name__}.")
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"`checkpoint_dir` must be None or a folder path, "
-                            f"got {type(checkpoint_dir).__name__}.")
-        target = None if checkpoint_dir is None else Path(checkpoint_dir)
+        every, resume = options.checkpoint_every, options.resume
+        target = None if options.checkpoint_dir is None else Path(options.checkpoint_dir)
         if target is not None and target.exists() and not target.is_dir():
             raise ValueError(f"`checkpoint_dir` must be a folder; {str(target)!r} is a file.")
-        if resume is True and target is None:
-            raise ValueError("`resume=True` continues from `checkpoint_dir`, which is None; pass "
-                             "`checkpoint_dir` (or `resume=<checkpoint folder>`).")
         source: Path | None = None
         if resume is True:
             # no checkpoint yet (first launch of a job that may be restarted): start fresh
@@ -237,10 +237,7 @@ class Checkpointer:
             "loop": {"history": _history_state(o["history"]), "stopper": _stopper_state(o["stopper"]),
                      "values": {k: _encode(v) for k, v in (values or {}).items()}},
         }
-        from sq_spade import __version__
-
-        save_model_files(self.directory, cls=CHECKPOINT_CLASS, config=config, tensors=flat,
-                         version=__version__)
+        save_model_files(self.directory, cls=CHECKPOINT_CLASS, config=config, tensors=flat)
         return True
 
 
@@ -288,13 +285,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "fingerprint": config["fingerprint"], "tensors": sorted(tensors)}
 
 
-def read_checkpoint_files(path: Path, arg: str = "resume") -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_checkpoint_files(path: Path, arg: str = "resume") -> tuple[CheckpointConfigV1, dict[str, Tensor]]:
     """Validated ``(config, tensors)`` of a checkpoint folder, or :class:`CheckpointError`."""
     try:
-        return load_model_files(path, cls=CHECKPOINT_CLASS, schema=_SCHEMA)
+        raw, tensors = load_model_files(path, cls=CHECKPOINT_CLASS)
+        version = raw.get("checkpoint_version")
+        if isinstance(version, int) and version > CHECKPOINT_VERSION:
+            raise ModelFileError(f"the checkpoint was written in checkpoint format {version}, newer than this "
+                                 f"sq_spade reads ({CHECKPOINT_VERSION}); upgrade sq_spade.")
+        config = CHECKPOINT_FORMATS.get(version, CheckpointConfigV1).from_json(raw)
     except (ModelFileError, FileNotFoundError) as e:
         raise CheckpointError(f"`{arg}`: {str(path)!r} is not a readable sq_spade training "
                               f"checkpoint: {e}") from e
+    return config, tensors
 
 
 # --- fingerprints -----------------------------------------------------------------------------

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sq_spade._serialize import to_jsonable
+from sq_spade._validation import check_positive_int
+
 
 # --- history ----------------------------------------------------------------------------------
 @dataclass
@@ -73,22 +76,7 @@ def history_to_json(history: Mapping[str, Any]) -> dict[str, Any]:
     >>> history_to_json({"val_loss": np.array([np.nan, 1.0])})
     {'val_loss': [None, 1.0]}
     """
-    def conv(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return conv(v.tolist())
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, (np.floating, float)):
-            return None if not math.isfinite(float(v)) else float(v)
-        if isinstance(v, (np.integer,)):
-            return int(v)
-        if isinstance(v, np.bool_):
-            return bool(v)
-        if isinstance(v, Mapping):
-            return {str(k): conv(x) for k, x in v.items()}
-        return v
-
-    return conv(dict(history))
+    return to_jsonable(dict(history), nonfinite="null")
 
 
 # --- early stopping ---------------------------------------------------------------------------
@@ -115,9 +103,7 @@ class EarlyStopping:
     """
 
     def __init__(self, patience: int | None = None, min_delta: float = 0.0) -> None:
-        if patience is not None and (isinstance(patience, bool)
-                                     or not isinstance(patience, numbers.Integral) or patience < 1):
-            raise ValueError(f"`patience` must be None or a positive integer, got {patience!r}.")
+        check_positive_int(patience, "patience", allow_none=True)
         self.patience, self.min_delta = patience, float(min_delta)
         self.best: Any = None
         self._best_epoch: Any = None
@@ -201,9 +187,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     >>> round(opt.param_groups[0]["lr"], 3)
     0.5
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) \
-            or total_steps < 1:
-        raise ValueError(f"`total_steps` must be a positive integer, got {total_steps!r}.")
+    check_positive_int(total_steps, "total_steps")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, CosineSchedule(int(total_steps), int(warmup_steps), float(min_ratio))
     )
@@ -314,7 +298,7 @@ def state_for_checkpoint(modules: Mapping[str, nn.Module],
         put(f"rng.gen.{name}", g.get_state())
         meta.setdefault("generators", []).append(name)
     meta["user"] = dict(metadata or {})
-    meta = json.loads(json.dumps(meta, default=_json_default))
+    meta = json.loads(json.dumps(to_jsonable(meta)))
     return {"tensors": tensors, "metadata": meta}
 
 
@@ -370,18 +354,6 @@ def load_checkpoint_state(state: Mapping[str, Any], modules: Mapping[str, nn.Mod
     return dict(meta.get("user", {}))
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, CosineSchedule):
-        return obj.__dict__
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"not JSON-able: {type(obj).__name__}")
-
-
 # --- argument checks ------------------------------------------------------------------------
 def as_float_array(x: Any, name: str, ndim: int = 2) -> np.ndarray:
     """``x`` as a C-contiguous float32 array of ``ndim`` dimensions, or raise naming ``name``."""
@@ -410,20 +382,3 @@ def as_int_array(x: Any, name: str, n: int, ndim: int = 1) -> np.ndarray:
         else:
             raise ValueError(f"`{name}` must hold integers, got dtype {arr.dtype}.")
     return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as a positive int, or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def check_positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    """``value`` as a positive (or non-negative) float, or raise naming ``name``."""
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
-    if not ok:
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"`{name}` must be a {kind} number, got {value!r}.")
-    return float(value)

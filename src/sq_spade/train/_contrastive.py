@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -11,9 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sq_spade import _constants as K
 from sq_spade._utils import progress, resolve_device
-from sq_spade._validation import check_choice
+from sq_spade._validation import check_choice, check_positive_int
 from sq_spade.nn.heads import ProjectionHead
+from sq_spade.nn.inference import encode_images
 from sq_spade.nn.losses import bleep_loss, clip_loss
 from sq_spade.nn.spot_encoder import SpotEncoder
 from sq_spade.train._checkpoint import (
@@ -27,15 +27,17 @@ from sq_spade.train._common import (
     History,
     as_float_array,
     as_int_array,
-    check_positive_float,
-    check_positive_int,
     cosine_schedule,
     make_generator,
     seeded,
 )
 from sq_spade.train._distributed import DistributedContext, resolve_distributed
+from sq_spade.train._finetune import select_finetune
+from sq_spade.train._options import FitOptions, resolve_options
 
 _LOSSES = {"clip": clip_loss, "bleep": bleep_loss}
+#: mclSTExp's training options (90 epochs, Adam 1e-4 / 1e-3, CLIP loss, patience 10).
+_DEFAULTS = FitOptions.contrastive()
 
 
 class ContrastiveFit(NamedTuple):
@@ -119,19 +121,15 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
                     val_context: np.ndarray | str | None = None,
                     images: torch.utils.data.Dataset | None = None,
                     val_images: torch.utils.data.Dataset | None = None,
-                    image_encoder: nn.Module | None = None, finetune: str | Sequence[str] = "all",
+                    image_encoder: nn.Module | None = None, finetune: K.Finetune | Sequence[str] = "all",
                     augment: bool | Callable = True,
                     preprocess: Callable[[Tensor], Tensor] | None = None,
-                    n_x: int | None = None, n_y: int | None = None, epochs: int = 90,
-                    batch_size: int = 128, lr: float = 1e-4, weight_decay: float = 1e-3,
-                    loss: str = "clip", temperature: float = 1.0, out_dim: int = 256,
+                    n_x: int | None = None, n_y: int | None = None, out_dim: int = 256,
                     dropout: float = 0.1, depth: int = 2, heads: int = 8, dim_head: int = 64,
                     mlp_dim: int | None = None, encoder_dropout: float = 0.0,
-                    schedule: str = "constant", patience: int | None = 10, seed: int = 0,
-                    device: str = "auto", num_workers: int = 0,
-                    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                    resume: bool | str | os.PathLike = False,
-                    distributed: bool | str = "auto") -> ContrastiveFit:
+                    schedule: K.Schedule = "constant", num_workers: int = 0,
+                    distributed: bool | str = "auto", options: FitOptions | None = None,
+                    **training: Any) -> ContrastiveFit:
     """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
 
     Two ways to feed images:
@@ -176,8 +174,10 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     image_encoder
         Image encoder to fine-tune (moved to ``device``, trained in place).
     finetune
-        ``"all"`` its parameters, ``"last"`` those of its last top-level child that has
-        parameters, ``"none"`` (frozen, in eval mode), or a sequence of parameter-name prefixes.
+        ``"all"`` its parameters, ``"last"`` those of its last block (see
+        :func:`~sq_spade.train._finetune.last_block_prefixes`: EfficientNet's last stage and
+        head, ResNet's ``layer4[-1]``...; a registry backbone's wrapper is looked through),
+        ``"none"`` (frozen, in eval mode), or a sequence of parameter-name prefixes.
     augment
         With ``images``: ``True`` for :func:`default_augmentation` (per patch, training only),
         ``False`` for none, or a callable on uint8 ``(C, H, W)`` tensors.
@@ -187,49 +187,38 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     n_x, n_y
         Position-table sizes; ``None``: one more than the largest position in the training and
         validation data.
-    epochs, batch_size, lr, weight_decay
-        mclSTExp: 90, 128, 1e-4, 1e-3 (Adam).
-    loss
-        ``"clip"`` (identity targets, mclSTExp) or ``"bleep"`` (soft targets).
-    temperature
-        Loss temperature (1 in mclSTExp).
     out_dim, dropout
         Latent dimension and projection-head dropout.
     depth, heads, dim_head, mlp_dim, encoder_dropout
         Spot-encoder transformer settings (see :class:`SpotEncoder`).
     schedule
         ``"constant"`` learning rate (mclSTExp) or ``"cosine"`` (stepped per batch).
-    patience
-        Early-stopping patience in epochs (only with validation data); ``None``: no stopping,
-        the best epoch is still restored.
-    seed
-        Seeds initialisation, shuffling, dropout and augmentation.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``...
     num_workers
         DataLoader workers for ``images`` (per process under ``torchrun``).
-    checkpoint_dir
-        Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
-        of every epoch numbered a multiple of ``checkpoint_every`` and when the run ends, each replacing the last
-        atomically. With ``image_encoder`` they hold its trained parameters and buffers (not
-        the frozen ones) and their optimizer state. ``None``: no checkpoints.
-    checkpoint_every
-        Epochs between checkpoints. A checkpoint holds about four times the trained parameters
-        (weights, best weights with validation, two Adam moments).
-    resume
-        ``False``: start fresh (replacing any checkpoint in ``checkpoint_dir``). ``True``:
-        continue from the checkpoint in ``checkpoint_dir``, or start fresh when it holds none
-        yet (so one command serves the first launch and every restart). A path: continue from
-        that checkpoint folder (writing later checkpoints there unless ``checkpoint_dir`` is
-        given). A resumed run ends, on the same device, with exactly the weights and history of
-        the uninterrupted run; resuming a run that had ended returns its result without training.
-        The arguments, data and frozen encoder weights must be those of the saved run (a
-        ValueError names what differs); only ``device``, ``checkpoint_dir`` and
-        ``checkpoint_every`` may change. Pass an image encoder built as for the first run.
     distributed
         ``"auto"``: DistributedDataParallel when launched by ``torchrun`` with several
         processes (or within an initialised process group); ``True``: require it; ``False``:
         train alone (under ``torchrun`` every process then trains the same model on its own).
+    options
+        The training options (:class:`FitOptions`); default :meth:`FitOptions.contrastive`:
+        mclSTExp's 90 epochs, batches of 128, Adam with ``lr`` 1e-4 and ``weight_decay`` 1e-3,
+        the CLIP loss at temperature 1, early-stopping ``patience`` 10 (with validation data),
+        seed 0, device ``"auto"``.
+    **training
+        Single options changed from ``options`` (``epochs=``, ``batch_size=``, ``lr=``,
+        ``weight_decay=``, ``loss=``, ``temperature=``, ``patience=``, ``seed=``, ``device=``,
+        ``checkpoint_dir=``, ``checkpoint_every=``, ``resume=``). Checkpoints (written every
+        ``checkpoint_every`` epochs into ``checkpoint_dir``, each replacing the last
+        atomically) hold, with an ``image_encoder``, its trained parameters and buffers (not
+        the frozen ones) and their optimizer state: about four times the trained parameters.
+        ``resume``: ``True`` continues from the checkpoint in ``checkpoint_dir`` (or starts
+        fresh when it holds none yet, so one command serves the first launch and every
+        restart), a path continues from that folder. A resumed run ends, on the same device,
+        with exactly the weights and history of the uninterrupted run; resuming a run that had
+        ended returns its result without training. The arguments, data and frozen encoder
+        weights must be those of the saved run (a ValueError names what differs); only
+        ``device``, ``checkpoint_dir`` and ``checkpoint_every`` may change. Pass an image
+        encoder built as for the first run.
 
     Returns
     -------
@@ -250,15 +239,9 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     (2,)
     """
     # --- checks -------------------------------------------------------------------------------
-    epochs = check_positive_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    lr = check_positive_float(lr, "lr")
-    weight_decay = check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-    temperature = check_positive_float(temperature, "temperature")
-    check_choice(loss, "loss", _LOSSES)
-    check_choice(schedule, "schedule", ("constant", "cosine"))
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+    opts = resolve_options(options, _DEFAULTS, training)
+    check_choice(schedule, "schedule", K.SCHEDULES)
+    check_positive_int(num_workers, "num_workers", allow_zero=True)
     use_images = image_encoder is not None
     if use_images:
         if not isinstance(image_encoder, nn.Module):
@@ -321,47 +304,43 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     else:
         n_x = n_y = None
 
-    ckpt = Checkpointer.open(checkpoint_dir, checkpoint_every, resume, kind="fit_contrastive",
-                             fingerprint=lambda: fingerprint(
-        {"n_x": n_x, "n_y": n_y, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-         "weight_decay": weight_decay, "loss": loss, "temperature": temperature,
-         "out_dim": out_dim, "dropout": dropout, "depth": depth, "heads": heads,
-         "dim_head": dim_head, "mlp_dim": mlp_dim, "encoder_dropout": encoder_dropout,
-         "schedule": schedule, "patience": patience, "seed": seed, "augment": augment,
-         "preprocess": preprocess, "finetune": finetune, "num_workers": num_workers},
+    # the spot encoder's arguments, beside its input size (the panel)
+    spot_args = dict(n_x=n_x, n_y=n_y, depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
+                     dropout=encoder_dropout, out_dim=out_dim, head_dropout=dropout)
+    ckpt = Checkpointer.open(opts, kind="fit_contrastive", fingerprint=lambda: fingerprint(
+        {**opts.fingerprint(), "n_x": n_x, "n_y": n_y, "out_dim": out_dim, "dropout": dropout, "depth": depth,
+         "heads": heads, "dim_head": dim_head, "mlp_dim": mlp_dim, "encoder_dropout": encoder_dropout,
+         "schedule": schedule, "augment": augment, "preprocess": preprocess, "finetune": finetune,
+         "num_workers": num_workers},
         {"features": f_tr, "expr": e_tr, "pos": p_tr, "context": c_tr,
          "images": len(images) if use_images else None,  # type: ignore[arg-type]
-         "image_encoder": encoder_fingerprint(image_encoder, _select_finetune(
+         "image_encoder": encoder_fingerprint(image_encoder, select_finetune(
              image_encoder, finetune, quiet=True)[0]) if use_images else None,
          **({"val_features": f_va, "val_expr": e_va, "val_pos": p_va, "val_context": c_va,
              "val_images": len(val_images) if use_images else None}  # type: ignore[arg-type]
             if has_val else {})}))
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     ddp = resolve_distributed(distributed, dev)
     dev = ddp.device
-    with seeded(seed, dev), ddp.synced_batchnorm(image_encoder, finetune != "none"):
+    with seeded(opts.seed, dev), ddp.synced_batchnorm(image_encoder, finetune != "none"):
         return _fit(
             f_tr, e_tr, p_tr, c_tr,
             (f_va, e_va, p_va, c_va) if has_val else None,
             images=images, val_images=val_images, image_encoder=image_encoder,
-            finetune=finetune, augment=augment, preprocess=preprocess, n_x=n_x, n_y=n_y,
-            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            loss_fn=_LOSSES[loss], temperature=temperature, out_dim=out_dim, dropout=dropout,
-            depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
-            encoder_dropout=encoder_dropout, schedule=schedule, patience=patience, seed=seed,
-            dev=dev, num_workers=num_workers, ckpt=ckpt, ddp=ddp,
+            finetune=finetune, augment=augment, preprocess=preprocess, spot_args=spot_args,
+            schedule=schedule, opts=opts, dev=dev, num_workers=num_workers, ckpt=ckpt, ddp=ddp,
         )
 
 
 def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
          c_tr: np.ndarray | str | None, val: tuple | None, *, images: Any, val_images: Any,
          image_encoder: nn.Module | None, finetune: str | Sequence[str],
-         augment: bool | Callable, preprocess: Callable | None, n_x: int | None,
-         n_y: int | None, epochs: int, batch_size: int, lr: float, weight_decay: float,
-         loss_fn: Any, temperature: float, out_dim: int, dropout: float, depth: int, heads: int,
-         dim_head: int, mlp_dim: int | None, encoder_dropout: float, schedule: str,
-         patience: int | None, seed: int, dev: torch.device,
-         num_workers: int, ddp: DistributedContext, ckpt: Checkpointer | None = None) -> ContrastiveFit:
+         augment: bool | Callable, preprocess: Callable | None, spot_args: dict[str, Any],
+         schedule: str, opts: FitOptions, dev: torch.device, num_workers: int,
+         ddp: DistributedContext, ckpt: Checkpointer | None = None) -> ContrastiveFit:
+    epochs, batch_size, seed, temperature = opts.epochs, opts.batch_size, opts.seed, opts.temperature
+    loss_fn = _LOSSES[opts.loss]
+    n_x, n_y = spot_args["n_x"], spot_args["n_y"]
     n, n_genes = e_tr.shape
     shuffler = make_generator(seed)
     use_images = image_encoder is not None
@@ -371,7 +350,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
     train_modules: list[nn.Module] = []
     if use_images:
         encoder = image_encoder.to(dev)  # type: ignore[union-attr]
-        trainable_enc, train_modules = _select_finetune(encoder, finetune)
+        trainable_enc, train_modules = select_finetune(encoder, finetune)
         ddp.warn_batchnorm(train_modules)
         requires_grad = [p.requires_grad for p in encoder.parameters()]
         for p in encoder.parameters():
@@ -383,16 +362,14 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         probe, _ = _Patches(images, None)[0]
         encoder.eval()
         with torch.no_grad():
-            image_dim = _encode(encoder, probe[None].to(dev), preprocess).shape[1]
+            image_dim = encode_images(encoder, probe[None].to(dev), preprocess).shape[1]
     else:
         encoder = None
         image_dim = f_tr.shape[1]  # type: ignore[union-attr]
-    head = ProjectionHead(image_dim, out_dim, dropout).to(dev)
-    spot = SpotEncoder(n_genes, n_x, n_y, depth=depth, heads=heads, dim_head=dim_head,
-                       mlp_dim=mlp_dim, dropout=encoder_dropout, out_dim=out_dim,
-                       head_dropout=dropout).to(dev)
+    head = ProjectionHead(image_dim, spot_args["out_dim"], spot_args["head_dropout"]).to(dev)
+    spot = SpotEncoder(n_genes, **spot_args).to(dev)
     params = list(head.parameters()) + list(spot.parameters()) + trainable_enc
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     # DistributedDataParallel wrappers (the modules themselves when not distributed)
     head_t, spot_t = ddp.wrap(head), ddp.wrap(spot)
     encoder_t = ddp.wrap(encoder) if encoder is not None else None
@@ -430,7 +407,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         return loss_fn(modules[0](img_feats), modules[1](e, p, c), temperature)
 
     train_t = {"e": et, "p": pt, "c": ct}
-    stopper = EarlyStopping(patience)
+    stopper = EarlyStopping(opts.patience)
     best_state: dict[str, Any] | None = None
     history = History()
     stopped_early = False
@@ -476,7 +453,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         for idx, imgs in batches:
             if use_images:
                 with torch.set_grad_enabled(bool(trainable_enc)):
-                    feats = ddp.gather(_encode(encoder_t, imgs.to(dev), preprocess), len(idx))
+                    feats = ddp.gather(encode_images(encoder_t, imgs.to(dev), preprocess), len(idx))
             else:
                 feats = ft[idx].to(dev)  # type: ignore[index]
             loss = batch_loss(feats, idx, train_t, (head_t, spot_t))
@@ -501,7 +478,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
             if use_images:
                 loader_va = _loader(val_images, None, num_workers, seed)
                 loader_va.batch_sampler.batches = [ddp.shard(b).tolist() for b in val_batches]
-                vbatches = ((ddp.gather(_encode(encoder, im.to(dev), preprocess), len(ix)), ix)
+                vbatches = ((ddp.gather(encode_images(encoder, im.to(dev), preprocess), len(ix)), ix)
                             for ix, (im, _) in zip(val_batches, loader_va, strict=True))
             else:
                 vbatches = ((vt["f"][ix].to(dev), ix) for ix in val_batches)
@@ -560,48 +537,6 @@ def _loader(images: Any, aug: Callable | None, num_workers: int,
         num_workers=num_workers, generator=make_generator(seed + 2),
         persistent_workers=False,
     )
-
-
-def _encode(encoder: nn.Module, imgs: Tensor, preprocess: Callable | None) -> Tensor:
-    x = imgs.float() / 255.0
-    if preprocess is not None:
-        x = preprocess(x)
-    out = encoder(x)
-    if out.ndim == 4:  # feature map: global average pooling
-        out = out.mean(dim=(2, 3))
-    if out.ndim != 2:
-        raise ValueError(f"`image_encoder` must return (B, D) or (B, D, h, w) features, "
-                         f"got shape {tuple(out.shape)}.")
-    return out
-
-
-def _select_finetune(encoder: nn.Module, finetune: str | Sequence[str], quiet: bool = False,
-                     ) -> tuple[list[nn.Parameter], list[nn.Module]]:
-    """Parameters to train and the modules to put in train mode."""
-    if isinstance(finetune, str):
-        check_choice(finetune, "finetune", ("all", "last", "none"))
-        if finetune == "all":
-            return list(encoder.parameters()), [encoder]
-        if finetune == "none":
-            return [], []
-        children = [m for m in encoder.children() if any(True for _ in m.parameters())]
-        if not children:
-            if not quiet:
-                warnings.warn("finetune='last': the encoder has no child with parameters; "
-                              "training all its parameters.", UserWarning, stacklevel=3)
-            return list(encoder.parameters()), [encoder]
-        return list(children[-1].parameters()), [children[-1]]
-    prefixes = list(finetune)
-    if not prefixes or not all(isinstance(p, str) for p in prefixes):
-        raise ValueError("`finetune` must be 'all', 'last', 'none' or a non-empty sequence of "
-                         "parameter-name prefixes.")
-    chosen = [p for name, p in encoder.named_parameters()
-              if any(name.startswith(pre) for pre in prefixes)]
-    if not chosen:
-        raise ValueError(f"`finetune` prefixes {prefixes} match no parameter of the encoder.")
-    mods = [m for name, m in encoder.named_modules()
-            if name and any(name == pre.rstrip(".") for pre in prefixes)]
-    return chosen, mods
 
 
 def _clone_state(module: nn.Module) -> dict[str, Tensor]:

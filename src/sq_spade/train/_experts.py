@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +15,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as adamw_functional
 
 from sq_spade._utils import progress, resolve_device
-from sq_spade._validation import check_choice
+from sq_spade._validation import check_choice, check_positive_int
 from sq_spade.nn.experts import ExpertHeads
 from sq_spade.nn.losses import bleep_loss, clip_loss
 from sq_spade.train._checkpoint import Checkpointer, digest_tensors, fingerprint
@@ -26,13 +25,14 @@ from sq_spade.train._common import (
     History,
     as_float_array,
     as_int_array,
-    check_positive_float,
-    check_positive_int,
     make_generator,
     seeded,
 )
+from sq_spade.train._options import FitOptions, resolve_options
 
 _LOSSES = {"bleep": bleep_loss, "clip": clip_loss}
+#: SPADE's training options (100 epochs, AdamW 1e-4 / 1e-2, BLEEP loss, no early stopping).
+_DEFAULTS = FitOptions.experts()
 #: Data above this many bytes stays on the CPU and is gathered batch by batch.
 _DEVICE_DATA_BYTES = 2 * 1024**3
 
@@ -156,16 +156,11 @@ class TrainingWindows:
     key: str = ""
 
 
-def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None, expert: np.ndarray | None, *, n_experts: int,
-                val_features: np.ndarray | None = None, val_genes: np.ndarray | None = None,
-                val_expert: np.ndarray | None = None, epochs: int = 100, batch_size: int = 128,
-                lr: float = 1e-4, weight_decay: float = 1e-2, loss: str = "bleep",
-                temperature: float = 1.0, dropout: float = 0.1, out_dim: int = 256,
-                warmup_steps: int = 0, seed: int = 0, device: str = "auto",
-                patience: int | None = None, empty: str = "raise",
-                init: tuple[ExpertHeads, ExpertHeads] | None = None,
-                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                resume: bool | str | os.PathLike = False,
+def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None, expert: np.ndarray | None, *,
+                n_experts: int, val_features: np.ndarray | None = None, val_genes: np.ndarray | None = None,
+                val_expert: np.ndarray | None = None, dropout: float = 0.1, out_dim: int = 256,
+                warmup_steps: int = 0, empty: str = "raise", init: tuple[ExpertHeads, ExpertHeads] | None = None,
+                options: FitOptions | None = None, **training: Any,
                 ) -> tuple[ExpertHeads, ExpertHeads, dict[str, Any]]:
     """Train SPADE's experts: one image head and one gene head per expert, on its own spots.
 
@@ -206,51 +201,37 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         Number of experts ``E``.
     val_features, val_genes, val_expert
         Validation spots (ideally held-out slides), all three or none.
-    epochs
-        Passes over each expert's spots (100 in SPADE).
-    batch_size
-        Batch size per expert (128 in SPADE).
-    lr, weight_decay
-        AdamW settings (1e-4 and 1e-2 in SPADE).
-    loss
-        ``"bleep"`` (soft targets, SPADE) or ``"clip"`` (identity targets).
-    temperature
-        Loss temperature (1 in SPADE).
     dropout
         Dropout of the projection heads.
     out_dim
         Latent dimension (256).
     warmup_steps
         Linear warm-up steps (per expert) before the cosine.
-    seed
-        Seeds initialisation, shuffling and dropout (the caller's RNG state is left as is).
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``...
-    patience
-        Per-expert early stopping on the validation loss; ``None``: train all epochs.
     empty
         What to do with an expert that has no training spot: ``"raise"`` a ValueError, or
         ``"warn"`` and leave its heads at their initial weights (``history["trained"]``).
     init
         Initial ``(image_heads, gene_heads)`` to start from (copied; not modified).
-    checkpoint_dir
-        Folder for checkpoints (see :func:`~sq_spade.train.read_checkpoint`): written at the end
-        of every epoch numbered a multiple of ``checkpoint_every`` and when the run ends, each replacing the last
-        atomically. ``None``: no checkpoints.
-    checkpoint_every
-        Epochs between checkpoints. A checkpoint holds about four times the heads' parameters
-        (weights, best weights with validation, two AdamW moments: 170 MB for 16 experts on
-        1280-d features and 785 genes) and takes about half a CPU epoch of that size to write,
-        hence the default of 10.
-    resume
-        ``False``: start fresh (replacing any checkpoint in ``checkpoint_dir``). ``True``:
-        continue from the checkpoint in ``checkpoint_dir``, or start fresh when it holds none
-        yet (so one command serves the first launch and every restart). A path: continue from
-        that checkpoint folder (writing later checkpoints there unless ``checkpoint_dir`` is
-        given). A resumed run ends, on the same device, with exactly the weights and history of
-        the uninterrupted run; resuming a run that had ended returns its result without training.
-        The arguments and data must be those of the saved run (a ValueError names what
-        differs); only ``device``, ``checkpoint_dir`` and ``checkpoint_every`` may change.
+    options
+        The training options (:class:`FitOptions`); default :meth:`FitOptions.experts`: SPADE's
+        100 epochs, batches of 128 per expert, AdamW with ``lr`` 1e-4 and ``weight_decay``
+        1e-2, the BLEEP loss at temperature 1, no early stopping (``patience=None``: per-expert
+        early stopping on the validation loss otherwise), seed 0, device ``"auto"``.
+    **training
+        Single options changed from ``options`` (``epochs=``, ``batch_size=``, ``lr=``,
+        ``weight_decay=``, ``loss=``, ``temperature=``, ``patience=``, ``seed=``, ``device=``,
+        ``checkpoint_dir=``, ``checkpoint_every=``, ``resume=``). Checkpoints (written every
+        ``checkpoint_every`` epochs into ``checkpoint_dir``, each replacing the last
+        atomically) hold about four times the heads' parameters (weights, best weights with
+        validation, two AdamW moments: 170 MB for 16 experts on 1280-d features and 785 genes)
+        and take about half a CPU epoch of that size to write, hence the default of 10.
+        ``resume``: ``True`` continues from the checkpoint in ``checkpoint_dir`` (or starts
+        fresh when it holds none yet, so one command serves the first launch and every
+        restart), a path continues from that folder. A resumed run ends, on the same device,
+        with exactly the weights and history of the uninterrupted run; resuming a run that had
+        ended returns its result without training. The arguments and data must be those of the
+        saved run (a ValueError names what differs); only ``device``, ``checkpoint_dir`` and
+        ``checkpoint_every`` may change.
 
     Returns
     -------
@@ -274,16 +255,10 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
     (2, 2)
     """
     # --- checks -------------------------------------------------------------------------------
+    opts = resolve_options(options, _DEFAULTS, training)
     n_experts = check_positive_int(n_experts, "n_experts")
-    epochs = check_positive_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    lr = check_positive_float(lr, "lr")
-    weight_decay = check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-    temperature = check_positive_float(temperature, "temperature")
-    check_choice(loss, "loss", _LOSSES)
     check_choice(empty, "empty", ("raise", "warn"))
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be a non-negative integer, got {warmup_steps!r}.")
+    warmup_steps = check_positive_int(warmup_steps, "warmup_steps", allow_zero=True)
     if isinstance(features, TrainingWindows):
         if genes is not None or expert is not None:
             raise ValueError("With `features` a TrainingWindows, `genes` and `expert` must be None (the windows "
@@ -337,33 +312,28 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         if (ih.n_experts, ih.in_dim, gh.n_experts, gh.in_dim) != (n_experts, dim, n_experts, n_genes):
             raise ValueError("`init` heads do not match `n_experts` and the data's dimensions.")
 
-    ckpt = Checkpointer.open(checkpoint_dir, checkpoint_every, resume, kind="fit_experts",
-                             fingerprint=lambda: fingerprint(
-        {"n_experts": n_experts, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-         "weight_decay": weight_decay, "loss": loss, "temperature": temperature,
-         "dropout": dropout, "out_dim": out_dim, "warmup_steps": warmup_steps, "seed": seed,
-         "patience": patience, "empty": empty},
+    ckpt = Checkpointer.open(opts, kind="fit_experts", fingerprint=lambda: fingerprint(
+        {**opts.fingerprint(), "n_experts": n_experts, "dropout": dropout, "out_dim": out_dim,
+         "warmup_steps": warmup_steps, "empty": empty},
         {**data_key, "val_features": vx if has_val else None,
          "val_genes": vg if has_val else None, "val_expert": vex if has_val else None,
          "init": None if init is None else digest_tensors(
              {f"{i}.{k}": v for i, h in enumerate(init) for k, v in h.state_dict().items()})}))
-    dev = resolve_device(device)
-    with seeded(seed, dev):
+    dev = resolve_device(opts.device)
+    with seeded(opts.seed, dev):
         return _fit(source, vx if has_val else None, vg if has_val else None,
-                    vex if has_val else None, n_experts=n_experts, epochs=epochs,
-                    batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                    loss_fn=_LOSSES[loss], temperature=temperature, dropout=dropout,
-                    out_dim=out_dim, warmup_steps=warmup_steps, seed=seed, dev=dev,
-                    patience=patience, n_train=n_train, n_val=n_val, init=init, ckpt=ckpt)
+                    vex if has_val else None, n_experts=n_experts, opts=opts, dropout=dropout,
+                    out_dim=out_dim, warmup_steps=warmup_steps, dev=dev, n_train=n_train, n_val=n_val,
+                    init=init, ckpt=ckpt)
 
 
 def _fit(source: TrainingWindows, vx: np.ndarray | None,
-         vg: np.ndarray | None, vex: np.ndarray | None, *, n_experts: int, epochs: int,
-         batch_size: int, lr: float, weight_decay: float, loss_fn: Any, temperature: float,
-         dropout: float, out_dim: int, warmup_steps: int, seed: int, dev: torch.device,
-         patience: int | None, n_train: np.ndarray, n_val: np.ndarray,
-         init: tuple[ExpertHeads, ExpertHeads] | None,
+         vg: np.ndarray | None, vex: np.ndarray | None, *, n_experts: int, opts: FitOptions,
+         dropout: float, out_dim: int, warmup_steps: int, dev: torch.device,
+         n_train: np.ndarray, n_val: np.ndarray, init: tuple[ExpertHeads, ExpertHeads] | None,
          ckpt: Checkpointer | None = None) -> tuple[ExpertHeads, ExpertHeads, dict]:
+    epochs, batch_size, lr, seed = opts.epochs, opts.batch_size, opts.lr, opts.seed
+    loss_fn, temperature = _LOSSES[opts.loss], opts.temperature
     e_all = n_experts
     if init is None:
         img = ExpertHeads(e_all, source.dim, out_dim, dropout)
@@ -372,7 +342,7 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         img, gen = (_copy_heads(h) for h in init)
     img, gen = img.to(dev).train(), gen.to(dev).train()
     params = list(img.parameters()) + list(gen.parameters())
-    opt = StackedAdamW(params, e_all, lr=lr, weight_decay=weight_decay)
+    opt = StackedAdamW(params, e_all, lr=lr, weight_decay=opts.weight_decay)
 
     def load(w: int) -> tuple[Tensor, Tensor, list[Tensor], torch.device]:
         x, g, ex = source.loaders[w]()
@@ -401,7 +371,7 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         val_plan = _plan([m[torch.randperm(len(m), generator=val_gen)] for m in val_members],
                          batch_size)
     has_val = n_val > 0
-    stopper = EarlyStopping(patience)
+    stopper = EarlyStopping(opts.patience)
     stopped = np.zeros(e_all, dtype=bool)
     stopped_epoch = np.full(e_all, -1)
     best = {k: v.detach().clone() for k, v in _named(img, gen).items()}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sq_spade.tl._retrieval import retrieve_predict
+from sq_spade.nn.retrieval import retrieve_predict
 
 
 def _cosine_order(q, k):

@@ -5,15 +5,22 @@ correlation of each gene across spots, averaged over all panel genes (ACG, "all 
 genes") and over the genes with the highest mean observed expression (HEG); MSE and MAE on
 the normalised scale. Genes constant in the prediction or the observation have no defined
 correlation: they are skipped and counted instead of producing NaN warnings.
+
+Arrays only, on the bottom floor: training-time selection (SPADE's reference side), the
+regressors' cross-validation and :func:`sq_spade.tl.evaluate_expression` all score with these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+from sq_spade._validation import check_positive_int
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["expression_metrics", "gene_correlations"]
 
@@ -71,7 +78,7 @@ def gene_correlations(predicted: Any, observed: Any) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._metrics import gene_correlations
+    >>> from sq_spade._metrics import gene_correlations
     >>> obs = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
     >>> gene_correlations(obs * 2 + 1, obs)
     array([ 1., nan])
@@ -117,7 +124,7 @@ def expression_metrics(
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._metrics import expression_metrics
+    >>> from sq_spade._metrics import expression_metrics
     >>> rng = np.random.default_rng(0)
     >>> obs = rng.random((100, 20))
     >>> summary, per_gene = expression_metrics(obs + 0.1 * rng.random((100, 20)), obs, n_heg=5)
@@ -126,8 +133,7 @@ def expression_metrics(
     """
     p, o = _check_pair(predicted, observed)
     n_spots, n_genes = o.shape
-    if isinstance(n_heg, bool) or not isinstance(n_heg, (int, np.integer)) or n_heg < 1:
-        raise ValueError(f"`n_heg` must be a positive integer, got {n_heg!r}.")
+    n_heg = check_positive_int(n_heg, "n_heg")
     if gene_names is None:
         names = np.array([f"gene_{i}" for i in range(n_genes)], dtype=object)
     else:
@@ -158,6 +164,8 @@ def expression_metrics(
         "n_skipped_constant": int((~scored).sum()),
         "n_heg_scored": int((scored & heg).sum()),
     }
+    import pandas as pd  # only here: the array-level metrics (and the regressors) do without it
+
     per_gene = pd.DataFrame({
         "gene": names,
         "pearson_r": r,

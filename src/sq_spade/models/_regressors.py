@@ -1,4 +1,7 @@
-"""The field's reference regressors on frozen image features: PCA + ridge, and k-NN retrieval.
+"""The field's baseline regressors on frozen image features: PCA + ridge, and k-NN retrieval.
+
+Arrays in, arrays out: :class:`~sq_spade.models.RidgeModel` and :class:`~sq_spade.models.KNNModel`
+own one of these with the backbone and panel it belongs to.
 
 - :class:`RidgeRegressor` is HEST-Benchmark's baseline (frozen encoder features, PCA to 256,
   ridge regression), with the ridge penalty chosen by cross-validation over training sections.
@@ -24,13 +27,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sq_spade.tl._metrics import _correlations
+from sq_spade import _constants as K
+from sq_spade._metrics import _correlations
+from sq_spade._validation import check_choice, check_positive_int
 
 __all__ = ["KNNRegressor", "RidgeRegressor"]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 DEFAULT_K_GRID = (5, 10, 20, 50, 100, 200)
-SCORINGS = ("pearson", "mse")
+SCORINGS = K.SCORINGS
 
 
 # --- checks and shared pieces ------------------------------------------------------------------
@@ -122,14 +127,6 @@ def _n_components(requested: int | None, n: int, d: int) -> int | None:
     return int(min(requested, n - 1, d))
 
 
-def _check_int(value: Any, arg: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
-    return int(value)
-
-
 class _Base:
     """fit / predict / state plumbing shared by the reference regressors."""
 
@@ -208,7 +205,7 @@ class RidgeRegressor(_Base):
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._reference import RidgeRegressor
+    >>> from sq_spade.models._regressors import RidgeRegressor
     >>> rng = np.random.default_rng(0)
     >>> X = rng.standard_normal((200, 30))
     >>> Y = X[:, :3] @ rng.standard_normal((3, 5)) + 0.1 * rng.standard_normal((200, 5))
@@ -222,16 +219,15 @@ class RidgeRegressor(_Base):
 
     def __init__(self, n_components: int | None = 256, *, alphas: Sequence[float] | None = None,
                  standardize: bool = True, scoring: str = "pearson", n_folds: int = 5) -> None:
-        self.n_components = _check_int(n_components, "n_components", allow_none=True)
+        self.n_components = check_positive_int(n_components, "n_components", allow_none=True)
         alphas = DEFAULT_ALPHAS if alphas is None else tuple(float(a) for a in alphas)
         if not alphas or not all(np.isfinite(a) and a > 0 for a in alphas):
             raise ValueError(f"`alphas` must be a non-empty sequence of positive numbers, got {alphas!r}.")
         self.alphas = tuple(sorted(alphas))
         self.standardize = bool(standardize)
-        if scoring not in SCORINGS:
-            raise ValueError(f"`scoring` must be one of {list(SCORINGS)}, got {scoring!r}.")
+        check_choice(scoring, "scoring", SCORINGS)
         self.scoring = scoring
-        self.n_folds = _check_int(n_folds, "n_folds")
+        self.n_folds = check_positive_int(n_folds, "n_folds")
         if self.n_folds < 2:
             raise ValueError(f"`n_folds` must be at least 2, got {n_folds}.")
         self.n_features_in_: int | None = None
@@ -382,7 +378,7 @@ class KNNRegressor(_Base):
     n_folds
         Contiguous folds when ``groups`` has fewer than two groups.
     batch_size, device
-        Passed to :func:`~sq_spade.tl._retrieval.retrieve_predict`.
+        Passed to :func:`~sq_spade.nn.retrieval.retrieve_predict`.
 
     Attributes
     ----------
@@ -394,7 +390,7 @@ class KNNRegressor(_Base):
     Examples
     --------
     >>> import numpy as np
-    >>> from sq_spade.tl._reference import KNNRegressor
+    >>> from sq_spade.models._regressors import KNNRegressor
     >>> rng = np.random.default_rng(0)
     >>> X, Y = rng.standard_normal((100, 16)), rng.random((100, 4))
     >>> KNNRegressor(k=5).fit(X, Y).predict(X[:3]).shape
@@ -407,19 +403,18 @@ class KNNRegressor(_Base):
     def __init__(self, k: int | None = None, *, k_grid: Sequence[int] = DEFAULT_K_GRID,
                  n_components: int | None = None, scoring: str = "pearson", n_folds: int = 5,
                  batch_size: int = 4096, device: str = "cpu") -> None:
-        self.k = _check_int(k, "k", allow_none=True)
-        grid = tuple(_check_int(v, "k_grid") for v in k_grid)
+        self.k = check_positive_int(k, "k", allow_none=True)
+        grid = tuple(check_positive_int(v, "k_grid") for v in k_grid)
         if not grid:
             raise ValueError("`k_grid` must hold at least one positive integer.")
         self.k_grid = tuple(sorted(set(grid)))
-        self.n_components = _check_int(n_components, "n_components", allow_none=True)
-        if scoring not in SCORINGS:
-            raise ValueError(f"`scoring` must be one of {list(SCORINGS)}, got {scoring!r}.")
+        self.n_components = check_positive_int(n_components, "n_components", allow_none=True)
+        check_choice(scoring, "scoring", SCORINGS)
         self.scoring = scoring
-        self.n_folds = _check_int(n_folds, "n_folds")
+        self.n_folds = check_positive_int(n_folds, "n_folds")
         if self.n_folds < 2:
             raise ValueError(f"`n_folds` must be at least 2, got {n_folds}.")
-        self.batch_size = _check_int(batch_size, "batch_size")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.device = device
         self.n_features_in_: int | None = None
 
@@ -446,7 +441,7 @@ class KNNRegressor(_Base):
         -------
         ``self``.
         """
-        from sq_spade.tl._retrieval import retrieve_predict, weighted_neighbor_mean
+        from sq_spade.nn.retrieval import retrieve_predict, weighted_neighbor_mean
 
         X, Y, codes = _check_xy(X, Y, groups)
         n, d = X.shape
@@ -500,7 +495,7 @@ class KNNRegressor(_Base):
         -------
         Predictions.
         """
-        from sq_spade.tl._retrieval import retrieve_predict
+        from sq_spade.nn.retrieval import retrieve_predict
 
         self._check_fitted()
         X = _check_x(X, "X", self.n_features_in_)

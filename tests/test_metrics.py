@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr
 
-from sq_spade.tl._metrics import expression_metrics, gene_correlations
+from sq_spade._metrics import expression_metrics, gene_correlations
 
 
 @pytest.fixture

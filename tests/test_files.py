@@ -7,13 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from sq_spade.models._files import ModelFileError, load_model_files, save_model_files
-
-SCHEMA = {"n": ("int", True, None)}
+from sq_spade._files import ModelFileError, load_model_files, save_model_files
 
 WRITER = r"""
 import sys, numpy as np
-from sq_spade.models._files import save_model_files
+from sq_spade._files import save_model_files
 path = sys.argv[1]
 i = 0
 print("ready", flush=True)
@@ -25,13 +23,13 @@ while True:
 
 def test_roundtrip_and_no_path_outside_the_folder(tmp_path):
     save_model_files(tmp_path / "m", cls="T", config={"n": 3}, tensors={"w": np.ones((2, 2), np.float32)}, version="x")
-    cfg, ten = load_model_files(tmp_path / "m", cls="T", schema=SCHEMA)
+    cfg, ten = load_model_files(tmp_path / "m", cls="T")
     assert cfg == {"n": 3} and ten["w"].sum() == 4
     doc = json.loads((tmp_path / "m" / "config.json").read_text())
     doc["tensors_file"] = "../outside.safetensors"
     (tmp_path / "m" / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ModelFileError, match="tensors_file"):
-        load_model_files(tmp_path / "m", cls="T", schema=SCHEMA)
+        load_model_files(tmp_path / "m", cls="T")
 
 
 def test_killed_writer_leaves_a_loadable_model(tmp_path):
@@ -43,7 +41,7 @@ def test_killed_writer_leaves_a_loadable_model(tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        cfg, ten = load_model_files(path, cls="T", schema=SCHEMA)
+        cfg, ten = load_model_files(path, cls="T")
         # whatever instant the writer died, config and tensors belong together
         assert np.all(ten["w"].numpy() == cfg["n"])
 

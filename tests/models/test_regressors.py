@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from sq_spade.tl._metrics import expression_metrics
-from sq_spade.tl._reference import KNNRegressor, RidgeRegressor
+from sq_spade._metrics import expression_metrics
+from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
 
 
 @pytest.fixture

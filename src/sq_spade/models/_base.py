@@ -1,0 +1,141 @@
+"""The contract of every user-facing model: a config, its backbone and panel, save and load, feature checks.
+
+:class:`Model` holds what :class:`~sq_spade.models.Spade`, :class:`~sq_spade.models.MclSTExp`,
+:class:`~sq_spade.models.RidgeModel` and :class:`~sq_spade.models.KNNModel` share (scvi-tools'
+``BaseModelClass`` in small); each keeps only its maths and says how its tensors go to and come
+from the model-file format (:mod:`sq_spade._files`). :class:`ModelConfig` holds the keys every
+model's configuration has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sq_spade._config import JsonConfig, check
+from sq_spade._files import load_model_files, save_model_files
+
+
+def _is_panel(genes: list) -> bool:
+    return len(genes) > 0 and all(isinstance(g, str) for g in genes)
+
+
+@dataclass(eq=False, kw_only=True)
+class ModelConfig(JsonConfig):
+    """Keys of every model's configuration: the features it reads and the genes it predicts.
+
+    Attributes
+    ----------
+    backbone
+        Backbone of the frozen features (or of the fine-tuned image encoder).
+    feature_dim
+        Dimension of those features.
+    panel
+        The gene panel, in the order of the model's outputs.
+    weights_sha256
+        sha256 of the backbone's weights (``None``: unknown); features computed with other
+        weights are refused.
+    train_sections, validation_sections
+        Sections the model was trained and validated on.
+    params
+        Training parameters and provenance (free-form JSON).
+    """
+
+    backbone: str
+    feature_dim: int = field(metadata=check(lambda v: v > 0))
+    panel: list[str] = field(metadata=check(_is_panel))
+    weights_sha256: str | None = None
+    train_sections: list[str] | None = None
+    validation_sections: list[str] | None = None
+    params: dict[str, Any] | None = None
+
+
+class Model:
+    """Base of the user-facing models.
+
+    A subclass names its ``config_class`` and its ``file_class`` (the class recorded in the
+    model folder), and implements :meth:`_to_files` and :meth:`_from_files`.
+
+    Attributes
+    ----------
+    config
+        The model's configuration (a :class:`ModelConfig` subclass; reads and writes like a dict).
+    """
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    file_class: ClassVar[str] = ""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = self.config_class.from_mapping(config)
+
+    # --- what every model has ---------------------------------------------------------------
+    @property
+    def backbone(self) -> str:
+        """Backbone of the features the model reads."""
+        return self.config.backbone
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of that backbone's weights."""
+        return self.config.weights_sha256
+
+    @property
+    def panel(self) -> list[str]:
+        """The genes the model embeds or predicts, in order."""
+        return list(self.config.panel)
+
+    @property
+    def history(self) -> dict[str, Any]:
+        """Loss per epoch (empty for models without training epochs)."""
+        return self.config.get("history") or {}
+
+    def _check_features(self, features: Any, *, finite: bool = False) -> np.ndarray:
+        """``features`` as float32 ``(N, feature_dim)``, or a ValueError naming the backbone."""
+        x = np.asarray(features, dtype=np.float32)
+        d = int(self.config.feature_dim)
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"`features` must be (N, {d}) features of backbone {self.backbone!r}, got shape {x.shape}.")
+        if finite and not np.isfinite(x).all():
+            raise ValueError("`features` contains NaN or infinite values.")
+        return x
+
+    # --- persistence ----------------------------------------------------------------------------
+    def _to_files(self) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """``(JSON config, tensors)`` to save."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_files(cls, config: Any, tensors: dict[str, Any]) -> Model:
+        """The model from its validated config and its tensors (torch, CPU)."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model as ``config.json`` + ``model-<sha>.safetensors`` into the folder ``path``.
+
+        Under ``torchrun`` only rank 0 writes (every rank may call this; the models are the
+        same); call ``torch.distributed.barrier()`` before other ranks read the folder.
+        """
+        config, tensors = self._to_files()
+        return save_model_files(path, cls=self.file_class, config=config, tensors=tensors)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Any:
+        """Load a model saved with :meth:`save` (safetensors and JSON only: no code runs)."""
+        config, tensors = load_model_files(path, cls=cls.file_class, config_class=cls.config_class)
+        return cls._from_files(config, tensors)
+
+
+def run_batches(fn: Callable[[Any], Any], x: np.ndarray, out_dim: int, batch_size: int = 8192) -> np.ndarray:
+    """``fn`` (a torch function of float32 rows) over ``x`` in batches, under inference mode, as numpy."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            out.append(fn(torch.from_numpy(np.ascontiguousarray(x[s: s + batch_size], dtype=np.float32))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, int(out_dim)), np.float32)
