@@ -128,6 +128,9 @@ def test_tiles_go_through_features_and_prediction(no_progress):
     sqs.tl.predict_expression(sd, model, table_key="tiles", features_key="X_dummy")
     pred = sd.tables[K.TABLES.PREDICTED]
     assert pred.n_obs == n and np.isfinite(np.asarray(pred.layers[K.LAYERS.PREDICTED])).all()
+    # the virtual map draws over the image like spots
+    fig = sqs.pl.spatial(sd, pred.var_names[0], compare=False, show=False, return_fig=True)
+    assert len(fig.axes) >= 1
 
 
 # --- real H&E ------------------------------------------------------------------------------
