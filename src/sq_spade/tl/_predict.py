@@ -128,6 +128,7 @@ def predict_expression(
     reference_table_key: str = K.TABLES.DEFAULT,
     features_key: str | None = None,
     reference_features_key: str | None = None,
+    routing: K.Routing = "soft",
     device: str | None = None,
 ) -> AnnData:
     """Predict the model's gene panel for every spot of ``query`` from its H&E image alone.
@@ -175,6 +176,11 @@ def predict_expression(
     features_key, reference_features_key
         ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
         model's backbone when absent from a SpatialData.
+    routing
+        SPADE only: ``"soft"`` weighs each expert's retrieval by the query's routing weights,
+        ``"hard"`` uses the query's expert only. Each expert compares the query, embedded by its
+        image head, with the reference spots of that expert only, embedded by its own heads (see
+        :func:`sq_spade.tl.spade_retrieve`).
     %(device)s
 
     Returns
@@ -190,6 +196,7 @@ def predict_expression(
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
+    check_choice(routing, "routing", K.ROUTINGS)
     if layer_added == observed_layer:
         raise ValueError(f"`layer_added` and `observed_layer` must differ, both are {layer_added!r}.")
     q_table = get_table(query, table_key, arg="query")
@@ -197,7 +204,8 @@ def predict_expression(
     out = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
-        table_key=table_key, reference_table_key=reference_table_key)
+        table_key=table_key, reference_table_key=reference_table_key,
+        **({"routing": routing} if predictor is predict_spade else {}))
     # a predictor returns (pred, obsm, info) or (pred, obsm, info, layers by suffix: "sd", "lower"...)
     pred, obsm, info = out[:3]
     extra = out[3] if len(out) > 3 else {}
