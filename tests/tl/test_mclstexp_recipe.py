@@ -109,14 +109,14 @@ def test_ensemble_saves_in_one_folder_and_predicts_identically(recipe_model, sda
     b = sqs.tl.predict_expression(sdata, back, reference=sdata, k=20, layer_added="b")
     for suffix in ("", "_sd", "_lower", "_upper"):
         assert np.array_equal(a.layers["a" + suffix], b.layers["b" + suffix])
-    # a folder whose config says one member but holds two is refused
-    import json
+    # tensors of two members under a config of one are refused before anything is built
+    from sq_spade._files import ModelFileError
+    from sq_spade.models._mclstexp import MclSTExpConfig
 
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["config"]["n_members"] = 1
-    (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="member1"):
-        MclSTExp.load(path)
+    one = MclSTExpConfig.from_mapping({**back.config.to_json(), "n_members": 1})
+    shapes = {k: tuple(v.shape) for k, v in back._to_files()[1].items()}
+    with pytest.raises(ModelFileError, match="member1"):
+        MclSTExp._check_shapes(one, shapes)
 
 
 def test_prediction_sd_is_retrieval_plus_ensemble_spread_and_intervals_cover(recipe_model, sdata):

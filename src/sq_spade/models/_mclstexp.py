@@ -345,7 +345,12 @@ class MclSTExp(Model):
         parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}
         if encoder is not None:
             parts[IMAGE_ENCODER] = encoder
-        return {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+        out = {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+        # the other seeds of an ensemble: the same head and spot encoder under member<i>.
+        for i in range(1, int(config.n_members)):
+            for prefix, m in ((IMAGE_HEAD, head), (SPOT_ENCODER, spot)):
+                out.update({member_prefix(i) + prefix + k: tuple(v.shape) for k, v in m.state_dict().items()})
+        return out
 
     @classmethod
     def _from_files(cls, config: MclSTExpConfig, tensors: dict[str, Any]) -> MclSTExp:
