@@ -93,6 +93,18 @@ class Spade(Model):
         x = self._check_features(features)
         return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
 
+    def embed_images_by(self, features: np.ndarray, expert: int) -> np.ndarray:
+        """Image embeddings ``(N, out_dim)`` of backbone features ``(N, D)`` by one expert's image head.
+
+        Examples
+        --------
+        >>> z = model.embed_images_by(features, 0)  # doctest: +SKIP
+        """
+        e = int(expert)
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"`expert` must lie in [0, {self.n_experts}), got {expert!r}.")
+        return self._run(lambda b: self.module.image_heads.forward_one(b, e), self._check_features(features))
+
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
         t = self.config.routing_temperature if temperature is None else float(temperature)

@@ -122,6 +122,7 @@ def predict_expression(
     reference_table_key: str = K.TABLES.DEFAULT,
     features_key: str | None = None,
     reference_features_key: str | None = None,
+    routing: K.Routing = "soft",
     device: str | None = None,
 ) -> AnnData:
     """Predict the model's gene panel for every spot of ``query`` from its H&E image alone.
@@ -165,6 +166,11 @@ def predict_expression(
     features_key, reference_features_key
         ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
         model's backbone when absent from a SpatialData.
+    routing
+        SPADE only: ``"soft"`` weighs each expert's retrieval by the query's routing weights,
+        ``"hard"`` uses the query's expert only. Each expert compares the query, embedded by its
+        image head, with the reference spots of that expert only, embedded by its own heads (see
+        :func:`sq_spade.tl.spade_retrieve`).
     %(device)s
 
     Returns
@@ -180,6 +186,7 @@ def predict_expression(
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
+    check_choice(routing, "routing", K.ROUTINGS)
     if layer_added == observed_layer:
         raise ValueError(f"`layer_added` and `observed_layer` must differ, both are {layer_added!r}.")
     q_table = get_table(query, table_key, arg="query")
@@ -187,7 +194,8 @@ def predict_expression(
     pred, obsm, info = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
-        table_key=table_key, reference_table_key=reference_table_key)
+        table_key=table_key, reference_table_key=reference_table_key,
+        **({"routing": routing} if predictor is predict_spade else {}))
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
