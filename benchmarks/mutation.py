@@ -124,8 +124,8 @@ MUTATIONS: list[Mutation] = [
              "model=model, k=k, weighting=weighting, temperature=1.0,", PLUMB,
              "temperature not passed through predict_expression"),
     Mutation("spade_temperature_dropped", "weighting/temperature", "tl/_experts.py",
-             "pred = retrieve_predict(q, keys, values, k=k, weighting=weighting, temperature=temperature)",
-             "pred = retrieve_predict(q, keys, values, k=k, weighting=weighting)", PLUMB,
+             "embed_keys, values, k=k, weighting=weighting, temperature=temperature)",
+             "embed_keys, values, k=k, weighting=weighting)", PLUMB,
              "SPADE's predictor drops the softmax temperature"),
     # --- evaluate_expression's by and n_heg
     Mutation("by_ignored", "by/n_heg", "tl/_predict.py",
