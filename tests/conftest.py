@@ -149,3 +149,30 @@ def no_progress():
     settings.progress = False
     yield
     settings.progress = old
+
+
+def write_signed(config_path, doc) -> None:
+    """Write an edited model ``config.json`` re-signed as a writer would sign it.
+
+    Format 2 folders record the config's sha256 in the config and in the tensors file, so a
+    plain edit is refused as such; tests of the checks behind that one (a crafted file whose
+    signatures were recomputed) write their edits with this.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from sq_spade._files import TENSORS_PATTERN, config_digest
+
+    config_path = Path(config_path)
+    doc = dict(doc)
+    if "config_sha256" in doc:
+        doc["config_sha256"] = config_digest(doc)
+        name = doc.get("tensors_file")
+        ten = config_path.parent / str(name)
+        if isinstance(name, str) and TENSORS_PATTERN.match(name) and ten.is_file():
+            save_file(load_file(str(ten)), str(ten), metadata={"config_sha256": doc["config_sha256"]})
+            doc["tensors_sha256"] = hashlib.sha256(ten.read_bytes()).hexdigest()
+    config_path.write_text(json.dumps(doc))
