@@ -153,8 +153,11 @@ MUTATIONS: list[Mutation] = [
              "a stored panel chosen with the test section is reused silently"),
     # --- model-file checks
     Mutation("sha256_check_removed", "model-file checks", "_files.py",
-             "if not isinstance(expected, str) or sha256_file(ten_path) != expected:", "if False:", FILES,
+             "if not isinstance(expected, str) or hashlib.sha256(data).hexdigest() != expected:", "if False:", FILES,
              "the sha256 check of saved tensors removed"),
+    Mutation("config_digest_check_removed", "model-file checks", "_files.py",
+             'if recorded != config_digest(doc) or meta.get("config_sha256") != recorded:', "if False:", FILES,
+             "a config.json edited after saving accepted"),
     Mutation("class_check_removed", "model-file checks", "_files.py",
              'if doc.get("class") != cls:', "if False:", FILES, "the model-class check removed"),
     Mutation("unknown_keys_check_removed", "model-file checks", "_files.py",

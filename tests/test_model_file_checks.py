@@ -42,6 +42,26 @@ def _tensors_name(path: Path) -> str:
     return json.loads((path / "config.json").read_text())["tensors_file"]
 
 
+def _resign(path: Path, edit=None, tensors=None) -> None:
+    """Apply ``edit(doc)`` and/or new ``tensors``, then record the digests a save would (config and tensors hashes).
+
+    So that only the check aimed at by a test can refuse the folder, not the config-integrity check.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from sq_spade._files import config_digest
+
+    doc = json.loads((path / "config.json").read_text())
+    if edit is not None:
+        edit(doc)
+    name = doc["tensors_file"]
+    ten = load_file(str(path / name)) if tensors is None else tensors
+    doc["config_sha256"] = config_digest(doc)
+    save_file(ten, str(path / name), metadata={"config_sha256": doc["config_sha256"]})
+    doc["tensors_sha256"] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / "config.json").write_text(json.dumps(doc))
+
+
 def test_the_valid_folder_loads(tmp_path):
     cfg, ten = load_model_files(_saved(tmp_path), cls="T")
     assert cfg == {"n": 3} and torch.equal(ten["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
@@ -128,7 +148,7 @@ def test_tensors_file_missing(tmp_path):
 
 def test_config_not_an_object(tmp_path):
     path = _saved(tmp_path)
-    _edit(path, config=[1, 2])
+    _resign(path, lambda doc: doc.update(config=[1, 2]))
     with pytest.raises(ModelFileError, match="`config` must be a JSON object"):
         load_model_files(path, cls="T")
 
@@ -137,16 +157,26 @@ def test_tensors_changed_after_saving(tmp_path):
     from safetensors.torch import save_file
 
     path = _saved(tmp_path)
-    # a valid safetensors file with other values, under the recorded name: only the sha256 tells
-    save_file({"w": torch.zeros(2, 3)}, str(path / _tensors_name(path)))
-    with pytest.raises(ModelFileError, match="sha256"):
+    doc = json.loads((path / "config.json").read_text())
+    # a valid safetensors file with other values (and the right config digest), under the recorded name:
+    # only the tensors' sha256 tells
+    save_file({"w": torch.zeros(2, 3)}, str(path / _tensors_name(path)),
+              metadata={"config_sha256": doc["config_sha256"]})
+    with pytest.raises(ModelFileError, match="does not match the sha256 its config records"):
         load_model_files(path, cls="T")
 
 
 def test_missing_sha256(tmp_path):
     path = _saved(tmp_path)
     _edit(path, tensors_sha256=_DROP)
-    with pytest.raises(ModelFileError, match="sha256"):
+    with pytest.raises(ModelFileError, match="does not match the sha256 its config records"):
+        load_model_files(path, cls="T")
+
+
+def test_config_edited_after_saving(tmp_path):
+    path = _saved(tmp_path)
+    _edit(path, config={"n": 4})  # a valid config, another value: only the config digest tells
+    with pytest.raises(ModelFileError, match="edited after saving"):
         load_model_files(path, cls="T")
 
 
@@ -155,7 +185,7 @@ def test_unreadable_tensors_with_a_matching_sha256(tmp_path):
     junk = b"not a safetensors file at all"
     (path / _tensors_name(path)).write_bytes(junk)
     _edit(path, tensors_sha256=hashlib.sha256(junk).hexdigest())
-    with pytest.raises(ModelFileError, match="not a readable safetensors"):
+    with pytest.raises(ModelFileError, match="safetensors"):
         load_model_files(path, cls="T")
 
 
@@ -181,23 +211,19 @@ def test_config_that_does_not_fit_its_class(tmp_path):
     import sq_spade as sqs
 
     path = _spade(tmp_path)
-    doc = json.loads((path / "config.json").read_text())
-    doc["config"]["n_experts"] = -1
-    (path / "config.json").write_text(json.dumps(doc))
+    _resign(path, lambda doc: doc["config"].update(n_experts=-1))
     with pytest.raises(Exception, match="n_experts"):
         sqs.models.Spade.load(path)
 
 
 def test_tensors_that_do_not_fit_the_config(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     import sq_spade as sqs
 
     path = _spade(tmp_path)
-    name = _tensors_name(path)
-    tensors = load_file(str(path / name))
+    tensors = load_file(str(path / _tensors_name(path)))
     tensors["stray"] = torch.zeros(1)
-    save_file(tensors, str(path / name))
-    _edit(path, tensors_sha256=hashlib.sha256((path / name).read_bytes()).hexdigest())
+    _resign(path, tensors=tensors)
     with pytest.raises(ModelFileError, match="does not fit"):
         sqs.models.Spade.load(path)
