@@ -19,7 +19,7 @@ Also printed: the realised coverage of the 90 % conformal intervals on each held
 on one section of about 550 spots (frozen features, no validation section: 12 epochs each).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mclstexp_recipe.py [--split loso mob]
-[--no-control] [--no-published] [--out benchmarks/bench_mclstexp_recipe.json]``.
+[--no-control] [--no-published] [--no-timing] [--folds 0 1] [--out benchmarks/bench_mclstexp_recipe.json]``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def _score(pred) -> dict:
     return out
 
 
-def run_fold(split, train_secs, test_secs, *, seed, control, published) -> list[dict]:
+METHODS = ("ridge", "knn", "mclstexp", "published", "shuffled")
+
+
+def run_fold(split, train_secs, test_secs, *, seed, control, published, methods=METHODS) -> list[dict]:
     import sq_spade as sqs
 
     train, test = tables(train_secs), tables(test_secs)
@@ -80,21 +83,22 @@ def run_fold(split, train_secs, test_secs, *, seed, control, published) -> list[
         rows.append(row)
         print("   ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    for method in ("ridge", "knn"):
+    for method in [m for m in ("ridge", "knn") if m in methods]:
         t0 = time.perf_counter()
         m = sqs.tl.train_baseline(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
         record(method, m, train, t0)
-    t0 = time.perf_counter()
-    m = sqs.tl.train_contrastive(train, panel=panel, train_sections=train_secs, seed=seed)
-    sel = m.history.get("selection", {})
-    record("mclstexp", m, train, t0, refit_epochs=sel.get("refit_epochs"), best_epochs=sel.get("best_epochs"),
-           best_val_acg=sel.get("best_val_acg"))
-    if published:
+    if "mclstexp" in methods:
+        t0 = time.perf_counter()
+        m = sqs.tl.train_contrastive(train, panel=panel, train_sections=train_secs, seed=seed)
+        sel = m.history.get("selection", {})
+        record("mclstexp", m, train, t0, refit_epochs=sel.get("refit_epochs"), best_epochs=sel.get("best_epochs"),
+               best_val_acg=sel.get("best_val_acg"))
+    if published and "published" in methods:
         t0 = time.perf_counter()
         m = sqs.tl.train_contrastive(train, panel=panel, recipe="published", train_sections=train_secs[:-1],
                                      validation_sections=train_secs[-1:], seed=seed)
         record("mclstexp (published)", m, train, t0, best_epoch=int(m.history["best_epoch"]))
-    if control:
+    if control and "shuffled" in methods:
         ctrl = shuffled(train, seed)
         t0 = time.perf_counter()
         m = sqs.tl.train_contrastive(ctrl, panel=panel, train_sections=train_secs, seed=seed)
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true")
     ap.add_argument("--no-published", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--folds", nargs="+", type=int, default=None, help="fold indices of each split (default: all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "bench_mclstexp_recipe.json"))
     args = ap.parse_args()
     import torch
@@ -142,11 +148,13 @@ def main() -> None:
         print("timing:", doc["timing"], flush=True)
         save()
     for split in args.split:
-        for train_secs, test_secs in SPLITS[split]:
+        for i, (train_secs, test_secs) in enumerate(SPLITS[split]):
+            if args.folds is not None and i not in args.folds:
+                continue
             print(f"[{split}] train {'+'.join(train_secs)} -> test {'+'.join(test_secs)}", flush=True)
             doc["rows"] += run_fold(split, train_secs, test_secs, seed=args.seed,
                                     control=not args.no_control and split == "loso",
-                                    published=not args.no_published and split == "loso")
+                                    published=not args.no_published and split == "loso", methods=args.methods)
             save()
     summary = {}
     for split in args.split:
