@@ -25,7 +25,7 @@ NAMESPACES = ("pp", "tl", "pl", "io")
 NOT_DATA_FIRST = {
     "pp.register_backbone", "pl.gene_correlation", "pl.training_history", "tl.train_experts_from_store",
     "io.combine_sections", "io.infer_microns_per_pixel", "io.read_hest", "io.read_rgb", "io.read_st",
-    "io.read_visium", "io.section_from_arrays", "io.from_spatialdata",
+    "io.read_visium", "io.section_from_arrays", "io.from_spatialdata", "tl.spade_retrieve",
 }
 #: Names of the older dialects; none may appear in a public signature.
 OLD_NAMES = {"data", "query", "layer_added", "table_added", "predicted_layer", "random_state", "mpp"}
@@ -39,6 +39,7 @@ RENAMES = {
     "pp.write_feature_store": {"data": "sdata"},
     "pp.compute_features": {"mpp": "microns_per_pixel"},
     "pp.extract_patches": {"mpp": "microns_per_pixel"},
+    "pp.detect_tissue": {"mpp": "microns_per_pixel"},
     "pp.patches": {"mpp": "microns_per_pixel"},
     "pl.spatial": {"genes": "color"},
     "pl.experts": {"key": "color"},

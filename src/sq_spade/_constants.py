@@ -17,12 +17,17 @@ from typing import Literal, NamedTuple, get_args
 #: section ``s`` carries a transformation to ``f"{s}{MICRONS_SUFFIX}"`` whose unit is the
 #: micrometre; this is the one place where the physical pixel size is recorded.
 MICRONS_SUFFIX = "_um"
+#: Suffix of the labels element holding a section's tissue mask (``pp.detect_tissue``).
+TISSUE_SUFFIX = "_tissue"
+#: Suffix of the shapes element of a section's tiles (``pp.tile_tissue``).
+TILES_SUFFIX = "_tiles"
 
 
 # --- keys, by where they live ---------------------------------------------------------------
 class _Tables(NamedTuple):
     DEFAULT: str = "table"  # the annotation table of a SpatialData
     PREDICTED: str = "predicted"  # predictions table written by tl.predict_expression
+    TILES: str = "tiles"  # tiles table written by pp.tile_tissue
 
 
 class _Obs(NamedTuple):
@@ -36,6 +41,10 @@ class _Obs(NamedTuple):
     PATCH_TISSUE: str = "patch_tissue_fraction"  # written by pp.extract_patches
     PATCH_PADDED: str = "patch_padded_fraction"
     SPADE_EXPERT: str = "spade_expert"  # expert of each spot (tl.train_experts, tl.embed)
+    TILE_TISSUE: str = "tile_tissue_fraction"  # written by pp.tile_tissue
+    TILE_ROW: str = "tile_row"  # grid indices of a tile
+    TILE_COL: str = "tile_col"
+    DOMAIN: str = "domain"  # written by tl.spatial_domains
 
 
 class _Var(NamedTuple):
@@ -70,6 +79,10 @@ class _Uns(NamedTuple):
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
     PREDICTION_X: str = "sq_spade_prediction_x"  # predictions table: the layer X copies (the latest)
     UMAP: str = "sq_spade_umap"  # per obsm key X_umap_<basis>: parameters of the UMAP pl.embedding stored
+    TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
+    TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
+    DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
+    SLIDES: str = "sq_spade_slides"  # tl.slide_embedding: one vector per section
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
 

@@ -131,6 +131,7 @@ def predict_expression(
     reference_table_key: str = K.TABLES.DEFAULT,
     features_key: str | None = None,
     reference_features_key: str | None = None,
+    routing: K.Routing = "soft",
     device: str | None = None,
     copy: bool = False,
 ) -> AnnData | SpatialData:
@@ -182,6 +183,11 @@ def predict_expression(
     features_key, reference_features_key
         ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
         model's backbone when absent from a SpatialData.
+    routing
+        SPADE only: ``"soft"`` weighs each expert's retrieval by the query's routing weights,
+        ``"hard"`` uses the query's expert only. Each expert compares the query, embedded by its
+        image head, with the reference spots of that expert only, embedded by its own heads (see
+        :func:`sq_spade.tl.spade_retrieve`).
     %(device)s
     copy
         Predict into a copy of ``sdata`` (tables copied, images shared) and return the copy.
@@ -200,6 +206,7 @@ def predict_expression(
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
+    check_choice(routing, "routing", K.ROUTINGS)
     if key_added == observed_layer:
         raise ValueError(f"`key_added` and `observed_layer` must differ, both are {key_added!r}.")
     q_table = get_table(query, table_key, arg="sdata")
@@ -207,7 +214,8 @@ def predict_expression(
     pred, obsm, info = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
-        table_key=table_key, reference_table_key=reference_table_key)
+        table_key=table_key, reference_table_key=reference_table_key,
+        **({"routing": routing} if predictor is predict_spade else {}))
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
