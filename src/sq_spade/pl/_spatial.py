@@ -424,6 +424,9 @@ def spatial(
         of the model's panel (a KeyError lists them and says how to add one).
     layer
         Layer drawn (``"predicted"`` by :func:`sq_spade.tl.predict_expression`); ``None`` for X.
+        The uncertainty of a prediction draws the same way: ``"predicted_sd"`` (predictive
+        standard deviation) or ``"predicted_lower"`` / ``"predicted_upper"`` (conformal
+        interval); those are not paired with ``observed_layer``.
     observed_layer
         Layer of observed values compared with ``layer``, in the same table.
     compare
@@ -493,7 +496,9 @@ def spatial(
     table = get_table(sdata, table_key, arg="sdata")
     _check_layer(table, layer, arg="layer", table_key=table_key)
     genes = _check_genes(table, color, table_key=table_key, predictions=table_key == predictions_key)
-    pair = bool(compare) and observed_layer is not None and observed_layer in table.layers and observed_layer != layer
+    uncertainty = layer is not None and layer.endswith(tuple(f"_{s}" for s in K.UNCERTAINTY_SUFFIXES))
+    pair = (bool(compare) and not uncertainty and observed_layer is not None and observed_layer in table.layers
+            and observed_layer != layer)
     sec = _pick_section(sdata, table_key=table_key, section=section, image_key=image_key)
     cols = table.var_names.get_indexer(genes)
     values = _dense_columns(table, layer, sec.rows, cols)

@@ -74,7 +74,8 @@ def _observed(q_table: Any, panel: list[str]) -> tuple[np.ndarray | None, np.nda
 
 
 def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, key_added: str, predictions_key: str,
-           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str) -> AnnData:
+           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str,
+           extra_layers: dict[str, np.ndarray] | None = None) -> AnnData:
     import anndata as ad
 
     obs_vals, mask = _observed(q_table, panel)
@@ -93,6 +94,11 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, key_
         if K.OBSM.SPATIAL in q_table.obsm:
             out.obsm[K.OBSM.SPATIAL] = np.asarray(q_table.obsm[K.OBSM.SPATIAL])
     out.layers[key_added] = pred
+    for suffix in K.UNCERTAINTY_SUFFIXES:  # none left over from an earlier model's prediction
+        if suffix not in (extra_layers or {}):
+            out.layers.pop(f"{key_added}_{suffix}", None)
+    for suffix, val in (extra_layers or {}).items():
+        out.layers[f"{key_added}_{suffix}"] = np.asarray(val, dtype=np.float32)
     # X holds the latest prediction (dense), so scanpy, squidpy and spatialdata-plot read it
     # without a layer argument; uns names the layer it copies
     out.X = pred.copy()
@@ -145,12 +151,16 @@ def predict_expression(
 
     Where predictions go: a table ``predictions_key`` (default ``"predicted"``) annotating the
     same spots as the query table (same region and instance columns), with ``var`` = the panel,
-    ``layers[key_added]`` = predictions, ``X`` = the latest prediction (dense, so scanpy,
-    squidpy and spatialdata-plot read it with no layer argument; ``uns['sq_spade_prediction_x']``
-    names the layer it copies) and, when the query has counts, ``layers[observed_layer]`` = the
-    observed log1p CP10k of the panel genes it measured (``var['observed']`` flags them).
-    Several models can write different ``key_added`` into one predictions table. Query
-    embeddings go to its ``obsm``, parameters and provenance to
+    ``layers[key_added]`` = predictions (mclSTExp also writes ``layers[key_added + "_sd"]``,
+    the predictive standard deviation: the weighted spread of the retrieved neighbours' values
+    plus the spread of the ensemble's members, and, for a model calibrated by
+    :func:`~sq_spade.tl.calibrate_conformal` or ``train_contrastive(coverage=...)``,
+    ``_lower`` / ``_upper``: the conformal interval of that coverage), ``X`` = the latest
+    prediction (dense, so scanpy, squidpy and spatialdata-plot read it with no layer argument;
+    ``uns['sq_spade_prediction_x']`` names the layer it copies) and, when the query has counts,
+    ``layers[observed_layer]`` = the observed log1p CP10k of the panel genes it measured
+    (``var['observed']`` flags them). Several models can write different ``key_added`` into
+    one predictions table. Query embeddings go to its ``obsm``, parameters and provenance to
     ``uns['sq_spade_prediction'][key_added]``. For an AnnData query, the new table is returned
     without being attached anywhere.
 
@@ -211,11 +221,17 @@ def predict_expression(
         raise ValueError(f"`key_added` and `observed_layer` must differ, both are {key_added!r}.")
     q_table = get_table(query, table_key, arg="sdata")
     r_table = get_table(reference, reference_table_key, arg="reference") if reference is not None else None
-    pred, obsm, info = predictor(
+    out = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
         table_key=table_key, reference_table_key=reference_table_key,
         **({"routing": routing} if predictor is predict_spade else {}))
+    # a predictor returns (pred, obsm, info) or (pred, obsm, info, layers by suffix: "sd", "lower"...)
+    pred, obsm, info = out[:3]
+    extra = out[3] if len(out) > 3 else {}
+    for name in extra:
+        if f"{key_added}_{name}" == observed_layer:
+            raise ValueError(f"`observed_layer={observed_layer!r}` collides with the layer {key_added}_{name}.")
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
@@ -225,7 +241,7 @@ def predict_expression(
     for key, val in obsm.items():
         q_table.obsm[key] = val
     out = _store(query, q_table, pred, panel, key_added=key_added, predictions_key=predictions_key, obsm=obsm,
-                 uns=uns, observed_layer=observed_layer)
+                 uns=uns, observed_layer=observed_layer, extra_layers=extra)
     where = f"table {predictions_key!r}" if is_spatialdata(query) else "the returned AnnData"
     log_info("predicted %d genes for %d spots with %s: layers[%r] and X of %s", len(panel), q_table.n_obs,
              type(model).__name__, key_added, where)
