@@ -66,6 +66,10 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
+    # beside a prediction layer ``<layer_added>``: ``<layer_added>_sd`` etc. (the default names)
+    PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
+    PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
+    PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
 
 
 class _Uns(NamedTuple):
@@ -83,6 +87,9 @@ class _Uns(NamedTuple):
     SLIDES: str = "sq_spade_slides"  # tl.slide_embedding: one vector per section
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
+
+#: Layers a prediction may have beside ``<layer_added>``: ``<layer_added>_sd``, ``_lower``, ``_upper``.
+UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()
 OBS = _Obs()
@@ -164,6 +171,16 @@ REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
+#: embeddings, or both (the mean of the two cosine similarities).
+Keys = Literal["spot", "image", "both"]
+KEYS: tuple[str, ...] = get_args(Keys)
+#: What picks the epoch of a run with validation data: the validation loss or the validation ACG.
+Select = Literal["loss", "acg"]
+SELECTS: tuple[str, ...] = get_args(Select)
+#: Training recipes of mclSTExp: small-data defaults, or the published settings.
+Recipe = Literal["small_data", "published"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 #: Learning-rate schedule of mclSTExp.
 Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
