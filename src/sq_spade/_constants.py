@@ -81,6 +81,8 @@ class _Uns(NamedTuple):
     SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
     MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    PREDICTION_X: str = "sq_spade_prediction_x"  # predictions table: the layer X copies (the latest)
+    UMAP: str = "sq_spade_umap"  # per obsm key X_umap_<basis>: parameters of the UMAP pl.embedding stored
     TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
     TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
     DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
@@ -134,6 +136,11 @@ SECTIONS_UNS = UNS.SECTIONS
 def features_key(backbone: str) -> str:
     """Default ``obsm`` key of a backbone's features."""
     return f"X_{backbone}"
+
+
+def umap_key(basis: str) -> str:
+    """``obsm`` key of the stored UMAP of an embedding: ``"X_spade"`` -> ``"X_umap_spade"``."""
+    return f"X_umap_{basis.removeprefix('X_')}"
 
 
 def microns_cs(section: str) -> str:
@@ -212,6 +219,9 @@ CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 #: Score of a cross-validation fold of the regressors.
 Scoring = Literal["pearson", "mse"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
+#: Colour scale of an observed / predicted pair in ``pl.spatial``.
+ColorScale = Literal["panel", "shared", "zscore"]
+COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
