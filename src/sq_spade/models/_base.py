@@ -19,6 +19,7 @@ import numpy as np
 
 from sq_spade._config import JsonConfig, check
 from sq_spade._files import load_model_files, save_model_files
+from sq_spade._validation import feature_recipe
 
 
 def _is_panel(genes: list) -> bool:
@@ -40,6 +41,10 @@ class ModelConfig(JsonConfig):
     weights_sha256
         sha256 of the backbone's weights (``None``: unknown); features computed with other
         weights are refused.
+    feature_recipe
+        How the features were computed: ``{"layers": [...], "tta": bool, "zscore": str | None}``
+        (see :func:`sq_spade.pp.compute_features`). ``None`` (models of earlier versions, or
+        features without provenance): the final layer, without TTA, not z-scored.
     train_sections, validation_sections
         Sections the model was trained and validated on.
     params
@@ -50,6 +55,7 @@ class ModelConfig(JsonConfig):
     feature_dim: int = field(metadata=check(lambda v: v > 0))
     panel: list[str] = field(metadata=check(_is_panel))
     weights_sha256: str | None = None
+    feature_recipe: dict[str, Any] | None = None
     train_sections: list[str] | None = None
     validation_sections: list[str] | None = None
     params: dict[str, Any] | None = None
@@ -83,6 +89,16 @@ class Model:
     def weights_sha256(self) -> str | None:
         """sha256 of that backbone's weights."""
         return self.config.weights_sha256
+
+    @property
+    def feature_recipe(self) -> dict[str, Any]:
+        """How the features the model reads are computed: layers, TTA and z-score.
+
+        Features of a query are computed this way when absent, and refused when their
+        provenance says otherwise. Models of earlier versions read the final layer, without TTA,
+        not z-scored.
+        """
+        return feature_recipe(self.config.feature_recipe)
 
     @property
     def panel(self) -> list[str]:

@@ -26,6 +26,7 @@ from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
     features_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -343,7 +344,7 @@ def train_contrastive(
     n_x, n_y = fit.history.get("n_x"), fit.history.get("n_y")
     config = {
         "backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
-        "feature_dim": feature_dim, "panel": list(genes_list), "gene_input": gene_input,
+        "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None, "feature_dim": feature_dim, "panel": list(genes_list), "gene_input": gene_input,
         "position": position, "n_x": None if n_x is None else int(n_x), "n_y": None if n_y is None else int(n_y),
         "position_bin_um": bin_um, "context": context, "tile_size": int(tile_size), "out_dim": int(out_dim),
         "dropout": float(dropout), "spot_encoder": fit.spot_encoder.config(), "finetune": finetune,
@@ -394,7 +395,8 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
         q[src.rows] = model.embed_patches(src, device=device)
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe)
         q = model.embed_images(fq)
     keys = spot_keys(reference, model, table_key=reference_table_key)
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
