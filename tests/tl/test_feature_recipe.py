@@ -24,7 +24,8 @@ def test_model_records_the_recipe_and_query_features_follow_it(tmp_path):
     train = _sections()
     sqs.pp.compute_features(train, backbone="dummy", layers="pool", tta=True, **GEOMETRY)
     model = _ridge(train)
-    assert model.config.feature_recipe == {"layers": ["pool"], "tta": True, "zscore": "section"}
+    recipe = {"layers": ["pool"], "tta": True, "zscore": "section"}
+    assert model.feature_recipe == model.config.params["feature_recipe"] == recipe
     assert model.config.feature_dim == 96
     model.save(tmp_path / "m")
     back = sqs.models.RidgeModel.load(tmp_path / "m")
@@ -46,7 +47,7 @@ def test_models_of_earlier_versions_read_final_raw_features():
     train = _sections()
     sqs.pp.compute_features(train, backbone="dummy", **GEOMETRY)
     model = _ridge(train)
-    model.config["feature_recipe"] = None  # as a model file written before recipes were recorded
+    del model.config.params["feature_recipe"]  # as a model file written before recipes were recorded
     assert model.feature_recipe == {"layers": ["final"], "tta": False, "zscore": None}
     # features recorded before layers existed compare equal to the defaults
     t = train.tables["table"]

@@ -41,21 +41,19 @@ class ModelConfig(JsonConfig):
     weights_sha256
         sha256 of the backbone's weights (``None``: unknown); features computed with other
         weights are refused.
-    feature_recipe
-        How the features were computed: ``{"layers": [...], "tta": bool, "zscore": str | None}``
-        (see :func:`sq_spade.pp.compute_features`). ``None`` (models of earlier versions, or
-        features without provenance): the final layer, without TTA, not z-scored.
     train_sections, validation_sections
         Sections the model was trained and validated on.
     params
-        Training parameters and provenance (free-form JSON).
+        Training parameters and provenance (free-form JSON). ``params["feature_recipe"]``
+        records how the features were computed (``{"layers": [...], "tta": bool, "zscore":
+        str | None}``, see :func:`sq_spade.pp.compute_features`); kept in ``params`` so files
+        stay readable by format-1 readers, which refuse unknown top-level keys.
     """
 
     backbone: str
     feature_dim: int = field(metadata=check(lambda v: v > 0))
     panel: list[str] = field(metadata=check(_is_panel))
     weights_sha256: str | None = None
-    feature_recipe: dict[str, Any] | None = None
     train_sections: list[str] | None = None
     validation_sections: list[str] | None = None
     params: dict[str, Any] | None = None
@@ -98,7 +96,7 @@ class Model:
         provenance says otherwise. Models of earlier versions read the final layer, without TTA,
         not z-scored.
         """
-        return feature_recipe(self.config.feature_recipe)
+        return feature_recipe((self.config.params or {}).get("feature_recipe"))
 
     @property
     def panel(self) -> list[str]:

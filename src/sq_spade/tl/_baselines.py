@@ -119,9 +119,9 @@ def train_baseline(
     prov = features_provenance(table, fkey)
     reg.fit(feats[tr], values[tr], groups=section_labels(table)[tr])
     params: dict[str, Any] = {"method": method, "features_key": fkey, "seed": seed, "n_top": n_top,
-                              "regressor_kwargs": to_jsonable(kw)}
+                              "regressor_kwargs": to_jsonable(kw), "feature_recipe": recipe_of(table, fkey)}
     config = {"backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
-              "feature_recipe": recipe_of(table, fkey), "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
+              "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
               "train_sections": train, "validation_sections": val, "params": params}
     model = model_cls(reg, config)
     if va.any():

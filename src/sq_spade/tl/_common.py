@@ -11,11 +11,12 @@ from sq_spade import _constants as K
 from sq_spade._validation import (
     check_obsm,
     check_sections,
+    feature_recipe,
     is_spatialdata,
     section_ids,
     section_labels,
 )
-from sq_spade.pp._features import check_features_backbone, compute_features, feature_recipe
+from sq_spade.pp._features import check_features_backbone, compute_features
 from sq_spade.pp._genes import panel_genes, select_genes
 
 

@@ -219,8 +219,8 @@ def train_contrastive(
     gene_input
         Spot-encoder input: ``"log1p_cp10k"`` or ``"raw"`` counts of the panel genes.
     out_dim, dropout, depth, heads, dim_head, mlp_dim
-        Latent size, head dropout and spot-encoder transformer (2 blocks, 8 heads of 64, MLP
-        width = number of genes).
+        Latent size, head dropout (0.1 here; the original mclSTExp's heads have none) and
+        spot-encoder transformer (2 blocks, 8 heads of 64, MLP width = number of genes).
     schedule
         ``"constant"`` learning rate (mclSTExp) or ``"cosine"``.
     augment
@@ -238,7 +238,13 @@ def train_contrastive(
     %(table_key)s
     %(key_added)s
     patch_px
-        Patch side in native pixels when fine-tuning.
+        Patch side in native pixels when fine-tuning. This is mclSTExp's geometry (224 native
+        pixels, whatever the scan's resolution: 155 um on her2st at 0.69 um/px), kept so the
+        fine-tuning path reproduces the original; it is *not* the frozen-feature geometry of
+        :func:`sq_spade.pp.compute_features` (112 um at 0.5 um/px, the same tissue area on every
+        scanner). A fine-tuned model records ``patch_px`` and embeds query patches with it, so
+        training and prediction agree; features from ``finetune="none"`` and from fine-tuning
+        are not interchangeable.
     %(checkpoints)s
     distributed
         mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
@@ -344,7 +350,7 @@ def train_contrastive(
     n_x, n_y = fit.history.get("n_x"), fit.history.get("n_y")
     config = {
         "backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
-        "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None, "feature_dim": feature_dim, "panel": list(genes_list), "gene_input": gene_input,
+        "feature_dim": feature_dim, "panel": list(genes_list), "gene_input": gene_input,
         "position": position, "n_x": None if n_x is None else int(n_x), "n_y": None if n_y is None else int(n_y),
         "position_bin_um": bin_um, "context": context, "tile_size": int(tile_size), "out_dim": int(out_dim),
         "dropout": float(dropout), "spot_encoder": fit.spot_encoder.config(), "finetune": finetune,
@@ -352,7 +358,8 @@ def train_contrastive(
         "train_sections": train, "validation_sections": val, "history": hist,
         "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "loss": loss,
                    "temperature": temperature, "seed": seed, "patience": patience, "schedule": schedule,
-                   "features_key": fkey, "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
+                   "features_key": fkey, "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None,
+                   "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
                    if finetune != "none" else None},
     }

@@ -206,14 +206,13 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
     module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e,
                               temperature=routing_temperature).eval()
     config = {
-        "backbone": backbone, "weights_sha256": weights_sha256, "feature_recipe": feature_recipe,
-        "feature_dim": int(centroids.shape[1]),
+        "backbone": backbone, "weights_sha256": weights_sha256, "feature_dim": int(centroids.shape[1]),
         "panel": list(panel), "gene_input": gene_input, "n_experts": int(img_heads.n_experts),
         "n_fine": int(n_fine), "out_dim": int(img_heads.out_dim), "dropout": float(dropout),
         "routing_temperature": float(routing_temperature), "reference_side": reference_side,
         "centroid_groups": [str(g) for g in centroid_groups], "train_sections": list(train),
         "validation_sections": list(val), "history": to_jsonable(dict(history), nonfinite="null"),
-        "params": params,
+        "params": {**params, "feature_recipe": feature_recipe},
     }
     return Spade(module, config)
 
