@@ -90,8 +90,8 @@ def run_split(split: str, variants, tta: bool) -> dict:
                 r = sqs.tl.evaluate_expression(pred)
                 for _, row in r.iterrows():
                     cell = res.setdefault(name, {}).setdefault(method, {"acg": {}, "heg": {}})
-                    cell["acg"][str(row["section"])] = float(row["acg"])
-                    cell["heg"][str(row["section"])] = float(row["heg"])
+                    cell["acg"][str(row["section"])] = float(row["ACG"])
+                    cell["heg"][str(row["section"])] = float(row["HEG"])
     for cells in res.values():
         for cell in cells.values():
             cell["mean_acg"] = float(np.mean(list(cell["acg"].values())))
