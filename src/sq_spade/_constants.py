@@ -17,12 +17,17 @@ from typing import Literal, NamedTuple, get_args
 #: section ``s`` carries a transformation to ``f"{s}{MICRONS_SUFFIX}"`` whose unit is the
 #: micrometre; this is the one place where the physical pixel size is recorded.
 MICRONS_SUFFIX = "_um"
+#: Suffix of the labels element holding a section's tissue mask (``pp.detect_tissue``).
+TISSUE_SUFFIX = "_tissue"
+#: Suffix of the shapes element of a section's tiles (``pp.tile_tissue``).
+TILES_SUFFIX = "_tiles"
 
 
 # --- keys, by where they live ---------------------------------------------------------------
 class _Tables(NamedTuple):
     DEFAULT: str = "table"  # the annotation table of a SpatialData
     PREDICTED: str = "predicted"  # predictions table written by tl.predict_expression
+    TILES: str = "tiles"  # tiles table written by pp.tile_tissue
 
 
 class _Obs(NamedTuple):
@@ -36,6 +41,10 @@ class _Obs(NamedTuple):
     PATCH_TISSUE: str = "patch_tissue_fraction"  # written by pp.extract_patches
     PATCH_PADDED: str = "patch_padded_fraction"
     SPADE_EXPERT: str = "spade_expert"  # expert of each spot (tl.train_experts, tl.embed)
+    TILE_TISSUE: str = "tile_tissue_fraction"  # written by pp.tile_tissue
+    TILE_ROW: str = "tile_row"  # grid indices of a tile
+    TILE_COL: str = "tile_col"
+    DOMAIN: str = "domain"  # written by tl.spatial_domains
 
 
 class _Var(NamedTuple):
@@ -57,6 +66,10 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
+    # beside a prediction layer ``<layer_added>``: ``<layer_added>_sd`` etc. (the default names)
+    PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
+    PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
+    PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
 
 
 class _Uns(NamedTuple):
@@ -68,8 +81,15 @@ class _Uns(NamedTuple):
     SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
     MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
+    TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
+    DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
+    SLIDES: str = "sq_spade_slides"  # tl.slide_embedding: one vector per section
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
+
+#: Layers a prediction may have beside ``<layer_added>``: ``<layer_added>_sd``, ``_lower``, ``_upper``.
+UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()
 OBS = _Obs()
@@ -151,6 +171,16 @@ REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
+#: embeddings, or both (the mean of the two cosine similarities).
+Keys = Literal["spot", "image", "both"]
+KEYS: tuple[str, ...] = get_args(Keys)
+#: What picks the epoch of a run with validation data: the validation loss or the validation ACG.
+Select = Literal["loss", "acg"]
+SELECTS: tuple[str, ...] = get_args(Select)
+#: Training recipes of mclSTExp: small-data defaults, or the published settings.
+Recipe = Literal["small_data", "published"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 #: Learning-rate schedule of mclSTExp.
 Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)

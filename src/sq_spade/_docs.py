@@ -56,11 +56,14 @@ checkpoint_dir, checkpoint_every, resume
     differs). See :class:`sq_spade.train.FitOptions`.""",
     "spade_training": """\
 n_fine, n_experts
-    Fine centroids per group and experts (16 and 16). Groups with fewer distinct spots than
-    ``n_fine`` get one centroid per spot; ``n_experts`` above the number of fine centroids is
-    clamped (each centroid its own expert) with a warning.
+    Fine centroids per group (16) and experts: ``"auto"`` (default) sizes the mixture to the
+    data, one expert per 2,000 training spots (at least 1, at most
+    16, the published count); pass ``16`` for the published mixture. Groups with fewer distinct
+    spots than ``n_fine`` get one centroid per spot; ``n_experts`` above the number of fine
+    centroids is clamped (each centroid its own expert) with a warning, and an expert that
+    trains on fewer spots than the rule allows is warned about.
 epochs, batch_size, lr, weight_decay
-    Training settings (SPADE: 100, 128, 1e-4, 1e-2).
+    Training settings (100, 128, 1e-3, 1e-2; the published code uses ``lr=1e-4``).
 loss
     ``"bleep"`` (soft targets, SPADE's) or ``"clip"``.
 temperature

@@ -31,7 +31,7 @@ def _data(n=3, size=8):
 
 def _train(data, **kw):
     args = dict(features_key="X_fake", backbone="fake", panel=GENES, epochs=30, train_sections=["s0", "s1"],
-                validation_sections=["s2"], **SMALL)
+                validation_sections=["s2"], recipe="published", **SMALL)
     args.update(kw)
     return train_contrastive(data, **args)
 

@@ -93,6 +93,18 @@ class Spade(Model):
         x = self._check_features(features)
         return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
 
+    def embed_images_by(self, features: np.ndarray, expert: int) -> np.ndarray:
+        """Image embeddings ``(N, out_dim)`` of backbone features ``(N, D)`` by one expert's image head.
+
+        Examples
+        --------
+        >>> z = model.embed_images_by(features, 0)  # doctest: +SKIP
+        """
+        e = int(expert)
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"`expert` must lie in [0, {self.n_experts}), got {expert!r}.")
+        return self._run(lambda b: self.module.image_heads.forward_one(b, e), self._check_features(features))
+
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
         t = self.config.routing_temperature if temperature is None else float(temperature)
@@ -121,8 +133,28 @@ class Spade(Model):
         return self.config.to_json(), dict(self.module.state_dict())
 
     @classmethod
+    def _expected_shapes(cls, config: SpadeConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        import torch
+
+        from sq_spade.nn.experts import ExpertHeads
+
+        e, d, g = int(config["n_experts"]), int(config["feature_dim"]), len(config["panel"])
+        # the number of fine centroids is the stored one (as in build_module); their width is the config's
+        k = int(shapes["centroids"][0]) if len(shapes.get("centroids", ())) == 2 else int(config["n_fine"])
+        out = {"centroids": (k, d), "fine_to_expert": (k,)}
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            for name, n_in in (("image_heads", d), ("gene_heads", g)):
+                heads = ExpertHeads(e, n_in, int(config["out_dim"]), float(config["dropout"]))
+                out.update({f"{name}.{key}": tuple(v.shape) for key, v in heads.state_dict().items()})
+        return out
+
+    @classmethod
     def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
-        module = build_module(config, centroids=tensors.get("centroids"), fine_to_expert=tensors.get("fine_to_expert"))
+        try:
+            module = build_module(config, centroids=tensors.get("centroids"),
+                                  fine_to_expert=tensors.get("fine_to_expert"))
+        except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
+            raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ModelFileError(f"The tensors file does not fit the Spade config: missing {missing[:10]}, "

@@ -19,6 +19,7 @@ the k-NN regressor all retrieve with :func:`retrieve_predict`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,8 @@ from sq_spade import _constants as K
 from sq_spade._utils import resolve_device
 from sq_spade._validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["retrieve_predict", "weighted_neighbor_mean"]
+__all__ = ["combine_keys", "mixture_retrieve_predict", "neighbor_variance", "retrieve_predict",
+           "weighted_neighbor_mean"]
 
 WEIGHTINGS = K.WEIGHTINGS
 SIMILARITIES = K.SIMILARITIES
@@ -92,6 +94,64 @@ def weighted_neighbor_mean(values: np.ndarray, idx: np.ndarray, w: np.ndarray) -
     return np.asarray(W @ values, dtype=np.float32)
 
 
+def neighbor_variance(values: np.ndarray, idx: np.ndarray, w: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Weighted variance of the retrieved values around their weighted ``mean`` (the retrieval spread).
+
+    ``sum_j w[b, j] * (values[idx[b, j]] - mean[b])**2`` for weights summing to 1, computed as
+    ``E[v^2] - mean^2`` in float64 and floored at 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = np.array([[0.0], [2.0]])
+    >>> neighbor_variance(v, np.array([[0, 1]]), np.array([[0.5, 0.5]]), np.array([[1.0]]))
+    array([[1.]], dtype=float32)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    n, k = idx.shape
+    W = sp.csr_matrix((np.asarray(w, dtype=np.float64).ravel(), np.asarray(idx).ravel(),
+                       np.arange(0, n * k + 1, k)), shape=(n, v.shape[0]))
+    m2 = np.asarray(W @ (v * v))
+    return np.maximum(m2 - np.asarray(mean, dtype=np.float64) ** 2, 0.0).astype(np.float32)
+
+
+def combine_keys(query: Any, *, spot_keys: Any = None, image_keys: Any = None,
+                 keys: K.Keys = "spot") -> tuple[np.ndarray, np.ndarray]:
+    """The query and key matrices of retrieval from the spot side, the image side or both.
+
+    ``"spot"`` and ``"image"`` return ``query`` with those keys unchanged. ``"both"`` scales
+    every row to unit length and concatenates ``[q, q]`` and ``[spot, image]``: the cosine
+    similarity of the pair is then the mean of the two cosine similarities, and the squared
+    distance ``4 (1 - that mean)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q, kx = combine_keys(np.ones((1, 2)), spot_keys=np.eye(2), image_keys=np.eye(2), keys="both")
+    >>> q.shape, kx.shape
+    ((1, 4), (2, 4))
+    """
+    check_choice(keys, "keys", K.KEYS)
+    q = _as_matrix(query, "query", "(n_query, d)")
+    if keys == "spot" or keys == "image":
+        kx = spot_keys if keys == "spot" else image_keys
+        if kx is None:
+            raise ValueError(f"`{keys}_keys` is required with keys={keys!r}.")
+        return q, _as_matrix(kx, f"{keys}_keys", "(n_keys, d)")
+    if spot_keys is None or image_keys is None:
+        raise ValueError("keys='both' needs `spot_keys` and `image_keys`.")
+    s = _as_matrix(spot_keys, "spot_keys", "(n_keys, d)")
+    i = _as_matrix(image_keys, "image_keys", "(n_keys, d)")
+    if s.shape != i.shape:
+        raise ValueError(f"`spot_keys` and `image_keys` must have the same shape, got {s.shape} and {i.shape}.")
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    qu = unit(q)
+    return np.hstack([qu, qu]), np.hstack([unit(s), unit(i)])
+
+
 def _aggregate(values: Any, idx: Any, w: Any) -> Any:
     """``sum_j w[b, j] * values[idx[b, j]]`` for each row ``b``.
 
@@ -99,10 +159,26 @@ def _aggregate(values: Any, idx: Any, w: Any) -> Any:
     thus deterministic): 8-10x faster than gathering a ``(batch, k, n_values)`` block, which
     is memory-bound. On accelerators, the gather in bounded blocks.
     """
-    n, k = idx.shape
     if values.device.type == "cpu":
         return torch.from_numpy(weighted_neighbor_mean(values.numpy(), idx.numpy(), w.numpy()))
-    step = max(1, _GATHER_ELEMENTS // max(1, k * values.shape[1]))
+    return gather_mean(values, idx, w)
+
+
+def gather_mean(values: Any, idx: Any, w: Any, block_elements: int = _GATHER_ELEMENTS) -> Any:
+    """``sum_j w[b, j] * values[idx[b, j]]`` by gathering ``(batch, k, n_values)`` blocks (torch, any device).
+
+    The accelerator path of the averaging; each gathered block holds at most
+    ``block_elements`` elements (at least one row).
+
+    Examples
+    --------
+    >>> import torch
+    >>> values = torch.tensor([[10.0], [20.0], [30.0]])
+    >>> gather_mean(values, torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.5]]))
+    tensor([[20.]])
+    """
+    n, k = idx.shape
+    step = max(1, int(block_elements) // max(1, k * values.shape[1]))
     out = torch.empty((n, values.shape[1]), dtype=values.dtype, device=values.device)
     for s in range(0, n, step):
         out[s:s + step] = torch.einsum("bk,bkg->bg", w[s:s + step], values[idx[s:s + step]])
@@ -230,3 +306,118 @@ def retrieve_predict(
     if return_neighbors:
         return preds, all_idx, all_w
     return preds
+
+
+def mixture_retrieve_predict(
+    embed_query: Callable[[int, np.ndarray], Any],
+    weights: Any,
+    key_expert: Any,
+    embed_keys: Callable[[int, np.ndarray], Any],
+    values: Any,
+    *,
+    k: int = 200,
+    weighting: K.Weighting = "inverse_sq_l2",
+    similarity: K.Similarity = "cosine",
+    temperature: float = 1.0,
+    min_weight: float = 1e-3,
+    center: bool = False,
+    batch_size: int = 4096,
+    device: str | Any = "cpu",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    r"""Retrieval by a mixture of experts, each within its own embedding space.
+
+    ``prediction(q) = sum_e a_e(q) * retrieval_e(q)``, where ``retrieval_e`` compares the query
+    embedded by expert ``e`` with the keys of expert ``e`` (the reference rows whose expert is
+    ``e``) embedded by expert ``e``: no similarity is ever taken between vectors of two
+    experts' spaces. Batched per expert: each expert embeds and retrieves its queries at once.
+
+    - Routing weights at or below ``min_weight`` are dropped and each row renormalised (a row
+      keeps at least its largest weight); ``weights`` one-hot is hard routing.
+    - An expert with fewer than ``k`` keys retrieves all of them.
+    - An expert with no key (no reference row was assigned to it) falls back to *all* reference
+      rows, embedded by its own heads, so that its queries still retrieve in its space.
+
+    Parameters
+    ----------
+    embed_query
+        ``embed_query(e, rows)``: the queries ``rows`` (int indices) embedded by expert ``e``,
+        ``(len(rows), d)``.
+    weights
+        Routing weights ``(n_query, E)``, non-negative (rows are renormalised).
+    key_expert
+        Expert of each reference row, integers ``(n_keys,)`` in ``[0, E)``.
+    embed_keys
+        ``embed_keys(e, rows)``: the reference ``rows`` embedded by expert ``e``.
+    values
+        Values of the reference rows, ``(n_keys, n_values)``.
+    k, weighting, similarity, temperature, batch_size, device
+        As :func:`retrieve_predict`, within each expert.
+    min_weight
+        Routing weights at or below this are dropped (0: keep every positive weight).
+    center
+        Subtract, within each expert, the mean of its keys from its keys and queries before
+        ranking (cosine similarity of centred embeddings; distances are unchanged).
+
+    Returns
+    -------
+    ``(predictions (n_query, n_values) float32, info)`` with ``info``: ``n_keys`` and
+    ``n_queries`` per expert (lists) and ``fallback`` (experts that used all reference rows).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    >>> vals = np.array([[0.0], [1.0], [0.0], [1.0]])
+    >>> pred, info = mixture_retrieve_predict(
+    ...     lambda e, r: np.array([[1.0, 0.05]])[r], np.array([[0.0, 1.0]]), np.array([0, 0, 1, 1]),
+    ...     lambda e, r: emb[r], vals, k=1)
+    >>> pred, info["n_keys"]
+    (array([[0.]], dtype=float32), [2, 2])
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    v = _as_matrix(values, "values", "(n_keys, n_values)")
+    if w.ndim != 2 or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"`weights` must be a finite non-negative (n_query, n_experts) array, got shape {w.shape}.")
+    n_q, n_exp = w.shape
+    ke = np.asarray(key_expert)
+    if ke.shape != (v.shape[0],) or not np.issubdtype(ke.dtype, np.integer):
+        raise ValueError(f"`key_expert` must be integers of shape ({v.shape[0]},) (one per row of `values`).")
+    if len(ke) and (ke.min() < 0 or ke.max() >= n_exp):
+        raise ValueError(f"`key_expert` must lie in [0, {n_exp}) (the columns of `weights`).")
+    k = check_positive_int(k, "k")
+    check_choice(weighting, "weighting", WEIGHTINGS)
+    check_choice(similarity, "similarity", SIMILARITIES)
+    if not 0 <= float(min_weight) < 1:
+        raise ValueError(f"`min_weight` must lie in [0, 1), got {min_weight!r}.")
+    if v.shape[0] == 0:
+        raise ValueError("`values` has no reference row to retrieve from.")
+    # prune small weights, keep each row's largest, renormalise
+    keep = w > float(min_weight)
+    if n_q:
+        keep[np.arange(n_q), w.argmax(1)] = True
+    w = np.where(keep, w, 0.0)
+    tot = w.sum(1, keepdims=True)
+    w = np.divide(w, tot, out=np.full_like(w, 1.0 / max(n_exp, 1)), where=tot > 0)
+    pred = np.zeros((n_q, v.shape[1]), dtype=np.float64)
+    n_keys, n_queries, fallback = [], [], []
+    all_rows = np.arange(v.shape[0])
+    for e in range(n_exp):
+        rows_k = np.flatnonzero(ke == e)
+        n_keys.append(int(len(rows_k)))
+        rows_q = np.flatnonzero(w[:, e] > 0)
+        n_queries.append(int(len(rows_q)))
+        if not len(rows_q):
+            continue
+        if not len(rows_k):
+            rows_k = all_rows
+            fallback.append(e)
+        q = np.asarray(embed_query(e, rows_q), dtype=np.float32)
+        kx = np.asarray(embed_keys(e, rows_k), dtype=np.float32)
+        if center:
+            mu = kx.mean(0, keepdims=True)
+            q, kx = q - mu, kx - mu
+        p = retrieve_predict(q, kx, v[rows_k], k=min(k, len(rows_k)), weighting=weighting,
+                             similarity=similarity, temperature=temperature, batch_size=batch_size,
+                             device=device)
+        pred[rows_q] += w[rows_q, e, None] * p
+    return pred.astype(np.float32), {"n_keys": n_keys, "n_queries": n_queries, "fallback": fallback}

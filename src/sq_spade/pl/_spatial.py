@@ -374,6 +374,9 @@ def spatial(
         A gene name or a list of them (``var_names`` of the table).
     layer
         Layer drawn (``"predicted"`` by :func:`sq_spade.tl.predict_expression`); ``None`` for X.
+        The uncertainty of a prediction draws the same way: ``"predicted_sd"`` (predictive
+        standard deviation) or ``"predicted_lower"`` / ``"predicted_upper"`` (conformal
+        interval); those are not paired with ``observed_layer``.
     observed_layer
         Layer of observed values compared with ``layer``, in the same table.
     compare
@@ -434,7 +437,9 @@ def spatial(
     table = get_table(sdata, table_key, arg="sdata")
     _check_layer(table, layer, arg="layer", table_key=table_key)
     genes = _check_genes(table, genes, table_key=table_key)
-    pair = bool(compare) and observed_layer is not None and observed_layer in table.layers and observed_layer != layer
+    uncertainty = layer is not None and layer.endswith(tuple(f"_{s}" for s in K.UNCERTAINTY_SUFFIXES))
+    pair = (bool(compare) and not uncertainty and observed_layer is not None and observed_layer in table.layers
+            and observed_layer != layer)
     sec = _pick_section(sdata, table_key=table_key, section=section, image_key=image_key)
     cols = table.var_names.get_indexer(genes)
     values = _dense_columns(table, layer, sec.rows, cols)

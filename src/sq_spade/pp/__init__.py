@@ -1,4 +1,4 @@
-"""Preprocessing: patches around spots, gene panels, normalisation, frozen backbone features."""
+"""Preprocessing: tissue masks and tiles, patches around spots, gene panels, normalisation, frozen backbone features."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from sq_spade.pp._features import compute_features
 from sq_spade.pp._genes import normalize, select_genes
 from sq_spade.pp._patches import Patches, extract_patches, patches
 from sq_spade.pp._store import FeatureStore, FeatureWindow, write_feature_store
+from sq_spade.pp._tiles import tile_tissue
+from sq_spade.pp._tissue import detect_tissue
 
 
 def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
@@ -21,12 +23,14 @@ def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
     >>> import torch
     >>> def tiny(weights=None, pretrained=True):
     ...     return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    >>> sqs.pp.register_backbone("mean_rgb", tiny, dim=3, overwrite=True)
+    >>> spec = sqs.pp.register_backbone("mean_rgb", tiny, dim=3, overwrite=True)
+    >>> spec.name, spec.dim
+    ('mean_rgb', 3)
     """
     from sq_spade.nn.backbones import register_backbone as _register
 
     return _register(name, factory, **kwargs)
 
 
-__all__ = ["FeatureStore", "FeatureWindow", "Patches", "compute_features", "extract_patches", "normalize",
-           "patches", "register_backbone", "select_genes", "write_feature_store"]
+__all__ = ["FeatureStore", "FeatureWindow", "Patches", "compute_features", "detect_tissue", "extract_patches",
+           "normalize", "patches", "register_backbone", "select_genes", "tile_tissue", "write_feature_store"]

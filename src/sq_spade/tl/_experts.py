@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,42 @@ if TYPE_CHECKING:
     from sq_spade.train import FitOptions
 
 
+#: The ``n_experts="auto"`` rule: one expert per this many training spots (1 to 16 experts). A
+#: head maps 1,280 features to 256 dimensions (about 400k parameters); measured on her2st and
+#: MOB leave-one-section-out (docs/methods.md), fewer, larger experts predict better.
+SPOTS_PER_EXPERT = 2000
+#: The published number of experts, the most ``"auto"`` chooses.
+MAX_AUTO_EXPERTS = 16
+
+
+def choose_n_experts(n_experts: int | str, n_train: int) -> tuple[int, dict[str, Any]]:
+    """The number of experts to cluster into and what was chosen how (``config["selection"]``).
+
+    Examples
+    --------
+    >>> choose_n_experts("auto", 4500)
+    (2, {'n_experts': 2, 'n_experts_rule': 'auto: 1 per 2000 training spots, 1 to 16', 'n_train_spots': 4500})
+    """
+    if n_experts == "auto":
+        n = int(min(MAX_AUTO_EXPERTS, max(1, n_train // SPOTS_PER_EXPERT)))
+        rule = f"auto: 1 per {SPOTS_PER_EXPERT} training spots, 1 to {MAX_AUTO_EXPERTS}"
+    else:
+        if isinstance(n_experts, str):
+            raise ValueError(f"`n_experts` must be a positive integer or 'auto', got {n_experts!r}.")
+        n = int(check_positive(n_experts, "n_experts", integer=True))
+        rule = "given"
+    return n, {"n_experts": n, "n_experts_rule": rule, "n_train_spots": int(n_train)}
+
+
+def _warn_small_experts(expert: np.ndarray, n_experts: int) -> None:
+    counts = np.bincount(np.asarray(expert), minlength=n_experts)
+    small = np.flatnonzero(counts < SPOTS_PER_EXPERT)
+    if n_experts > 1 and len(small):
+        warnings.warn(f"experts {small.tolist()} train on fewer than {SPOTS_PER_EXPERT} spots each "
+                      f"({counts[small].tolist()}): small experts fit their heads poorly; n_experts='auto' sizes "
+                      f"the mixture to the data.", UserWarning, stacklevel=3)
+
+
 def _fit_options(**options: Any) -> FitOptions:
     """SPADE's training options, checked (before any feature is computed)."""
     from sq_spade.train import FitOptions
@@ -59,10 +96,10 @@ def train_experts(
     n_top: int = 50,
     group_key: str | None = None,
     n_fine: int = 16,
-    n_experts: int = 16,
+    n_experts: int | Literal["auto"] = "auto",
     epochs: int = 100,
     batch_size: int = 128,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     weight_decay: float = 1e-2,
     loss: K.Loss = "bleep",
     temperature: float = 1.0,
@@ -145,8 +182,8 @@ def train_experts(
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     check_choice(gene_input, "gene_input", K.GENE_INPUTS)
     check_choice(reference_side, "reference_side", K.REFERENCE_SIDE_CHOICES)
-    for name, v in (("n_fine", n_fine), ("n_experts", n_experts)):
-        check_positive(v, name, integer=True)
+    check_positive(n_fine, "n_fine", integer=True)
+    choose_n_experts(n_experts, 0)  # checks the argument before any feature is computed
     check_positive(routing_temperature, "routing_temperature")
     train, val = split_sections(table, train_sections, validation_sections)
     fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
@@ -162,7 +199,9 @@ def train_experts(
         if group_key not in table.obs:
             raise KeyError(f"`group_key={group_key!r}` is not a column of `obs`; available: {list(table.obs.columns)}.")
         groups = table.obs[group_key].astype(str).to_numpy()[tr]
-    clus = two_stage_clustering(feats[tr], groups, n_fine=n_fine, n_experts=n_experts, seed=seed)
+    n_exp, selection = choose_n_experts(n_experts, int(tr.sum()))
+    clus = two_stage_clustering(feats[tr], groups, n_fine=n_fine, n_experts=n_exp, seed=seed)
+    _warn_small_experts(clus.expert, clus.n_experts)
     centroids = torch.as_tensor(clus.centroids)
     f2e = torch.as_tensor(clus.fine_to_expert)
     val_expert = None
@@ -185,8 +224,12 @@ def train_experts(
                               "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
                               "patience": patience})
     if reference_side == "auto" and va.any():
-        model.config["reference_side"], model.config["selection"] = _choose_reference_side(
-            model, feats[tr], expr[tr], feats[va], expr[va])
+        values = (expr if gene_input == "log1p_cp10k"
+                  else panel_expression(table, genes_list, gene_input="log1p_cp10k")[0])
+        model.config["reference_side"], scores = _choose_reference_side(model, feats[tr], expr[tr], values[tr],
+                                                                        feats[va], values[va])
+        selection.update(scores)
+    model.config["selection"] = selection
     # write results only once everything has succeeded
     emb = model.embed_images(feats)
     table.obsm[key_added] = emb
@@ -224,10 +267,10 @@ def train_experts_from_store(
     train_sections: Sequence[str] | None = None,
     validation_sections: Sequence[str] | str | None = None,
     n_fine: int = 16,
-    n_experts: int = 16,
+    n_experts: int | Literal["auto"] = "auto",
     epochs: int = 100,
     batch_size: int = 128,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     weight_decay: float = 1e-2,
     loss: K.Loss = "bleep",
     temperature: float = 1.0,
@@ -283,8 +326,8 @@ def train_experts_from_store(
     opts = _fit_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                         temperature=temperature, patience=patience, seed=seed, device=device or settings.device,
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
-    for name, v in (("n_fine", n_fine), ("n_experts", n_experts)):
-        check_positive(v, name, integer=True)
+    check_positive(n_fine, "n_fine", integer=True)
+    choose_n_experts(n_experts, 0)
     check_positive(routing_temperature, "routing_temperature")
     val = [validation_sections] if isinstance(validation_sections, str) else list(validation_sections or [])
     train = list(train_sections) if train_sections is not None else [s for s in fs.sections if s not in val]
@@ -304,8 +347,10 @@ def train_experts_from_store(
         cents.append(c)
         groups.extend([s] * len(c))
     centroids = np.vstack(cents)
-    f2e, n_eff = pool_centroids(centroids, n_experts, seed=seed)
+    n_exp, selection = choose_n_experts(n_experts, sum(fs.n_spots(train).values()))
+    f2e, n_eff = pool_centroids(centroids, n_exp, seed=seed)
     experts = {s: f2e[lab] for s, lab in labels.items()}
+    _warn_small_experts(np.concatenate(list(experts.values())), n_eff)
     windows = TrainingWindows(**fs.training_windows(experts, n_experts=n_eff, memory_budget_bytes=memory_budget_bytes,
                                                     sections=train))
     val_kw: dict[str, Any] = {}
@@ -317,7 +362,7 @@ def train_experts_from_store(
                   "val_expert": f2e[d.argmin(1).numpy()]}
     img_heads, gene_heads, history = fit_experts(windows, None, None, n_experts=n_eff, dropout=dropout, options=opts,
                                                  **val_kw)
-    return _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
+    model = _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
                      backbone=fs.backbone, weights_sha256=fs.weights_sha256, panel=fs.genes,
                      feature_recipe=_store_recipe(fs, train),
                      gene_input=fs.attrs.get("gene_input", "log1p_cp10k"), n_fine=n_fine, dropout=dropout,
@@ -327,6 +372,8 @@ def train_experts_from_store(
                              "loss": loss, "temperature": temperature, "seed": seed,
                              "n_experts_requested": n_experts, "group_key": K.OBS.SECTION, "features_key": None,
                              "patience": patience, "store": str(fs.path)})
+    model.config["selection"] = selection
+    return model
 
 
 def _store_recipe(fs: Any, sections: Sequence[str]) -> dict[str, Any] | None:
@@ -335,17 +382,13 @@ def _store_recipe(fs: Any, sections: Sequence[str]) -> dict[str, Any] | None:
     return feature_recipe(prov) if prov else None
 
 
-def _choose_reference_side(model: Spade, f_ref: np.ndarray, e_ref: np.ndarray, f_val: np.ndarray,
-                           e_val: np.ndarray, k: int = 50) -> tuple[str, dict[str, float]]:
-    """Pick gene-head or image-head reference embeddings by retrieval ACG on validation spots."""
-    from sq_spade.nn.retrieval import retrieve_predict
-
-    q = model.embed_images(f_val)
-    keys = {"genes": model.embed_genes(e_ref, model.assign(f_ref)), "images": model.embed_images(f_ref)}
+def _choose_reference_side(model: Spade, f_ref: np.ndarray, g_ref: np.ndarray, v_ref: np.ndarray,
+                           f_val: np.ndarray, v_val: np.ndarray, k: int = 50) -> tuple[str, dict[str, float]]:
+    """Pick gene-head or image-head reference embeddings by expert-consistent retrieval ACG on validation spots."""
     scores = {}
-    for side, kv in keys.items():
-        pred = retrieve_predict(q, kv, e_ref, k=min(k, len(kv)), weighting="inverse_sq_l2")
-        scores[side] = float(expression_metrics(pred, e_val)[0]["ACG"])
+    for side in K.REFERENCE_SIDES:
+        pred, _ = spade_retrieve(model, f_val, f_ref, v_ref, reference_genes=g_ref, side=side, k=min(k, len(v_ref)))
+        scores[side] = float(expression_metrics(pred, v_val)[0]["ACG"])
     best = max(scores, key=lambda s: (np.nan_to_num(scores[s], nan=-np.inf), s == "genes"))
     return best, {f"validation_acg_{s}": v for s, v in scores.items()}
 
@@ -418,18 +461,13 @@ def embed(
 # --- prediction (tl.predict_expression dispatches Spade models here) -------------------------------------------
 def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, model: Spade, k: int, weighting: str,
                   temperature: float, features_key: str | None, reference_features_key: str | None,
-                  device: str | None, table_key: str, reference_table_key: str,
+                  device: str | None, table_key: str, reference_table_key: str, routing: K.Routing = "soft",
                   ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    """SPADE's expression prediction: query image embeddings retrieve reference spots' expression.
-
-    The reference side is the model's ``reference_side``: the reference spots' gene-head
-    embeddings (``"genes"``) or their image embeddings (``"images"``).
-    """
-    from sq_spade.nn.retrieval import retrieve_predict
-
+    """SPADE's expression prediction: expert-consistent retrieval (see :func:`spade_retrieve`)."""
     if reference is None:
         raise ValueError("`reference` is required for SPADE retrieval: the annotated spots (e.g. the training "
                          "SpatialData) whose expression is retrieved.")
+    check_choice(routing, "routing", K.ROUTINGS)
     sha = model.weights_sha256
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
                              weights_sha256=sha, device=device, table_key=table_key, recipe=model.feature_recipe)
@@ -437,15 +475,78 @@ def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, mod
                              weights_sha256=sha, device=device, table_key=reference_table_key,
                              recipe=model.feature_recipe)
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
-    q = model.embed_images(fq)
-    side = model.config.reference_side
-    if side == "genes":
+    gin = None
+    if model.config.reference_side == "genes":
         gin, _ = panel_expression(r_table, model.panel, gene_input=model.config.gene_input)
-        keys = model.embed_genes(gin, model.assign(fr))
+    if k > len(values):
+        raise ValueError(f"`k={k}` exceeds the {len(values)} reference spots.")
+    pred, info = spade_retrieve(model, fq, fr, values, reference_genes=gin, k=k, weighting=weighting,
+                                temperature=temperature, routing=routing)
+    return pred, {K.OBSM.SPADE: model.embed_images(fq)}, info
+
+
+def spade_retrieve(model: Spade, query_features: np.ndarray, reference_features: np.ndarray, values: np.ndarray,
+                   *, reference_genes: np.ndarray | None = None, side: str | None = None, k: int = 200,
+                   weighting: K.Weighting = "inverse_sq_l2", temperature: float = 1.0,
+                   routing: K.Routing = "soft") -> tuple[np.ndarray, dict[str, Any]]:
+    """Expert-consistent retrieval of a SPADE model, arrays in and out.
+
+    ``prediction(q) = sum_e a_e(q) * retrieval_e(q)``: the query is embedded by expert ``e``'s
+    image head and compared only with the reference spots whose expert is ``e``, embedded by
+    expert ``e``'s gene head (``side="genes"``, from ``reference_genes``, the model's
+    ``gene_input``) or image head (``side="images"``). ``routing="soft"`` weighs the experts by the
+    query's routing weights (those at or below 1e-3 dropped), ``"hard"`` uses only the query's
+    expert (nearest fine centroid). An expert with fewer than ``k`` reference spots retrieves all
+    of them; an expert with none retrieves from all reference spots, embedded by its own heads.
+    See :func:`sq_spade.nn.retrieval.mixture_retrieve_predict`.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~sq_spade.models.Spade`.
+    query_features, reference_features
+        Frozen backbone features of the query and reference spots.
+    values
+        What is retrieved: the reference spots' log1p CP10k over the model's panel.
+    reference_genes
+        The reference spots' gene-head inputs (``side="genes"`` only).
+    side
+        ``"genes"`` or ``"images"`` (default: the model's ``reference_side``).
+    k, weighting, temperature
+        As :func:`sq_spade.tl.predict_expression`.
+    routing
+        ``"soft"`` or ``"hard"``.
+
+    Returns
+    -------
+    ``(predictions, info)``; ``info`` holds the side, the routing and, per expert, the numbers of
+    reference spots and queries (``fallback``: experts without reference spots).
+
+    Examples
+    --------
+    >>> pred, info = spade_retrieve(model, f_query, f_ref, expr_ref, side="images", k=50)  # doctest: +SKIP
+    """
+    from sq_spade.nn.retrieval import mixture_retrieve_predict
+
+    side = model.config.reference_side if side is None else side
+    check_choice(side, "side", K.REFERENCE_SIDES)
+    check_choice(routing, "routing", K.ROUTINGS)
+    fq, fr = model._check_features(query_features), model._check_features(reference_features)
+    if side == "genes" and reference_genes is None:
+        raise ValueError("`reference_genes` is required with side='genes' (the reference spots' gene-head inputs).")
+    weights = (model.routing_weights(fq) if routing == "soft"
+               else np.eye(model.n_experts, dtype=np.float32)[model.assign(fq)])
+    key_expert = model.assign(fr)
+    if side == "genes":
+        g = np.asarray(reference_genes, dtype=np.float32)
+
+        def embed_keys(e: int, rows: np.ndarray) -> np.ndarray:
+            return model.embed_genes(g[rows], np.full(len(rows), e))
     else:
-        keys = model.embed_images(fr)
-    if k > len(keys):
-        raise ValueError(f"`k={k}` exceeds the {len(keys)} reference spots.")
-    pred = retrieve_predict(q, keys, values, k=k, weighting=weighting, temperature=temperature)
-    info = {"reference_side": side, "n_reference": int(len(keys))}
-    return pred, {K.OBSM.SPADE: q}, info
+
+        def embed_keys(e: int, rows: np.ndarray) -> np.ndarray:
+            return model.embed_images_by(fr[rows], e)
+
+    pred, info = mixture_retrieve_predict(lambda e, rows: model.embed_images_by(fq[rows], e), weights, key_expert,
+                                          embed_keys, values, k=k, weighting=weighting, temperature=temperature)
+    return pred, {"reference_side": side, "routing": routing, "n_reference": int(len(values)), **info}

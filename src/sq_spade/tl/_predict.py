@@ -71,7 +71,8 @@ def _observed(q_table: Any, panel: list[str]) -> tuple[np.ndarray | None, np.nda
 
 
 def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, layer_added: str, table_added: str,
-           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str) -> AnnData:
+           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str,
+           extra_layers: dict[str, np.ndarray] | None = None) -> AnnData:
     import anndata as ad
 
     obs_vals, mask = _observed(q_table, panel)
@@ -89,6 +90,11 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, laye
         if K.OBSM.SPATIAL in q_table.obsm:
             out.obsm[K.OBSM.SPATIAL] = np.asarray(q_table.obsm[K.OBSM.SPATIAL])
     out.layers[layer_added] = pred.astype(np.float32)
+    for suffix in K.UNCERTAINTY_SUFFIXES:  # none left over from an earlier model's prediction
+        if suffix not in (extra_layers or {}):
+            out.layers.pop(f"{layer_added}_{suffix}", None)
+    for suffix, val in (extra_layers or {}).items():
+        out.layers[f"{layer_added}_{suffix}"] = np.asarray(val, dtype=np.float32)
     if obs_vals is not None and observed_layer not in out.layers:
         out.layers[observed_layer] = obs_vals
         out.var[K.VAR.OBSERVED] = mask
@@ -122,6 +128,7 @@ def predict_expression(
     reference_table_key: str = K.TABLES.DEFAULT,
     features_key: str | None = None,
     reference_features_key: str | None = None,
+    routing: K.Routing = "soft",
     device: str | None = None,
 ) -> AnnData:
     """Predict the model's gene panel for every spot of ``query`` from its H&E image alone.
@@ -134,7 +141,11 @@ def predict_expression(
 
     Where predictions go: a table ``table_added`` (default ``"predicted"``) annotating the same
     spots as the query table (same region and instance columns), with ``var`` = the panel,
-    ``layers[layer_added]`` = predictions, and, when the query has counts,
+    ``layers[layer_added]`` = predictions (mclSTExp also writes ``layers[layer_added + "_sd"]``,
+    the predictive standard deviation: the weighted spread of the retrieved neighbours' values
+    plus the spread of the ensemble's members, and, for a model calibrated by
+    :func:`~sq_spade.tl.calibrate_conformal` or ``train_contrastive(coverage=...)``,
+    ``_lower`` / ``_upper``: the conformal interval of that coverage), and, when the query has counts,
     ``layers[observed_layer]`` = the observed log1p CP10k of the panel genes it measured
     (``var['observed']`` flags them). Several models can write different ``layer_added`` into
     one predictions table. Query embeddings go to its ``obsm``, parameters and provenance to
@@ -165,6 +176,11 @@ def predict_expression(
     features_key, reference_features_key
         ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
         model's backbone when absent from a SpatialData.
+    routing
+        SPADE only: ``"soft"`` weighs each expert's retrieval by the query's routing weights,
+        ``"hard"`` uses the query's expert only. Each expert compares the query, embedded by its
+        image head, with the reference spots of that expert only, embedded by its own heads (see
+        :func:`sq_spade.tl.spade_retrieve`).
     %(device)s
 
     Returns
@@ -180,14 +196,22 @@ def predict_expression(
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
+    check_choice(routing, "routing", K.ROUTINGS)
     if layer_added == observed_layer:
         raise ValueError(f"`layer_added` and `observed_layer` must differ, both are {layer_added!r}.")
     q_table = get_table(query, table_key, arg="query")
     r_table = get_table(reference, reference_table_key, arg="reference") if reference is not None else None
-    pred, obsm, info = predictor(
+    out = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
-        table_key=table_key, reference_table_key=reference_table_key)
+        table_key=table_key, reference_table_key=reference_table_key,
+        **({"routing": routing} if predictor is predict_spade else {}))
+    # a predictor returns (pred, obsm, info) or (pred, obsm, info, layers by suffix: "sd", "lower"...)
+    pred, obsm, info = out[:3]
+    extra = out[3] if len(out) > 3 else {}
+    for name in extra:
+        if f"{layer_added}_{name}" == observed_layer:
+            raise ValueError(f"`observed_layer={observed_layer!r}` collides with the layer {layer_added}_{name}.")
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
@@ -197,7 +221,7 @@ def predict_expression(
     for key, val in obsm.items():
         q_table.obsm[key] = val
     return _store(query, q_table, pred, panel, layer_added=layer_added, table_added=table_added, obsm=obsm,
-                  uns=uns, observed_layer=observed_layer)
+                  uns=uns, observed_layer=observed_layer, extra_layers=extra)
 
 
 def evaluate_expression(
