@@ -81,6 +81,8 @@ class _Uns(NamedTuple):
     SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
     MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    PREDICTION_X: str = "sq_spade_prediction_x"  # predictions table: the layer X copies (the latest)
+    UMAP: str = "sq_spade_umap"  # per obsm key X_umap_<basis>: parameters of the UMAP pl.embedding stored
     TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
     TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
     DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
@@ -136,6 +138,11 @@ def features_key(backbone: str) -> str:
     return f"X_{backbone}"
 
 
+def umap_key(basis: str) -> str:
+    """``obsm`` key of the stored UMAP of an embedding: ``"X_spade"`` -> ``"X_umap_spade"``."""
+    return f"X_umap_{basis.removeprefix('X_')}"
+
+
 def microns_cs(section: str) -> str:
     """Name of the micrometre coordinate system of ``section``."""
     return f"{section}{MICRONS_SUFFIX}"
@@ -164,13 +171,20 @@ CONTEXTS: tuple[str, ...] = get_args(Context)
 Finetune = Literal["none", "last", "all"]
 FINETUNES: tuple[str, ...] = get_args(Finetune)
 #: What SPADE retrieves against on the reference side (``"auto"``: chosen on validation).
-ReferenceSide = Literal["genes", "images"]
+ReferenceSide = Literal["genes", "images", "both"]
 REFERENCE_SIDES: tuple[str, ...] = get_args(ReferenceSide)
-ReferenceSideChoice = Literal["auto", "genes", "images"]
+ReferenceSideChoice = Literal["auto", "genes", "images", "both"]
 REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: How SPADE's experts share one embedding space: one gene head shared by all experts, an
+#: orthogonal rotation of each expert onto a common anchor after training, or none (published).
+Alignment = Literal["shared_genes", "procrustes", "none"]
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+#: Which SPADE embedding ``embed`` writes: the experts' common space or the published routed sum.
+Space = Literal["aligned", "published"]
+SPACES: tuple[str, ...] = get_args(Space)
 #: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
 #: embeddings, or both (the mean of the two cosine similarities).
 Keys = Literal["spot", "image", "both"]
@@ -205,6 +219,9 @@ CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 #: Score of a cross-validation fold of the regressors.
 Scoring = Literal["pearson", "mse"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
+#: Colour scale of an observed / predicted pair in ``pl.spatial``.
+ColorScale = Literal["panel", "shared", "zscore"]
+COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)

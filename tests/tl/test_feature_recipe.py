@@ -6,7 +6,7 @@ import pytest
 import sq_spade as sqs
 from sq_spade import _constants as K
 
-GEOMETRY = {"patch_size_um": 32, "mpp": 1.0}
+GEOMETRY = {"patch_size_um": 32, "microns_per_pixel": 1.0}
 
 
 def _sections(names=("a", "b"), seed=0):

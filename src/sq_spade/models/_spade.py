@@ -24,8 +24,10 @@ class SpadeConfig(ModelConfig):
     read), ``n_experts``, ``n_fine`` (fine centroids), ``out_dim``, ``dropout``,
     ``routing_temperature`` (soft routing at inference), ``reference_side`` (what
     :func:`sq_spade.tl.predict_expression` retrieves against), ``centroid_groups`` (group of
-    each fine centroid), ``history`` (losses) and ``selection`` (validation scores of the
-    reference sides).
+    each fine centroid), ``history`` (losses), ``selection`` (the number of experts and how it
+    was chosen, validation scores of the reference sides) and ``alignment`` (how the experts
+    share one space: ``"shared_genes"``, ``"procrustes"`` or ``"none"``, the published
+    independent experts and the value of models saved before the option).
     """
 
     gene_input: K.GeneInput
@@ -38,6 +40,7 @@ class SpadeConfig(ModelConfig):
     centroid_groups: list[Any] | None = None
     history: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
+    alignment: K.Alignment = field(default="none", metadata=check(lambda v: v in K.ALIGNMENTS))
 
 
 class Spade(Model):
@@ -85,13 +88,21 @@ class Spade(Model):
         return run_batches(fn, x, self.config.out_dim)
 
     def embed_images(self, features: np.ndarray, *, routing: K.Routing = "soft",
-                     temperature: float | None = None) -> np.ndarray:
-        """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``."""
+                     temperature: float | None = None, space: K.Space = "aligned") -> np.ndarray:
+        """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``.
+
+        ``space="published"``: the routed sum of the experts' image heads, as the published code
+        computes it; ``"aligned"``: the same sum once every expert is in the common space (the
+        Procrustes rotations applied; a model with a shared gene head is aligned by training, so
+        both are equal; for ``alignment="none"`` there is no common space and both are equal).
+        """
         check_choice(routing, "routing", K.ROUTINGS)
+        check_choice(space, "space", K.SPACES)
         t = self.config.routing_temperature if temperature is None else check_positive_float(temperature,
                                                                                               "temperature")
         x = self._check_features(features)
-        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
+        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard",
+                                                            aligned=space == "aligned"), x)
 
     def embed_images_by(self, features: np.ndarray, expert: int) -> np.ndarray:
         """Image embeddings ``(N, out_dim)`` of backbone features ``(N, D)`` by one expert's image head.
@@ -103,7 +114,7 @@ class Spade(Model):
         e = int(expert)
         if not 0 <= e < self.n_experts:
             raise ValueError(f"`expert` must lie in [0, {self.n_experts}), got {expert!r}.")
-        return self._run(lambda b: self.module.image_heads.forward_one(b, e), self._check_features(features))
+        return self._run(lambda b: self.module.embed_images_by(b, e), self._check_features(features))
 
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
@@ -146,13 +157,16 @@ class Spade(Model):
             for name, n_in in (("image_heads", d), ("gene_heads", g)):
                 heads = ExpertHeads(e, n_in, int(config["out_dim"]), float(config["dropout"]))
                 out.update({f"{name}.{key}": tuple(v.shape) for key, v in heads.state_dict().items()})
+        if "rotation" in shapes or config["alignment"] == "procrustes":  # Procrustes rotations, per expert
+            o = int(config["out_dim"])
+            out["rotation"] = (e, o, o)
         return out
 
     @classmethod
     def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
         try:
             module = build_module(config, centroids=tensors.get("centroids"),
-                                  fine_to_expert=tensors.get("fine_to_expert"))
+                                  fine_to_expert=tensors.get("fine_to_expert"), rotation=tensors.get("rotation"))
         except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
             raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
         missing, unexpected = module.load_state_dict(tensors, strict=False)
@@ -286,7 +300,8 @@ def _load_head_strict(head: Any, state: Mapping[str, Any], path: Any, prefix: st
     head.load_state_dict(dict(state), strict=True)
 
 
-def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_expert: Any = None) -> Any:
+def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_expert: Any = None,
+                 rotation: Any = None) -> Any:
     """An untrained MixtureOfExperts shaped by ``config`` (weights come from a state dict)."""
     import torch
 
@@ -298,4 +313,5 @@ def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_ex
     f2e = torch.arange(k) % e if fine_to_expert is None else torch.as_tensor(fine_to_expert).long()
     return MixtureOfExperts(ExpertHeads(e, d, int(config["out_dim"]), float(config["dropout"])),
                             ExpertHeads(e, g, int(config["out_dim"]), float(config["dropout"])),
-                            c, f2e, temperature=float(config["routing_temperature"]))
+                            c, f2e, temperature=float(config["routing_temperature"]),
+                            rotation=None if rotation is None else torch.as_tensor(rotation, dtype=torch.float32))

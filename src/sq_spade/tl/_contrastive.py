@@ -15,6 +15,7 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, is_spatialdata
@@ -138,7 +139,7 @@ def train_contrastive(
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
     patience: int | None = 10,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     key_added: str = K.OBSM.MCLSTEXP,
@@ -326,6 +327,7 @@ def train_contrastive(
     >>> model = sqs.tl.train_contrastive(sd)  # small-data recipe: C4 validates, then refit on C2-C4  # doctest: +SKIP
     >>> published = sqs.tl.train_contrastive(sd, recipe="published", validation_sections=["C4"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.CONTRASTIVE_METHODS)
     check_choice(finetune, "finetune", K.FINETUNES)
@@ -483,6 +485,8 @@ def train_contrastive(
     table.obsm[key_added] = emb
     table.uns[K.UNS.MCLSTEXP] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added, "sq_spade_version": __version__})
+    log_info("trained mclSTExp (%d panel genes): obsm[%r] and uns[%r] of table %r", len(genes_list), key_added,
+             K.UNS.MCLSTEXP, table_key)
     return model
 
 
