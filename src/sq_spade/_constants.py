@@ -225,3 +225,13 @@ COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+#: Standardisation of frozen features (``"section"``: every column z-scored within each section).
+Zscore = Literal["section"]
+ZSCORES: tuple[str, ...] = get_args(Zscore)
+
+#: Suffix of the ``obsm`` key holding the 8 dihedral views of features (``compute_features(keep_views=True)``).
+VIEWS_SUFFIX = "_views"
+
+#: Values of feature-provenance fields that earlier versions did not record: features computed
+#: before layers, TTA and z-scoring were recorded are the final layer, without TTA, raw.
+FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {"layers": ("final",), "tta": False, "zscore": None}
