@@ -191,3 +191,9 @@ SCORINGS: tuple[str, ...] = get_args(Scoring)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+#: Clustering of tl.spatial_domains.
+DomainMethod = Literal["kmeans", "leiden"]
+DOMAIN_METHODS: tuple[str, ...] = get_args(DomainMethod)
+#: Pooling of tile embeddings into one vector per slide (tl.slide_embedding).
+Pooling = Literal["mean", "quantiles", "attention-ready"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
