@@ -57,7 +57,6 @@ def _tiff_mpp(tif: Any) -> float | None:
 
 
 def _levels_tifffile(path: Path) -> tuple[list[Any], float | None]:
-    import dask.array as da
     import tifffile
     import zarr
 
@@ -68,13 +67,11 @@ def _levels_tifffile(path: Path) -> tuple[list[Any], float | None]:
     store = tifffile.imread(path, aszarr=True)
     grp = zarr.open(store, mode="r")
     arrays = [grp[k] for k in sorted(grp.array_keys(), key=int)] if isinstance(grp, zarr.Group) else [grp]
-    levels = [_to_cyx(da.from_zarr(a), axes, path) for a in arrays]
+    levels = [_to_cyx(a, axes, path) for a in arrays]
     return levels, mpp
 
 
 def _levels_tiffslide(path: Path) -> tuple[list[Any], float | None]:
-    import dask.array as da
-
     try:
         from tiffslide import TiffSlide
     except ImportError as e:
@@ -82,16 +79,43 @@ def _levels_tiffslide(path: Path) -> tuple[list[Any], float | None]:
     slide = TiffSlide(path)
     mpp = slide.properties.get("tiffslide.mpp-x")
     grp = slide.zarr_group
-    levels = [_to_cyx(da.from_zarr(grp[str(i)]), "YXS", path) for i in range(slide.level_count)]
+    levels = [_to_cyx(grp[str(i)], "YXS", path) for i in range(slide.level_count)]
     return levels, (float(mpp) if mpp else None)
 
 
+class _ChannelsFirst:
+    """A read-only (3, H, W) view of an (H, W, C) stored array: windows read straight from it.
+
+    Wrapped by ``da.from_array`` it is a plain stored array to :mod:`sq_spade.pp` patches, which
+    then slice it directly (only the file tiles a window touches are decoded) instead of going
+    through a dask transpose, whose graph work per window grows with the slide.
+    """
+
+    def __init__(self, arr: Any):
+        self._arr = arr
+        h, w = arr.shape[:2]
+        self.shape = (3, int(h), int(w))
+        self.dtype = np.dtype(arr.dtype)
+        self.ndim = 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        c, y, x = key
+        win = np.asarray(self._arr[y, x, :3])
+        return np.ascontiguousarray(np.moveaxis(win, -1, 0)[c])
+
+
 def _to_cyx(arr: Any, axes: str, path: Path) -> Any:
-    """An (H, W, 3) / (3, H, W) uint8 level as a (3, H, W) dask array; other layouts refused."""
+    """An (H, W, 3) / (3, H, W) uint8 stored level as a (3, H, W) dask array; other layouts refused."""
+    import dask.array as da
+
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and axes.endswith("S"):
-        arr = arr[..., :3].transpose(2, 0, 1)
+        chunks = getattr(arr, "chunks", None)
+        tile = tuple(chunks[:2]) if chunks and isinstance(chunks[0], int) else (1024, 1024)
+        arr = da.from_array(_ChannelsFirst(arr), chunks=(3, *tile), asarray=False)
     elif arr.ndim == 3 and arr.shape[0] in (3, 4):
-        arr = arr[:3]
+        arr = da.from_array(arr, chunks=(arr.shape[0], 1024, 1024))[:3]
     else:
         raise ValueError(f"`path`: {path.name!r} has a level of shape {arr.shape} (axes {axes!r}); "
                          "expected an RGB slide (H, W, 3).")
