@@ -11,6 +11,8 @@ import pytest
 
 matplotlib.use("Agg")
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SQ_SPADE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 os.environ.setdefault("SQ_SPADE_DATA_DIR", str(DATA_DIR))
@@ -26,8 +28,48 @@ sqs.settings.data_dir = DATA_DIR
 sqs.settings.cache_dir = Path(os.environ["SQ_SPADE_CACHE_DIR"])
 
 
+#: the test running now (set by the autouse fixture below), so that data access can check its marker
+_CURRENT: dict[str, object] = {}
+#: fixtures that read the data folder: a test using one needs ``@pytest.mark.realdata``
+DATA_FIXTURES = ("her2st_section", "mob_section", "lite0_features")
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    _CURRENT["node"] = request.node
+    yield
+    _CURRENT.pop("node", None)
+
+
+def _check_marked() -> None:
+    node = _CURRENT.get("node")
+    if node is not None and node.get_closest_marker("realdata") is None:
+        pytest.fail(f"{node.nodeid} reads the data folder but lacks @pytest.mark.realdata "
+                    "(so `-m 'not realdata'` would not deselect it).", pytrace=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test using a data fixture without the realdata marker fails (it is not silently run or skipped)."""
+    for item in items:
+        uses = sorted(set(getattr(item, "fixturenames", ())) & set(DATA_FIXTURES))
+        if uses and item.get_closest_marker("realdata") is None:
+            msg = f"uses {uses} (the data folder) but lacks @pytest.mark.realdata"
+            item.add_marker(pytest.mark.usefixtures("_unmarked_realdata"))
+            item.user_properties.append(("unmarked_realdata", msg))
+
+
+@pytest.fixture
+def _unmarked_realdata(request):
+    msg = dict(request.node.user_properties).get("unmarked_realdata", "")
+    pytest.fail(f"{request.node.nodeid} {msg}.", pytrace=False)
+
+
 def require_data(*relpaths: str) -> Path:
-    """Path of the data folder, failing under CI (skipping elsewhere) when a file is missing."""
+    """Path of the data folder, failing under CI (skipping elsewhere) when a file is missing.
+
+    The calling test must carry ``@pytest.mark.realdata`` (checked here and at collection).
+    """
+    _check_marked()
     missing = [p for p in relpaths if not (DATA_DIR / p).exists()]
     if missing:
         msg = f"real data missing under {DATA_DIR}: {missing} (set SQ_SPADE_DATA_DIR)"
@@ -107,3 +149,30 @@ def no_progress():
     settings.progress = False
     yield
     settings.progress = old
+
+
+def write_signed(config_path, doc) -> None:
+    """Write an edited model ``config.json`` re-signed as a writer would sign it.
+
+    Format 2 folders record the config's sha256 in the config and in the tensors file, so a
+    plain edit is refused as such; tests of the checks behind that one (a crafted file whose
+    signatures were recomputed) write their edits with this.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from sq_spade._files import TENSORS_PATTERN, config_digest
+
+    config_path = Path(config_path)
+    doc = dict(doc)
+    if "config_sha256" in doc:
+        doc["config_sha256"] = config_digest(doc)
+        name = doc.get("tensors_file")
+        ten = config_path.parent / str(name)
+        if isinstance(name, str) and TENSORS_PATTERN.match(name) and ten.is_file():
+            save_file(load_file(str(ten)), str(ten), metadata={"config_sha256": doc["config_sha256"]})
+            doc["tensors_sha256"] = hashlib.sha256(ten.read_bytes()).hexdigest()
+    config_path.write_text(json.dumps(doc))

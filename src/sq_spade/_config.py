@@ -13,6 +13,7 @@ unknown keys are refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -62,8 +63,8 @@ def _kind_ok(kind: str, value: Any) -> bool:
         return isinstance(value, bool)
     if kind == "int":
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "float":  # NaN and infinities are never a setting (json reads `Infinity`)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if kind == "str":
         return isinstance(value, str)
     if kind == "list":
@@ -107,6 +108,8 @@ class JsonConfig(Mapping):
                 raise error(f"Config key {key!r} is required.")
             return None
         if not _kind_ok(rule.kind, value):
+            if rule.kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                raise error(f"Config key {key!r} must be a finite float, got {value!r}.")
             raise error(f"Config key {key!r} must be of type {rule.kind}, got {type(value).__name__}.")
         if (rule.choices is not None and value not in rule.choices) or (rule.check is not None
                                                                          and not rule.check(value)):

@@ -29,6 +29,7 @@ def _check_layout(sd, section):
     assert t.obs[K.INSTANCE_KEY].isin(sd.shapes[shapes_key].index).all()
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize(("section", "n_spots", "mpp"), [("C2", 187, 0.69), ("A1", 346, 3.2)])
 def test_her2st_sections(her2st_section, section, n_spots, mpp):
     sd = her2st_section(section)
@@ -48,6 +49,7 @@ def test_her2st_sections(her2st_section, section, n_spots, mpp):
     assert np.hypot(*coef[1]) == pytest.approx(200.0, rel=0.03)
 
 
+@pytest.mark.realdata
 def test_mob_section(mob_section):
     sd = mob_section("MOB1")
     t = sd.tables["table"]
@@ -58,6 +60,7 @@ def test_mob_section(mob_section):
     _check_layout(sd, "MOB1")
 
 
+@pytest.mark.realdata
 def test_mob_keeps_off_tissue_spots_when_asked():
     require_data("stutility/inst/extdata/counts/MOB1.tsv")
     sd = sqs.datasets.stutility_mob("MOB1", in_tissue_only=False)
@@ -66,6 +69,7 @@ def test_mob_keeps_off_tissue_spots_when_asked():
     assert t.obs[K.IN_TISSUE].sum() == 379
 
 
+@pytest.mark.realdata
 def test_visium_mini():
     require_data("giottodata/inst/Mini_datasets/Visium/Raw/visium_DG_expr.txt.gz")
     sd = sqs.datasets.visium_mini()
@@ -76,6 +80,7 @@ def test_visium_mini():
     assert np.median(sd.tables["table"].obs[K.PATCH_TISSUE]) > 0.5
 
 
+@pytest.mark.realdata
 def test_visium_fixture_spaceranger_layout():
     require_data("scanpy/tests/_data/visium_data/1.0.0/filtered_feature_bc_matrix.h5")
     sd = sqs.datasets.visium_fixture()
@@ -204,6 +209,7 @@ def test_read_hest_fixture(tmp_path):
     assert np.allclose(p[0][..., 1], 60)  # the image content, not padding
 
 
+@pytest.mark.realdata
 def test_combine_sections(her2st_section):
     sd = sqs.io.combine_sections([her2st_section("C2"), her2st_section("A1")])
     t = sd.tables["table"]

@@ -10,6 +10,7 @@ from sq_spade.models import ModelFileError
 from sq_spade.models._mclstexp import MclSTExp
 from sq_spade.nn.heads import ProjectionHead
 from sq_spade.nn.spot_encoder import SpotEncoder
+from tests.conftest import write_signed
 
 G, D, OUT = 6, 8, 8
 
@@ -47,7 +48,7 @@ def test_save_load_gives_identical_embeddings(tmp_path):
     assert np.array_equal(m.embed_spots(expr, pos, groups), back.embed_spots(expr, pos, groups))
     assert back.config == json.loads(json.dumps(m.config.to_json()))  # the config survives as JSON
     assert back.history == m.history and back.panel == m.panel
-    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    names = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name != ".lock")  # the writers' lock
     assert len(names) == 2 and names[0] == "config.json" and re.match(r"model-[0-9a-f]{16}\.safetensors$", names[1])
 
 
@@ -91,18 +92,18 @@ def test_load_refuses_inconsistent_configs(tmp_path):
     doc = json.loads(path.read_text())
     bad = json.loads(json.dumps(doc))
     bad["config"]["panel"] = bad["config"]["panel"][:-1]  # panel no longer fits the encoder
-    path.write_text(json.dumps(bad))
+    write_signed(path, bad)
     with pytest.raises(ModelFileError, match="genes"):
         MclSTExp.load(tmp_path / "m")
     bad = json.loads(json.dumps(doc))
     bad["config"]["context"] = "neighbours"
-    path.write_text(json.dumps(bad))
+    write_signed(path, bad)
     with pytest.raises(ModelFileError, match="context"):
         MclSTExp.load(tmp_path / "m")
     bad = json.loads(json.dumps(doc))
     bad["config"]["n_x"] = 65536  # tables on disk are 5 rows
     bad["config"]["spot_encoder"]["n_x"] = 65536
-    path.write_text(json.dumps(bad))
+    write_signed(path, bad)
     with pytest.raises(ModelFileError, match="spot_encoder"):
         MclSTExp.load(tmp_path / "m")
 

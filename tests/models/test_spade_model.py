@@ -7,6 +7,7 @@ import torch
 
 from sq_spade.models import ModelFileError, Spade
 from sq_spade.models._spade import build_module
+from tests.conftest import write_signed
 
 
 def _model(seed=0, d=8, g=5, e=3, k=6):
@@ -29,7 +30,7 @@ def test_save_load_roundtrip_gives_same_embeddings(tmp_path):
     assert np.array_equal(m.assign(x), back.assign(x))
     assert back.panel == m.panel
     # what is on disk is safetensors + json, nothing else
-    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    names = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name != ".lock")  # the writers' lock
     assert len(names) == 2 and names[0] == "config.json" and re.match(r"model-[0-9a-f]{16}\.safetensors$", names[1])
 
 
@@ -51,14 +52,17 @@ def test_load_refuses_tampered_or_newer_files(tmp_path):
     cfg_path.write_text(json.dumps(doc))
     with pytest.raises(ModelFileError, match="newer"):
         Spade.load(tmp_path / "m")
-    doc["format_version"] = 1
+    doc["format_version"] = 2
     doc["config"]["n_experts"] = "three"
     cfg_path.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="config_sha256"):  # an edit alone is refused as such
+        Spade.load(tmp_path / "m")
+    write_signed(cfg_path, doc)  # the class's own checks refuse it even with the digests recomputed
     with pytest.raises(ModelFileError, match="n_experts"):
         Spade.load(tmp_path / "m")
     doc["config"]["n_experts"] = 3
     doc["config"]["evil_path"] = "../../etc/passwd"
-    cfg_path.write_text(json.dumps(doc))
+    write_signed(cfg_path, doc)
     with pytest.raises(ModelFileError, match="Unknown config keys"):
         Spade.load(tmp_path / "m")
 

@@ -51,6 +51,7 @@ def test_bad_arguments():
     assert K.FEATURES_UNS not in sd.tables["table"].uns
 
 
+@pytest.mark.realdata
 @pytest.mark.xdist_group("lite0")
 def test_lite0_features_for_every_real_section(her2st_section, mob_section, lite0_features):
     """Done-when of the features issue: Lite0 features for every spot of 9 real sections."""
@@ -63,6 +64,7 @@ def test_lite0_features_for_every_real_section(her2st_section, mob_section, lite
     assert n == 283 + 187 + 180 + 184 + 346 + 325 + 379 + 407 + 438
 
 
+@pytest.mark.realdata
 @pytest.mark.xdist_group("lite0")
 def test_lite0_on_real_patch_is_deterministic_and_not_random(her2st_section):
     import timm

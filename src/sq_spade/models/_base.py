@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sq_spade._config import JsonConfig, check
-from sq_spade._files import load_model_files, save_model_files
+from sq_spade._files import ModelFileError, load_model_files, save_model_files
 
 
 def _is_panel(genes: list) -> bool:
@@ -124,9 +124,40 @@ class Model:
         return save_model_files(path, cls=self.file_class, config=config, tensors=tensors)
 
     @classmethod
+    def _expected_shapes(cls, config: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+        """Shape of every tensor the config implies (``None``: nothing is built from the config's sizes).
+
+        ``shapes`` are the stored tensors' shapes; a subclass builds its modules on torch's
+        ``meta`` device (no memory) to list them.
+        """
+        return None
+
+    @classmethod
+    def _check_shapes(cls, config: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise :class:`ModelFileError` when the stored tensors do not fit the config's sizes."""
+        try:
+            expected = cls._expected_shapes(config, shapes)
+        except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, NotImplementedError) as e:
+            raise ModelFileError(f"The {cls.file_class} config does not describe buildable modules: {e}") from e
+        if expected is None:
+            return
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or unexpected:
+            raise ModelFileError(f"The tensors file does not fit the {cls.file_class} config: missing "
+                                 f"{missing[:10]}, unexpected {unexpected[:10]}.")
+        wrong = [f"{k} {shapes[k]} (config: {expected[k]})" for k in sorted(expected) if tuple(shapes[k]) != tuple(expected[k])]
+        if wrong:
+            raise ModelFileError(f"The tensors file does not fit the {cls.file_class} config's sizes: "
+                                 f"{'; '.join(wrong[:5])}.")
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> Any:
-        """Load a model saved with :meth:`save` (safetensors and JSON only: no code runs)."""
-        config, tensors = load_model_files(path, cls=cls.file_class, config_class=cls.config_class)
+        """Load a model saved with :meth:`save` (safetensors and JSON only: no code runs).
+
+        The config's sizes are checked against the tensors' shapes before any module is built.
+        """
+        config, tensors = load_model_files(path, cls=cls.file_class, config_class=cls.config_class,
+                                           check_shapes=cls._check_shapes)
         return cls._from_files(config, tensors)
 
 

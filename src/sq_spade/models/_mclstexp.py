@@ -287,6 +287,17 @@ class MclSTExp(Model):
         return super().load(path)
 
     @classmethod
+    def _expected_shapes(cls, config: MclSTExpConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        import torch
+
+        with torch.device("meta"):
+            head, spot, encoder = build_modules(config)
+        parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}
+        if encoder is not None:
+            parts[IMAGE_ENCODER] = encoder
+        return {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+
+    @classmethod
     def _from_files(cls, config: MclSTExpConfig, tensors: dict[str, Any]) -> MclSTExp:
         head, spot, encoder = build_modules(config)
         parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}

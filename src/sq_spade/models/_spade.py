@@ -133,8 +133,28 @@ class Spade(Model):
         return self.config.to_json(), dict(self.module.state_dict())
 
     @classmethod
+    def _expected_shapes(cls, config: SpadeConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        import torch
+
+        from sq_spade.nn.experts import ExpertHeads
+
+        e, d, g = int(config["n_experts"]), int(config["feature_dim"]), len(config["panel"])
+        # the number of fine centroids is the stored one (as in build_module); their width is the config's
+        k = int(shapes["centroids"][0]) if len(shapes.get("centroids", ())) == 2 else int(config["n_fine"])
+        out = {"centroids": (k, d), "fine_to_expert": (k,)}
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            for name, n_in in (("image_heads", d), ("gene_heads", g)):
+                heads = ExpertHeads(e, n_in, int(config["out_dim"]), float(config["dropout"]))
+                out.update({f"{name}.{key}": tuple(v.shape) for key, v in heads.state_dict().items()})
+        return out
+
+    @classmethod
     def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
-        module = build_module(config, centroids=tensors.get("centroids"), fine_to_expert=tensors.get("fine_to_expert"))
+        try:
+            module = build_module(config, centroids=tensors.get("centroids"),
+                                  fine_to_expert=tensors.get("fine_to_expert"))
+        except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
+            raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ModelFileError(f"The tensors file does not fit the Spade config: missing {missing[:10]}, "

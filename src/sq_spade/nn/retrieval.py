@@ -100,10 +100,26 @@ def _aggregate(values: Any, idx: Any, w: Any) -> Any:
     thus deterministic): 8-10x faster than gathering a ``(batch, k, n_values)`` block, which
     is memory-bound. On accelerators, the gather in bounded blocks.
     """
-    n, k = idx.shape
     if values.device.type == "cpu":
         return torch.from_numpy(weighted_neighbor_mean(values.numpy(), idx.numpy(), w.numpy()))
-    step = max(1, _GATHER_ELEMENTS // max(1, k * values.shape[1]))
+    return gather_mean(values, idx, w)
+
+
+def gather_mean(values: Any, idx: Any, w: Any, block_elements: int = _GATHER_ELEMENTS) -> Any:
+    """``sum_j w[b, j] * values[idx[b, j]]`` by gathering ``(batch, k, n_values)`` blocks (torch, any device).
+
+    The accelerator path of the averaging; each gathered block holds at most
+    ``block_elements`` elements (at least one row).
+
+    Examples
+    --------
+    >>> import torch
+    >>> values = torch.tensor([[10.0], [20.0], [30.0]])
+    >>> gather_mean(values, torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.5]]))
+    tensor([[20.]])
+    """
+    n, k = idx.shape
+    step = max(1, int(block_elements) // max(1, k * values.shape[1]))
     out = torch.empty((n, values.shape[1]), dtype=values.dtype, device=values.device)
     for s in range(0, n, step):
         out[s:s + step] = torch.einsum("bk,bkg->bg", w[s:s + step], values[idx[s:s + step]])

@@ -117,7 +117,7 @@ def select_genes(
     --------
     >>> sd = sqs.datasets.synthetic_section()
     >>> sqs.pp.select_genes(sd, "heg", n_top=5, inplace=False)
-    ['gene0', 'gene1', 'gene2', 'gene3', 'gene4']
+    ['gene0', 'gene1', 'gene2', 'gene4', 'gene5']
     """
     import scanpy as sc
     from anndata import AnnData

@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from sq_spade._config import JsonConfig, check
-from sq_spade._files import CONFIG_FILE, ModelFileError, load_model_files, save_model_files
+from sq_spade._files import (
+    CHECKPOINT_CLASS,
+    CONFIG_FILE,
+    ModelFileError,
+    folder_lock,
+    load_model_files,
+    save_model_files,
+)
 from sq_spade.train._common import (
     EarlyStopping,
     History,
@@ -48,7 +55,6 @@ from sq_spade.train._common import (
 )
 from sq_spade.train._options import FitOptions
 
-CHECKPOINT_CLASS = "TrainingCheckpoint"
 Kind = Literal["fit_experts", "fit_contrastive"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
@@ -297,7 +303,39 @@ def read_checkpoint_files(path: Path, arg: str = "resume") -> tuple[CheckpointCo
     except (ModelFileError, FileNotFoundError) as e:
         raise CheckpointError(f"`{arg}`: {str(path)!r} is not a readable sq_spade training "
                               f"checkpoint: {e}") from e
+    _check_loop_state(config, f"`{arg}`: the checkpoint in {str(path)!r}")
     return config, tensors
+
+
+def _check_loop_state(config: CheckpointConfigV1, where: str) -> None:
+    """:class:`CheckpointError` unless the loop state is whole and agrees with ``epoch``.
+
+    The history must hold one row per epoch done, the early-stopping and loop entries must
+    decode, and ``epoch`` may not exceed the run's ``epochs`` (an edited checkpoint would
+    otherwise return an unfinished model as finished).
+    """
+    try:
+        loop = config["loop"]
+        h = History()
+        _restore_history(h, loop["history"])
+        _restore_stopper(EarlyStopping(loop["stopper"]["patience"], _decode(loop["stopper"]["min_delta"])),
+                         loop["stopper"])
+        if not isinstance(loop["values"], dict):
+            raise TypeError("`values` is not an object")
+        for v in loop["values"].values():
+            _decode(v)
+        args = config["fingerprint"]["args"]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{where} has a damaged loop state ({type(e).__name__}: {e}); it was "
+                              f"not written by sq_spade as it is. Start over with resume=False.") from e
+    epochs = args.get("epochs") if isinstance(args, dict) else None
+    if isinstance(epochs, int) and config["epoch"] > epochs:
+        raise CheckpointError(f"{where} claims {config['epoch']} epochs done, more than the run's "
+                              f"`epochs`={epochs}; the checkpoint was edited or damaged.")
+    rows = len(h.to_dict()["train_loss"])
+    if rows != config["epoch"]:
+        raise CheckpointError(f"{where} claims {config['epoch']} epochs done but its history holds "
+                              f"{rows}; the checkpoint was edited or damaged.")
 
 
 # --- fingerprints -----------------------------------------------------------------------------
@@ -504,6 +542,7 @@ def _remove_stale_temporaries(folder: Path) -> None:
     """Remove temporary files that a killed writer left (one run per checkpoint folder)."""
     if not folder.is_dir():
         return
-    for pattern in (".model-*.partial", f".{CONFIG_FILE}.*.tmp"):
-        for p in folder.glob(pattern):
-            p.unlink(missing_ok=True)
+    with folder_lock(folder, exclusive=True):  # a writer holds the lock while its temporaries exist
+        for pattern in (".model-*.partial", f".{CONFIG_FILE}.*.tmp"):
+            for p in folder.glob(pattern):
+                p.unlink(missing_ok=True)

@@ -19,6 +19,38 @@ from sq_spade._validation import check_positive_int
 
 
 # --- history ----------------------------------------------------------------------------------
+class TrainingDivergedError(RuntimeError):
+    """Training stopped because its loss stopped being finite (NaN or infinite).
+
+    Raised at the end of the epoch where it happened, before that epoch is checkpointed, so
+    nothing non-finite is returned, saved or written into a table. Lower ``lr`` (or check the
+    inputs for extreme values) and train again; a checkpoint folder keeps the last good epoch.
+    """
+
+
+def check_loss_finite(loss: Any, epoch: int, lr: Any, *, which: Any = None) -> None:
+    """Raise :class:`TrainingDivergedError` when ``loss`` (a number or one per expert) is not finite.
+
+    ``which``: a boolean mask of the entries that trained this epoch (others may be NaN).
+
+    Examples
+    --------
+    >>> check_loss_finite(np.array([0.5, np.nan]), 0, 1e-3, which=np.array([True, False]))
+    >>> check_loss_finite(float("nan"), 2, 1e6)
+    Traceback (most recent call last):
+    ...
+    sq_spade.train._common.TrainingDivergedError: Training diverged: the training loss became NaN or infinite in epoch 3 (lr=1000000.0). Lower `lr` or check the inputs for extreme values; nothing was returned or written.
+    """
+    a = np.atleast_1d(np.asarray(loss, dtype=np.float64))
+    bad = ~np.isfinite(a) if which is None else (~np.isfinite(a) & np.asarray(which, dtype=bool))
+    if bad.any():
+        who = "" if a.size == 1 else f" of expert(s) {np.flatnonzero(bad).tolist()[:10]}"
+        raise TrainingDivergedError(
+            f"Training diverged: the training loss{who} became NaN or infinite in epoch {epoch + 1} "
+            f"(lr={lr}). Lower `lr` or check the inputs for extreme values; nothing was returned or "
+            f"written.")
+
+
 @dataclass
 class History:
     """Per-epoch record of a training run.

@@ -27,6 +27,7 @@ from sq_spade.train._common import (
     History,
     as_float_array,
     as_int_array,
+    check_loss_finite,
     cosine_schedule,
     make_generator,
     seeded,
@@ -466,6 +467,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
             rows += len(idx)
         train_loss = total / max(rows, 1)
         cur_lr = opt.param_groups[0]["lr"]
+        check_loss_finite(ddp.agree(train_loss)[0], epoch, cur_lr)  # every rank stops together
 
         if val is None:
             history.append(ddp.agree(train_loss)[0], np.nan, cur_lr)

@@ -25,6 +25,7 @@ from sq_spade.train._common import (
     History,
     as_float_array,
     as_int_array,
+    check_loss_finite,
     make_generator,
     seeded,
 )
@@ -405,6 +406,7 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
             del xt, gt, members
         with np.errstate(invalid="ignore", divide="ignore"):
             train_loss = np.where(rows_sum > 0, loss_sum / rows_sum, np.nan)
+        check_loss_finite(train_loss, epoch, lr, which=rows_sum > 0)
 
         if vx is not None:
             val_loss = _evaluate(img, gen, val_plan, vxt, vgt, loss_fn, temperature, dev, e_all)
