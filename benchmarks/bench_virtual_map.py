@@ -54,7 +54,8 @@ def main() -> None:
         train = tables(train_secs)
         test = tables([test_sec])
         panel = sqs.pp.select_genes(train, "spade", n_top=50, train_sections=train_secs, inplace=False)
-        obs = test[:, panel].copy()
+        common = [g for g in panel if g in test.var_names]  # panel genes the test section measured
+        obs = test[:, common].copy()
         sqs.pp.normalize(obs)
         y = obs.layers["log1p_cp10k"]
         y = y.toarray() if sp.issparse(y) else np.asarray(y)
@@ -76,8 +77,9 @@ def main() -> None:
         pos = np.searchsorted(used, nearest)  # row of each spot's nearest tile in the embedded tiles
         for method in ("ridge", "knn"):
             model = sqs.tl.train_baseline(train, method=method, panel=panel, train_sections=train_secs)
-            p_spot = np.asarray(sqs.tl.predict_expression(test, model, reference=train).layers["predicted"])
-            p_tile = np.asarray(sqs.tl.predict_expression(sd, model, reference=train, table_key="tiles")
+            p_spot = np.asarray(sqs.tl.predict_expression(test, model, reference=train)[:, common]
+                                .layers["predicted"])
+            p_tile = np.asarray(sqs.tl.predict_expression(sd, model, reference=train, table_key="tiles")[:, common]
                                 .layers["predicted"])[pos]
             r_spot, r_tile = _mean_r(y, p_spot), _mean_r(y, p_tile)
             rows.append({"test": test_sec, "method": method, "r_spots": r_spot, "r_tiles": r_tile,
