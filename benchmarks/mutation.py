@@ -48,8 +48,14 @@ class Mutation:
     what: str = ""
 
 
-LEAK = ("tests/tl/test_leak_free.py",)
-PLUMB = ("tests/tl/test_plumbing.py",)
+
+
+def _node(path: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{path}::{n}" for n in names)
+
+
+LEAK = "tests/tl/test_leak_free.py"
+PLUMB = "tests/tl/test_plumbing.py"
 PATCHES = tuple(f"tests/pp/test_patches.py::{t}" for t in (
     "test_native_patch_centre_is_the_spot_pixel", "test_native_patch_centre_on_a_non_square_image",
     "test_resampled_patch_centres_from_a_coarser_level_within_a_tenth_of_a_pixel",
@@ -62,10 +68,12 @@ MUTATIONS: list[Mutation] = [
     # --- evaluation scores genes the query never measured
     Mutation("observed_ignored", "observed", "tl/_predict.py",
              "genes = (table.var[K.VAR.OBSERVED].to_numpy(bool) if K.VAR.OBSERVED in table.var",
-             "genes = (np.ones(table.n_vars, bool) if K.VAR.OBSERVED in table.var", PLUMB,
+             "genes = (np.ones(table.n_vars, bool) if K.VAR.OBSERVED in table.var",
+             _node(PLUMB, "test_only_observed_genes_are_scored"),
              "evaluate_expression scores every panel gene, measured or not"),
     Mutation("observed_flag_all", "observed", "tl/_predict.py",
-             "return obs, mask", "return obs, np.ones(len(panel), bool)", PLUMB,
+             "return obs, mask", "return obs, np.ones(len(panel), bool)",
+             _node(PLUMB, "test_predict_flags_the_panel_genes_the_query_never_measured"),
              "predict_expression marks unmeasured genes as observed"),
     # --- patch geometry
     Mutation("resampled_half_pixel", "patch geometry", "pp/_patches.py",
@@ -87,14 +95,17 @@ MUTATIONS: list[Mutation] = [
     # --- SPADE routing temperature from the config
     Mutation("routing_temperature_default", "routing temperature", "models/_spade.py",
              "t = self.config.routing_temperature if temperature is None else check_positive_float(",
-             "t = 0.1 if temperature is None else check_positive_float(", PLUMB,
+             "t = 0.1 if temperature is None else check_positive_float(",
+             _node(PLUMB, "test_routing_temperature_of_the_config_is_the_default"),
              "Spade.embed_images ignores the config's routing temperature by default"),
     Mutation("routing_weights_temperature", "routing temperature", "models/_spade.py",
              "t = self.config.routing_temperature if temperature is None else float(temperature)",
-             "t = 0.1 if temperature is None else float(temperature)", PLUMB,
+             "t = 0.1 if temperature is None else float(temperature)",
+             _node(PLUMB, "test_routing_temperature_of_the_config_is_the_default"),
              "Spade.routing_weights ignores the config's routing temperature by default"),
     Mutation("module_temperature_from_config", "routing temperature", "models/_spade.py",
-             'c, f2e, temperature=float(config["routing_temperature"]))', "c, f2e)", PLUMB,
+             'c, f2e, temperature=float(config["routing_temperature"]))', "c, f2e)",
+             _node(PLUMB, "test_routing_temperature_of_the_config_is_the_default"),
              "a loaded model's module routes at the default temperature"),
     # --- validation routing
     Mutation("validation_farthest_centroid", "validation routing", "tl/_experts.py",
@@ -105,47 +116,58 @@ MUTATIONS: list[Mutation] = [
     # --- gene_input
     Mutation("gene_input_raw_predict", "gene_input", "tl/_experts.py",
              "gin, _ = panel_expression(r_table, model.panel, gene_input=model.config.gene_input)",
-             'gin, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")', PLUMB,
+             'gin, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")',
+             _node(PLUMB, "test_gene_input_raw_feeds_raw_counts_to_the_gene_heads"),
              'gene_input="raw" ignored when the reference keys are built'),
     Mutation("gene_input_raw_train", "gene_input", "tl/_experts.py",
              "expr, _ = panel_expression(table, genes_list, gene_input=gene_input)",
-             'expr, _ = panel_expression(table, genes_list, gene_input="log1p_cp10k")', PLUMB,
+             'expr, _ = panel_expression(table, genes_list, gene_input="log1p_cp10k")',
+             _node(PLUMB, "test_train_experts_trains_on_the_gene_input_it_is_given"),
              'train_experts trains on normalised expression whatever gene_input says'),
     Mutation("panel_expression_raw", "gene_input", "pp/_genes.py",
              'Y = log1p_cp10k(X) if gene_input == "log1p_cp10k" else X', "Y = log1p_cp10k(X)",
-             PLUMB + ("tests/pp/test_genes.py",), 'panel_expression normalises "raw" too'),
+             _node(PLUMB, "test_train_experts_trains_on_the_gene_input_it_is_given",
+                   "test_gene_input_raw_feeds_raw_counts_to_the_gene_heads"), 'panel_expression normalises "raw" too'),
     # --- weighting and temperature of predict_expression
     Mutation("weighting_dropped", "weighting/temperature", "tl/_predict.py",
              "model=model, k=k, weighting=weighting, temperature=temperature,",
-             'model=model, k=k, weighting="inverse_sq_l2", temperature=temperature,', PLUMB,
+             'model=model, k=k, weighting="inverse_sq_l2", temperature=temperature,',
+             _node(PLUMB, "test_weighting_and_temperature_reach_the_retrieval"),
              "weighting not passed through predict_expression"),
     Mutation("temperature_dropped", "weighting/temperature", "tl/_predict.py",
              "model=model, k=k, weighting=weighting, temperature=temperature,",
-             "model=model, k=k, weighting=weighting, temperature=1.0,", PLUMB,
+             "model=model, k=k, weighting=weighting, temperature=1.0,",
+             _node(PLUMB, "test_weighting_and_temperature_reach_the_retrieval"),
              "temperature not passed through predict_expression"),
     Mutation("spade_temperature_dropped", "weighting/temperature", "tl/_experts.py",
              "embed_keys, values, k=k, weighting=weighting, temperature=temperature)",
-             "embed_keys, values, k=k, weighting=weighting)", PLUMB,
+             "embed_keys, values, k=k, weighting=weighting)",
+             _node(PLUMB, "test_weighting_and_temperature_reach_the_retrieval[spade]"),
              "SPADE's predictor drops the softmax temperature"),
     # --- evaluate_expression's by and n_heg
     Mutation("by_ignored", "by/n_heg", "tl/_predict.py",
              "groups = table.obs[by].astype(str).to_numpy()",
-             "groups = table.obs[K.OBS.SECTION].astype(str).to_numpy()", PLUMB,
+             "groups = table.obs[K.OBS.SECTION].astype(str).to_numpy()",
+             _node(PLUMB, "test_by_groups_the_spots_it_names"),
              "evaluate_expression groups by section whatever `by` says"),
     Mutation("n_heg_ignored", "by/n_heg", "tl/_predict.py",
              "summary, pg = expression_metrics(pred[m], obs[m], gene_names=names, n_heg=n_heg)",
-             "summary, pg = expression_metrics(pred[m], obs[m], gene_names=names)", PLUMB,
+             "summary, pg = expression_metrics(pred[m], obs[m], gene_names=names)",
+             _node(PLUMB, "test_n_heg_sets_the_genes_of_heg"),
              "evaluate_expression ignores n_heg"),
     Mutation("heg_ranking_reversed", "by/n_heg", "_metrics.py",
              'heg[np.argsort(-mean_obs, kind="stable")[: min(int(n_heg), n_genes)]] = True',
              'heg[np.argsort(mean_obs, kind="stable")[: min(int(n_heg), n_genes)]] = True',
-             PLUMB + ("tests/test_metrics.py",), "HEG scores the least expressed genes"),
+             _node(PLUMB, "test_n_heg_sets_the_genes_of_heg") + ("tests/test_metrics.py",),
+             "HEG scores the least expressed genes"),
     # --- panels
     Mutation("spade_panel_last_section", "panel leak", "pp/_genes.py",
-             "chosen.update(sub.var_names[top])", "chosen = set(sub.var_names[top])", LEAK,
+             "chosen.update(sub.var_names[top])", "chosen = set(sub.var_names[top])",
+             _node(LEAK, "test_spade_panel_is_the_union_over_training_sections"),
              'the "spade" panel keeps only the last section\'s genes'),
     Mutation("heg_panel_leak", "panel leak", "pp/_genes.py",
-             "norm = log1p_cp10k(X[train_rows][:, usable])", "norm = log1p_cp10k(X[:, usable])", LEAK,
+             "norm = log1p_cp10k(X[train_rows][:, usable])", "norm = log1p_cp10k(X[:, usable])",
+             _node(LEAK, "test_heg_panel_is_computed_without_the_held_out_section"),
              'the "heg" panel computed with the held-out section included'),
     Mutation("stored_panel_leak_guard", "panel leak", "tl/_common.py",
              "if chosen_on is not None and set(chosen_on) - set(train):", "if False:",
@@ -172,11 +194,13 @@ MUTATIONS: list[Mutation] = [
     # --- cross-validation references
     Mutation("cv_reference_leak", "cross-validation leak", "tl/_cross_validate.py",
              "reference=fold_train if retrieval else None,",
-             "reference=_fold_object(sdata, work, sections, table_key, as_sd) if retrieval else None,", LEAK,
+             "reference=_fold_object(sdata, work, sections, table_key, as_sd) if retrieval else None,",
+             _node(LEAK, "test_cross_validation_retrieves_from_a_reference_without_the_test_section"),
              "cross-validation retrieves from a reference holding the held-out section"),
     Mutation("cv_trains_on_test", "cross-validation leak", "tl/_cross_validate.py",
              "rest = [s for s in sections if s not in test]", "rest = list(sections)",
-             LEAK + ("tests/tl/test_cross_validate.py",), "cross-validation trains on the held-out section"),
+             _node(LEAK, "test_cross_validation_retrieves_from_a_reference_without_the_test_section"),
+             "cross-validation trains on the held-out section"),
     # --- GPU-only averaging branch (run on the CPU by its test)
     Mutation("gather_mean_unweighted", "GPU averaging", "nn/retrieval.py",
              'out[s:s + step] = torch.einsum("bk,bkg->bg", w[s:s + step], values[idx[s:s + step]])',
@@ -239,7 +263,7 @@ def run_one(m: Mutation, python: str, timeout: float) -> dict:
 
 def baseline(mutations: list[Mutation], python: str, timeout: float) -> bool:
     """Whether the covering tests pass on the unmutated source (else a "kill" would mean nothing)."""
-    tests = sorted({t.split("::")[0] for m in mutations for t in m.tests})
+    tests = sorted({t for m in mutations for t in m.tests})
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not realdata", *tests],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout * 3)
@@ -256,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unmutated source")
+    ap.add_argument("--jobs", type=int, default=1, help="mutations run at once (each in its own copy)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.id in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -274,11 +299,19 @@ def main(argv: list[str] | None = None) -> int:
             print("the covering tests fail on the unmutated source: no mutation score")
             return 1
         print(f"baseline: the covering tests pass on the unmutated source ({time.time() - t0:.0f} s)", flush=True)
-    results = []
-    for i, m in enumerate(chosen, 1):
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = 0
+
+    def one(m: Mutation) -> dict:
+        nonlocal done
         r = run_one(m, args.python, args.timeout)
-        results.append(r)
-        print(f"[{i}/{len(chosen)}] {m.id:32s} {r['status']:9s} {r.get('seconds', '')}", flush=True)
+        done += 1
+        print(f"[{done}/{len(chosen)}] {m.id:32s} {r['status']:9s} {r.get('seconds', '')}", flush=True)
+        return r
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(one, chosen))
     killed = [r for r in results if r["status"] == "killed"]
     survivors = [r["id"] for r in results if r["status"] != "killed"]
     print(f"{len(killed)} of {len(results)} mutations killed ({100 * len(killed) / max(1, len(results)):.0f} %)")

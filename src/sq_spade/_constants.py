@@ -66,6 +66,10 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
+    # beside a prediction layer ``<layer_added>``: ``<layer_added>_sd`` etc. (the default names)
+    PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
+    PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
+    PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
 
 
 class _Uns(NamedTuple):
@@ -77,12 +81,17 @@ class _Uns(NamedTuple):
     SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
     MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    PREDICTION_X: str = "sq_spade_prediction_x"  # predictions table: the layer X copies (the latest)
+    UMAP: str = "sq_spade_umap"  # per obsm key X_umap_<basis>: parameters of the UMAP pl.embedding stored
     TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
     TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
     DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
     SLIDES: str = "sq_spade_slides"  # tl.slide_embedding: one vector per section
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
+
+#: Layers a prediction may have beside ``<layer_added>``: ``<layer_added>_sd``, ``_lower``, ``_upper``.
+UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()
 OBS = _Obs()
@@ -129,6 +138,11 @@ def features_key(backbone: str) -> str:
     return f"X_{backbone}"
 
 
+def umap_key(basis: str) -> str:
+    """``obsm`` key of the stored UMAP of an embedding: ``"X_spade"`` -> ``"X_umap_spade"``."""
+    return f"X_umap_{basis.removeprefix('X_')}"
+
+
 def microns_cs(section: str) -> str:
     """Name of the micrometre coordinate system of ``section``."""
     return f"{section}{MICRONS_SUFFIX}"
@@ -164,6 +178,16 @@ REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
+#: embeddings, or both (the mean of the two cosine similarities).
+Keys = Literal["spot", "image", "both"]
+KEYS: tuple[str, ...] = get_args(Keys)
+#: What picks the epoch of a run with validation data: the validation loss or the validation ACG.
+Select = Literal["loss", "acg"]
+SELECTS: tuple[str, ...] = get_args(Select)
+#: Training recipes of mclSTExp: small-data defaults, or the published settings.
+Recipe = Literal["small_data", "published"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 #: Learning-rate schedule of mclSTExp.
 Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -188,6 +212,9 @@ CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 #: Score of a cross-validation fold of the regressors.
 Scoring = Literal["pearson", "mse"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
+#: Colour scale of an observed / predicted pair in ``pl.spatial``.
+ColorScale = Literal["panel", "shared", "zscore"]
+COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)

@@ -22,8 +22,11 @@ def is_spatialdata(obj: Any) -> bool:
 
 
 def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFAULT, *,
-              arg: str = "sdata") -> AnnData:
-    """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``)."""
+              arg: str = "sdata", key_arg: str = "table_key", hint: str = "") -> AnnData:
+    """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``).
+
+    ``key_arg`` names the argument that gave ``table_key`` in the error, ``hint`` says what to do.
+    """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
@@ -33,8 +36,8 @@ def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFA
     table_key = K.TABLES.DEFAULT if table_key is None else table_key
     if table_key not in data.tables:
         raise KeyError(
-            f"`table_key={table_key!r}` is not a table of `{arg}`; "
-            f"expected one of {sorted(data.tables)}."
+            f"`{key_arg}={table_key!r}` is not a table of `{arg}`; "
+            f"expected one of {sorted(data.tables)}.{hint}"
         )
     return data.tables[table_key]
 

@@ -39,7 +39,7 @@ def test_pyramidal_tiff_reads_lazily_with_its_scale(tmp_path, ome):
     aff = affine_to(sd.images["slide_image"], "slide_um")
     assert np.allclose(np.diag(aff)[:2], 0.5)
     # the stored coarse level serves tissue detection and tiles
-    sqs.pp.detect_tissue(sd, mpp=2.0)
+    sqs.pp.detect_tissue(sd, microns_per_pixel=2.0)
     mask = sd.labels["slide_tissue"]
     assert image_levels(mask)[0].shape == (300, 250)
     n = sqs.pp.tile_tissue(sd, tile_um=50)

@@ -9,12 +9,12 @@ from sq_spade import _constants as K
 
 def test_dummy_features_rows_follow_table_order():
     sd = sqs.datasets.synthetic_section(n_rows=3, n_cols=3)
-    key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     t = sd.tables["table"]
     before = dict(zip(t.obs_names, t.obsm[key], strict=True))
     perm = np.random.default_rng(0).permutation(t.n_obs)
     sd.tables["table"] = t[perm].copy()
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="again")
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0, key_added="again")
     t2 = sd.tables["table"]
     for name, row in zip(t2.obs_names, t2.obsm["again"], strict=True):
         assert np.allclose(row, before[name], atol=1e-5)  # batch composition changes rounding only
@@ -30,8 +30,8 @@ def test_tta_is_the_mean_of_the_eight_views():
     from sq_spade.nn.inference import dihedral_transforms
 
     sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, tta=True, key_added="tta")
-    p = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0, tta=True, key_added="tta")
+    p = sqs.pp.patches(sd, patch_size_um=32, microns_per_pixel=1.0)
     model = get_backbone("dummy").eval()
     x = torch.as_tensor(p.batch(range(len(p)))).permute(0, 3, 1, 2).float() / 255
     x = torch.nn.functional.interpolate(x, size=model.input_size, mode="bilinear", antialias=True, align_corners=False)
@@ -98,23 +98,23 @@ def test_feature_cache_is_keyed_by_pixels_and_weights(tmp_path, monkeypatch):
     model = get_backbone("dummy")
     model.weights_sha256 = "a" * 64  # pretend the weights are identified, as real ones are
     sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     files = list(tmp_path.glob("*.npy"))
     assert len(files) == 1
     t = sd.tables["table"]
     assert not t.uns[K.FEATURES_UNS]["X_dummy"]["from_cache"]
     first = t.obsm["X_dummy"].copy()
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     assert t.uns[K.FEATURES_UNS]["X_dummy"]["from_cache"]
     assert np.array_equal(t.obsm["X_dummy"], first)
     # other pixels (another geometry) or other weights: a new entry
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=40, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=40, microns_per_pixel=1.0)
     model.weights_sha256 = "b" * 64
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     assert len(list(tmp_path.glob("*.npy"))) == 3
     # a backbone without a weights hash is never cached
     with torch.no_grad():
-        sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+        sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     assert len(list(tmp_path.glob("*.npy"))) == 3
 
 
@@ -140,11 +140,11 @@ def test_dask_features_equal_serial(tmp_path, monkeypatch):
     sd.write(tmp_path / "three.zarr")
     sd = spatialdata.read_zarr(tmp_path / "three.zarr")
     monkeypatch.setattr(sqs.settings, "cache_dir", None)
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="serial")
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0, key_added="serial")
     # workers processes, one thread each; the backbone is built by each worker, not shipped
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, key_added="dask",
+        key = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0, key_added="dask",
                                       client=client)
         built = client.run(lambda: list(_features._WORKER_BACKBONES))
     t = sd.tables["table"]

@@ -103,7 +103,7 @@ def _sections(names):
     sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=s, seed=i, n_rows=10, n_cols=10,
                                                                   patient=f"p{i}") for i, s in names])
     t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, mpp=1.0)
+    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
     rng = np.random.default_rng(len(names))
     colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
     t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)

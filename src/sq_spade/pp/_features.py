@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._settings import settings
-from sq_spade._utils import atomic_path, process_rank, resolve_device
+from sq_spade._utils import atomic_path, copy_data, process_rank, resolve_device
 from sq_spade._validation import check_positive, get_table, is_spatialdata
 from sq_spade._version import __version__
 from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
@@ -43,6 +45,7 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
         )
 
 
+@renamed_arguments(mpp="microns_per_pixel")
 @inject_docs
 def compute_features(
     sdata: SpatialData,
@@ -58,12 +61,13 @@ def compute_features(
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
-    mpp: float | None = None,
+    microns_per_pixel: float | None = None,
     patch_px: int | None = None,
     cache: bool = True,
     parallel: str | None = None,
     client: Any = None,
-) -> str:
+    copy: bool = False,
+) -> str | SpatialData:
     """Compute frozen backbone features of every spot's patch into ``obsm``.
 
     Patches are those of :func:`sq_spade.pp.extract_patches` (its recorded geometry, or
@@ -90,7 +94,7 @@ def compute_features(
         Average the features of the 8 flips/rotations of each patch.
     table_key, image_key, shapes_key
         Which table, image and spots to use.
-    patch_size_um, mpp, patch_px
+    patch_size_um, microns_per_pixel, patch_px
         Patch geometry (see :func:`sq_spade.pp.extract_patches`).
     cache
         Use the on-disk cache in ``settings.cache_dir`` when it is set. Its key is the sha256 of
@@ -112,10 +116,12 @@ def compute_features(
         ``if __name__ == "__main__":``.
     client
         A :class:`distributed.Client` to run on; implies ``parallel="dask"``.
+    copy
+        Compute into a copy of ``sdata`` (tables copied, images shared) and return the copy.
 
     Returns
     -------
-    The ``obsm`` key written. Float32 ``(n_spots, D)`` features go to ``obsm[key]``, and
+    The ``obsm`` key written (the copy of ``sdata`` when ``copy=True``). Float32 ``(n_spots, D)`` features go to ``obsm[key]``, and
     ``uns['sq_spade_features'][key]`` records the backbone, its weights' sha256, the patch
     geometry, TTA and the package version. Rows not covered (``shapes_key`` restricting to a
     section) keep earlier values or NaN.
@@ -123,7 +129,7 @@ def compute_features(
     Examples
     --------
     >>> sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
-    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     'X_dummy'
     >>> sd.tables["table"].obsm["X_dummy"].shape
     (4, 64)
@@ -139,6 +145,8 @@ def compute_features(
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
+    if copy:
+        sdata = copy_data(sdata)
     check_positive(batch_size, "batch_size", integer=True)
     num_workers = settings.num_workers if num_workers is None else num_workers
     check_positive(num_workers, "num_workers", integer=True, allow_zero=True)
@@ -152,7 +160,7 @@ def compute_features(
     key = key_added or K.features_key(model.name)
     # levels are loaded by whoever embeds them: here, or in each dask worker
     p = _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
-                       patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
+                       patch_size_um=patch_size_um, mpp=microns_per_pixel, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
                        load=not distributed)
     job = _Job(batch_size=batch_size, num_workers=num_workers, tta=tta,
                cache_dir=settings.cache_dir if cache else None, memory_budget_bytes=settings.memory_budget_bytes,
@@ -188,7 +196,9 @@ def compute_features(
         "sq_spade_version": __version__, "device": dev_type,
         "from_cache": bool(from_cache),
     }
-    return key
+    log_info("computed %s features (%d dims) of %d spots%s: obsm[%r] of table %r", model.name, model.dim, len(p),
+             " (from the cache)" if from_cache else "", key, table_key)
+    return sdata if copy else key
 
 
 def _is_sha256(value: Any) -> bool:

@@ -9,8 +9,10 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import to_jsonable
+from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
 from sq_spade.models._baselines import KNNModel, RidgeModel, _BaselineModel
 from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
@@ -47,7 +49,7 @@ def train_baseline(
     regressor_kwargs: Mapping[str, Any] | None = None,
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
 ) -> RidgeModel | KNNModel:
@@ -82,7 +84,8 @@ def train_baseline(
         Sections to train on (default: all but validation) and to score the fitted model on
         (recorded in ``config['params']['validation']``).
     seed
-        Recorded with the parameters (both regressors are deterministic).
+        Recorded with the parameters (both regressors are deterministic; ``None``:
+        ``sqs.settings.seed``).
     %(device)s
     %(table_key)s
 
@@ -98,6 +101,7 @@ def train_baseline(
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")])  # doctest: +SKIP
     >>> ridge = sqs.tl.train_baseline(sd, method="ridge", train_sections=["C2", "C3"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.BASELINE_METHODS)
     check_positive(n_top, "n_top", integer=True)
@@ -126,6 +130,8 @@ def train_baseline(
     if va.any():
         summary, _ = expression_metrics(model.predict(feats[va]), values[va])
         model.config.params["validation"] = to_jsonable(summary, nonfinite="null")
+    log_info("trained the %s baseline on %d spots (%d panel genes); the table is unchanged", method, int(tr.sum()),
+             len(panel))
     return model
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
-from sq_spade._validation import check_choice, check_positive_int, get_table
+from sq_spade._settings import settings
+from sq_spade._validation import check_choice, check_positive_int, get_table, is_spatialdata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -40,6 +41,10 @@ def representation(adata: AnnData, use: str) -> tuple[np.ndarray, str]:
     if not np.isfinite(x).all():
         raise ValueError(f"`use={use!r}` ({where}) has non-finite values.")
     return x, where
+
+
+def _has(adata: AnnData, use: str) -> bool:
+    return use == "X" or use in adata.layers or use in adata.obsm
 
 
 def _smooth(x: np.ndarray, adata: AnnData, n_neighbors: int, rounds: int) -> np.ndarray:
@@ -71,7 +76,7 @@ def _smooth(x: np.ndarray, adata: AnnData, n_neighbors: int, rounds: int) -> np.
 
 
 def spatial_domains(
-    data: SpatialData | AnnData,
+    sdata: SpatialData | AnnData,
     *,
     use: str = K.LAYERS.PREDICTED,
     n_domains: int | None = 5,
@@ -80,8 +85,9 @@ def spatial_domains(
     smooth: int = 0,
     n_neighbors: int = 6,
     resolution: float = 1.0,
-    seed: int = 0,
-    table_key: str = K.TABLES.PREDICTED,
+    seed: int | None = None,
+    table_key: str = K.TABLES.DEFAULT,
+    predictions_key: str = K.TABLES.PREDICTED,
     key_added: str = K.OBS.DOMAIN,
     copy: bool = False,
 ) -> AnnData | None:
@@ -93,8 +99,10 @@ def spatial_domains(
 
     Parameters
     ----------
-    data
-        A SpatialData (its table ``table_key``) or an AnnData.
+    sdata
+        A SpatialData or an AnnData. In a SpatialData, ``use`` is looked up in the table
+        ``table_key``, then in the predictions table ``predictions_key``; the domains go to the
+        table where it was found.
     use
         A layer (e.g. ``"predicted"``, ``"log1p_cp10k"``), an ``obsm`` key (e.g. ``"X_spade"``,
         ``"X_efficientnet_lite0"``) or ``"X"``.
@@ -112,9 +120,11 @@ def spatial_domains(
     resolution
         Leiden's resolution.
     seed
-        Random seed of PCA, k-means and Leiden.
+        Random seed of PCA, k-means and Leiden (default ``sqs.settings.seed``).
     table_key
-        Table of ``data`` when it is a SpatialData (default: the predictions table).
+        Table of a SpatialData searched first.
+    predictions_key
+        Predictions table of a SpatialData (from :func:`predict_expression`), searched second.
     key_added
         ``obs`` column written (categorical domain ids ``"0"``, ``"1"``...).
     copy
@@ -129,11 +139,15 @@ def spatial_domains(
     --------
     >>> sd = sqs.datasets.synthetic_section()
     >>> sqs.pp.normalize(sd)
-    >>> sqs.tl.spatial_domains(sd, use="log1p_cp10k", n_domains=3, table_key="table")
+    >>> sqs.tl.spatial_domains(sd, use="log1p_cp10k", n_domains=3)
     >>> sd.tables["table"].obs["domain"].nunique()
     3
     """
-    adata = get_table(data, table_key, arg="data")
+    seed = settings.seed if seed is None else seed
+    adata = get_table(sdata, table_key, arg="sdata")
+    if is_spatialdata(sdata) and not _has(adata, use) and predictions_key in sdata.tables \
+            and _has(sdata.tables[predictions_key], use):
+        adata = sdata.tables[predictions_key]
     check_choice(method, "method", K.DOMAIN_METHODS)
     if method == "kmeans":
         n_domains = check_positive_int(n_domains, "n_domains")
@@ -180,11 +194,11 @@ def spatial_domains(
     return out if copy else None
 
 
-def domain_scores(truth: Any, domains: Any, *, n_shuffles: int = 100, seed: int = 0) -> dict[str, float]:
+def domain_scores(truth: Any, domains: Any, *, n_shuffles: int = 100, seed: int | None = None) -> dict[str, float]:
     """ARI and NMI of ``domains`` against ``truth`` labels, with the shuffled-label floor.
 
     Rows whose truth is missing are left out. The floor is the mean (and 95th percentile) over
-    ``n_shuffles`` random permutations of ``domains``.
+    ``n_shuffles`` random permutations of ``domains`` (``seed``: default ``sqs.settings.seed``).
 
     Examples
     --------
@@ -193,6 +207,7 @@ def domain_scores(truth: Any, domains: Any, *, n_shuffles: int = 100, seed: int 
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    seed = settings.seed if seed is None else seed
     t = pd.Series(np.asarray(truth, dtype=object))
     d = np.asarray(domains, dtype=object)
     if len(t) != len(d):

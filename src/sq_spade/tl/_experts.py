@@ -12,10 +12,11 @@ import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
-from sq_spade._utils import progress
+from sq_spade._utils import copy_data, progress
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
 from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
 from sq_spade.models._spade import Spade
@@ -102,7 +103,7 @@ def train_experts(
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
     patience: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     key_added: str = K.OBSM.SPADE,
@@ -165,6 +166,7 @@ def train_experts(
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3")])  # doctest: +SKIP
     >>> model = sqs.tl.train_experts(sd, validation_sections=["C3"], n_experts=4)  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     import torch
 
     from sq_spade.train import fit_experts
@@ -228,6 +230,9 @@ def train_experts(
     table.obs[K.OBS.SPADE_EXPERT] = pd.Categorical(model.assign(feats).astype(str))
     table.uns[K.UNS.SPADE] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added})
+    log_info("trained SPADE (%d experts, %d panel genes) on %d spots of %s: obsm[%r], obs[%r] and uns[%r] of "
+             "table %r", model.n_experts, len(genes_list), int(tr.sum()), list(train), key_added,
+             K.OBS.SPADE_EXPERT, K.UNS.SPADE, table_key)
     return model
 
 
@@ -270,7 +275,7 @@ def train_experts_from_store(
     routing_temperature: float = 0.1,
     patience: int | None = None,
     memory_budget_bytes: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -310,6 +315,7 @@ def train_experts_from_store(
     >>> sqs.pp.write_feature_store(sdata, "features.zarr", panel=panel)  # doctest: +SKIP
     >>> model = sqs.tl.train_experts_from_store("features.zarr", validation_sections=["C4"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     import torch
 
     from sq_spade.train import TrainingWindows, fit_experts
@@ -390,7 +396,8 @@ def embed(
     weights_key: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     device: str | None = None,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | AnnData | None:
     """Embed any slide into the SPADE space: ``obsm[key_added]`` (and the routing).
 
     Distances of each spot's frozen features to every fine centroid, ``softmax(-d / T)``, weights
@@ -414,6 +421,12 @@ def embed(
         Also write the routing weights ``(n, n_experts)`` to ``obsm[weights_key]``.
     %(table_key)s
     %(device)s
+    copy
+        Embed into a copy of ``sdata`` (tables copied, images shared) and return the copy.
+
+    Returns
+    -------
+    The copy when ``copy=True``, else ``None``.
 
     Examples
     --------
@@ -424,6 +437,8 @@ def embed(
     if not isinstance(model, Spade):
         raise TypeError(f"`model` must be a sq_spade.models.Spade, got {type(model).__name__}.")
     check_choice(routing, "routing", K.ROUTINGS)
+    if copy:
+        sdata = copy_data(sdata)
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
@@ -440,6 +455,9 @@ def embed(
         "key": key_added, "routing": routing,
         "temperature": float(model.config.routing_temperature if temperature is None else temperature),
         "backbone": model.backbone, "sections": sorted(set(section_labels(table)))})
+    log_info("embedded %d spots with SPADE (%s routing): obsm[%r]%s and obs[%r] of table %r", table.n_obs, routing,
+             key_added, f", obsm[{weights_key!r}]" if weights_key else "", K.OBS.SPADE_EXPERT, table_key)
+    return sdata if copy else None
 
 
 # --- prediction (tl.predict_expression dispatches Spade models here) -------------------------------------------

@@ -49,14 +49,14 @@ def slide_embedding(
     pooling: K.Pooling = "mean",
     quantiles: Sequence[float] = (0.25, 0.5, 0.75),
     bags_dir: str | os.PathLike | None = None,
-    table_key: str = K.TABLES.TILES,
+    tiles_key: str = K.TABLES.TILES,
 ) -> pd.DataFrame:
     """Pool the per-tile embeddings ``obsm[key]`` into one vector per section.
 
     Parameters
     ----------
     sdata
-        A SpatialData (its table ``table_key``, by default the tiles of
+        A SpatialData (its table ``tiles_key``, by default the tiles of
         :func:`sq_spade.pp.tile_tissue`) or an AnnData, with ``obs['section']``.
     key
         ``obsm`` key of the tile embeddings (e.g. ``"X_spade"`` from :func:`embed`, or
@@ -70,8 +70,9 @@ def slide_embedding(
     bags_dir
         Folder of the per-section bags ``f"{section}.h5"`` (required by
         ``"attention-ready"``, optional otherwise).
-    table_key
-        Table of ``sdata`` when it is a SpatialData.
+    tiles_key
+        Table of the tiles in ``sdata`` when it is a SpatialData (default ``"tiles"``, the one
+        :func:`sq_spade.pp.tile_tissue` writes; ``"table"`` for spots).
 
     Returns
     -------
@@ -83,15 +84,15 @@ def slide_embedding(
     --------
     >>> sd = sqs.datasets.synthetic_section()
     >>> sd.tables["table"].obsm["X_demo"] = np.random.default_rng(0).normal(size=(64, 4))
-    >>> sqs.tl.slide_embedding(sd, key="X_demo", table_key="table").shape
+    >>> sqs.tl.slide_embedding(sd, key="X_demo", tiles_key="table").shape
     (1, 4)
     """
-    adata = get_table(sdata, table_key, arg="sdata")
+    adata = get_table(sdata, tiles_key, arg="sdata")
     check_choice(pooling, "pooling", K.POOLINGS)
     if key not in adata.obsm:
-        raise KeyError(f"`key={key!r}` is not in `obsm` of table {table_key!r}; expected one of {list(adata.obsm)}.")
+        raise KeyError(f"`key={key!r}` is not in `obsm` of table {tiles_key!r}; expected one of {list(adata.obsm)}.")
     if K.OBS.SECTION not in adata.obs:
-        raise ValueError(f"Table {table_key!r} has no `obs[{K.OBS.SECTION!r}]`: sections are unknown.")
+        raise ValueError(f"Table {tiles_key!r} has no `obs[{K.OBS.SECTION!r}]`: sections are unknown.")
     q = [float(v) for v in quantiles]
     if pooling == "quantiles" and (not q or any(not 0.0 <= v <= 1.0 for v in q)):
         raise ValueError(f"`quantiles` must be numbers in [0, 1], got {list(quantiles)!r}.")
@@ -118,7 +119,7 @@ def slide_embedding(
     if bags_dir is not None:
         xy = np.asarray(adata.obsm[K.OBSM.SPATIAL], dtype=np.float64) if K.OBSM.SPATIAL in adata.obsm else None
         if xy is None:
-            raise ValueError(f"Bags record each tile's position: table {table_key!r} has no `obsm['spatial']`.")
+            raise ValueError(f"Bags record each tile's position: table {tiles_key!r} has no `obsm['spatial']`.")
         meta = adata.uns.get(K.UNS.SECTIONS, {})
         tile_um = adata.uns.get(K.UNS.TILES, {}).get("tile_um")
         for s in names:
