@@ -171,13 +171,20 @@ CONTEXTS: tuple[str, ...] = get_args(Context)
 Finetune = Literal["none", "last", "all"]
 FINETUNES: tuple[str, ...] = get_args(Finetune)
 #: What SPADE retrieves against on the reference side (``"auto"``: chosen on validation).
-ReferenceSide = Literal["genes", "images"]
+ReferenceSide = Literal["genes", "images", "both"]
 REFERENCE_SIDES: tuple[str, ...] = get_args(ReferenceSide)
-ReferenceSideChoice = Literal["auto", "genes", "images"]
+ReferenceSideChoice = Literal["auto", "genes", "images", "both"]
 REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: How SPADE's experts share one embedding space: one gene head shared by all experts, an
+#: orthogonal rotation of each expert onto a common anchor after training, or none (published).
+Alignment = Literal["shared_genes", "procrustes", "none"]
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+#: Which SPADE embedding ``embed`` writes: the experts' common space or the published routed sum.
+Space = Literal["aligned", "published"]
+SPACES: tuple[str, ...] = get_args(Space)
 #: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
 #: embeddings, or both (the mean of the two cosine similarities).
 Keys = Literal["spot", "image", "both"]
@@ -224,3 +231,14 @@ DOMAIN_METHODS: tuple[str, ...] = get_args(DomainMethod)
 #: Pooling of tile embeddings into one vector per slide (tl.slide_embedding).
 Pooling = Literal["mean", "quantiles", "attention-ready"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+#: Standardisation of frozen features (``"section"``: every column z-scored within each section).
+Zscore = Literal["section"]
+ZSCORES: tuple[str, ...] = get_args(Zscore)
+
+#: Suffix of the ``obsm`` key holding the 8 dihedral views of features (``compute_features(keep_views=True)``).
+VIEWS_SUFFIX = "_views"
+
+#: Values of feature-provenance fields that earlier versions did not record: features computed
+#: before layers, TTA and z-scoring were recorded are the final layer, without TTA, raw.
+FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {"layers": ("final",), "tta": False, "zscore": None}
