@@ -66,7 +66,7 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
-    # beside a prediction layer ``<layer_added>``: ``<layer_added>_sd`` etc. (the default names)
+    # beside a prediction layer ``<key_added>``: ``<key_added>_sd`` etc. (the default names)
     PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
     PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
     PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
@@ -90,7 +90,7 @@ class _Uns(NamedTuple):
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
 
-#: Layers a prediction may have beside ``<layer_added>``: ``<layer_added>_sd``, ``_lower``, ``_upper``.
+#: Layers a prediction may have beside ``<key_added>``: ``<key_added>_sd``, ``_lower``, ``_upper``.
 UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()

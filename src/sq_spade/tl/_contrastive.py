@@ -668,7 +668,7 @@ def calibrate_conformal(
     (default: every other section of the table); for each gene, the ``coverage`` quantile of
     the normalised residuals ``|observed - predicted| / (predicted_sd + floor)`` is stored in
     ``model.config["conformal"]``. :func:`sq_spade.tl.predict_expression` then writes the
-    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<layer_added>_lower`` /
+    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<key_added>_lower`` /
     ``_upper``. The guarantee holds for spots exchangeable with the calibration spots: a
     calibration section the model was trained on gives intervals that are too narrow, and a new
     section differs from the calibration one (the realised coverage per held-out section is on
