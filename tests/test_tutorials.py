@@ -142,7 +142,7 @@ print({MARK!r} + _json.dumps({{
 }}, default=str))
 '''
     out, nb = _run(NAMES[2], check, tmp_path)
-    assert out["shapes"] == {"X_efficientnet_lite0": [346, 1280], "X_spade": [346, 256], "X_mclstexp": [346, 256]}
+    assert out["shapes"] == {"X_efficientnet_lite0": [346, 384], "X_spade": [346, 256], "X_mclstexp": [346, 256]}
     assert set(out["labelled"]) == {"invasive cancer", "cancer in situ", "connective tissue", "adipose tissue"}
     assert min(out["labelled"].values()) >= 9  # every class has spots for 8 shots plus a test spot
     fs = out["few_shot"]

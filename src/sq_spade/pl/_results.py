@@ -184,7 +184,7 @@ def _label_extremes(ax: Axes, ranked: dict[str, np.ndarray], names: dict[str, np
             ax.annotate(str(names[m][j]), (j + 1, r[j]), xytext=(6, 4 - 7 * j), textcoords="offset points",
                         fontsize="x-small", color=colors[m], ha="left", va="center",
                         arrowprops={"arrowstyle": "-", "color": colors[m], "lw": 0.4})
-        for j, i in enumerate(range(max(len(r) - n, k), len(r))):  # worst, stacked upwards, to the left
+        for i in range(max(len(r) - n, k), len(r)):  # worst, stacked upwards, to the left
             ax.annotate(str(names[m][i]), (i + 1, r[i]), xytext=(-6, 7 * (len(r) - 1 - i) - 4),
                         textcoords="offset points", fontsize="x-small", color=colors[m], ha="right", va="center",
                         arrowprops={"arrowstyle": "-", "color": colors[m], "lw": 0.4})
