@@ -225,6 +225,13 @@ COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+#: Clustering of tl.spatial_domains.
+DomainMethod = Literal["kmeans", "leiden"]
+DOMAIN_METHODS: tuple[str, ...] = get_args(DomainMethod)
+#: Pooling of tile embeddings into one vector per slide (tl.slide_embedding).
+Pooling = Literal["mean", "quantiles", "attention-ready"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
 #: Standardisation of frozen features (``"section"``: every column z-scored within each section).
 Zscore = Literal["section"]
 ZSCORES: tuple[str, ...] = get_args(Zscore)
