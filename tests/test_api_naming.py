@@ -26,6 +26,7 @@ NOT_DATA_FIRST = {
     "pp.register_backbone", "pl.gene_correlation", "pl.training_history", "tl.train_experts_from_store",
     "io.combine_sections", "io.infer_microns_per_pixel", "io.read_hest", "io.read_rgb", "io.read_st",
     "io.read_visium", "io.section_from_arrays", "io.from_spatialdata", "tl.spade_retrieve",
+    "io.read_wsi", "tl.domain_scores", "tl.export_bag",
 }
 #: Names of the older dialects; none may appear in a public signature.
 OLD_NAMES = {"data", "query", "layer_added", "table_added", "predicted_layer", "random_state", "mpp"}

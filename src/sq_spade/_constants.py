@@ -66,7 +66,7 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
-    # beside a prediction layer ``<layer_added>``: ``<layer_added>_sd`` etc. (the default names)
+    # beside a prediction layer ``<key_added>``: ``<key_added>_sd`` etc. (the default names)
     PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
     PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
     PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
@@ -90,7 +90,7 @@ class _Uns(NamedTuple):
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
 
-#: Layers a prediction may have beside ``<layer_added>``: ``<layer_added>_sd``, ``_lower``, ``_upper``.
+#: Layers a prediction may have beside ``<key_added>``: ``<key_added>_sd``, ``_lower``, ``_upper``.
 UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()
@@ -225,3 +225,20 @@ COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+#: Clustering of tl.spatial_domains.
+DomainMethod = Literal["kmeans", "leiden"]
+DOMAIN_METHODS: tuple[str, ...] = get_args(DomainMethod)
+#: Pooling of tile embeddings into one vector per slide (tl.slide_embedding).
+Pooling = Literal["mean", "quantiles", "attention-ready"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+#: Standardisation of frozen features (``"section"``: every column z-scored within each section).
+Zscore = Literal["section"]
+ZSCORES: tuple[str, ...] = get_args(Zscore)
+
+#: Suffix of the ``obsm`` key holding the 8 dihedral views of features (``compute_features(keep_views=True)``).
+VIEWS_SUFFIX = "_views"
+
+#: Values of feature-provenance fields that earlier versions did not record: features computed
+#: before layers, TTA and z-scoring were recorded are the final layer, without TTA, raw.
+FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {"layers": ("final",), "tta": False, "zscore": None}

@@ -148,3 +148,23 @@ def check_rgb_uint8(image: np.ndarray, *, arg: str = "image") -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"`{arg}` must be 8-bit (uint8) RGB, got dtype {image.dtype}; rescale it to 0..255 first.")
     return image
+
+
+def feature_recipe(prov: Any) -> dict[str, Any]:
+    """How features were computed (``layers``, ``tta``, ``zscore``) from their provenance.
+
+    Fields an earlier version did not record take :data:`sq_spade._constants.FEATURE_PROVENANCE_DEFAULTS`
+    (the final layer, no TTA, no z-score).
+
+    Examples
+    --------
+    >>> feature_recipe({"backbone": "efficientnet_lite0"})
+    {'layers': ['final'], 'tta': False, 'zscore': None}
+    """
+    prov = dict(prov or {})
+    d = K.FEATURE_PROVENANCE_DEFAULTS
+    layers = prov.get("layers", d["layers"])
+    layers = [str(layers)] if isinstance(layers, str) else [str(v) for v in np.asarray(layers).ravel()]
+    zscore = prov.get("zscore", d["zscore"])
+    return {"layers": layers, "tta": bool(prov.get("tta", d["tta"])),
+            "zscore": None if zscore in (None, "none", "None") else str(zscore)}

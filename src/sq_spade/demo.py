@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"trained {model} on C2 and C3")
     # the k-NN baseline on the same fold, panel and features
     knn = tl.train_baseline(train, method="knn", panel=model.panel)
-    tl.predict_expression(query, knn, reference=train, layer_added="predicted_knn")
-    knn_metrics = tl.evaluate_expression(query, predicted_layer="predicted_knn")
+    tl.predict_expression(query, knn, reference=train, key_added="predicted_knn")
+    knn_metrics = tl.evaluate_expression(query, layer="predicted_knn")
     tl.predict_expression(query, model, reference=train, k=args.k)
     metrics, per_gene = tl.evaluate_expression(query, return_per_gene=True)
     metrics.insert(0, "method", "spade")

@@ -12,6 +12,7 @@ from sq_spade.io._sections import (
 )
 from sq_spade.io._st import infer_microns_per_pixel, read_st
 from sq_spade.io._visium import from_spatialdata, read_visium
+from sq_spade.io._wsi import read_wsi
 
 __all__ = [
     "Section",
@@ -23,6 +24,7 @@ __all__ = [
     "read_rgb",
     "read_st",
     "read_visium",
+    "read_wsi",
     "section_from_arrays",
     "set_microns_per_pixel",
     "spot_centers_um",

@@ -176,7 +176,8 @@ class Spade(Model):
         return cls(module, config)
 
     @classmethod
-    def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike], centroids: str | os.PathLike,
+    def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike],
+                      centroids: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
                       fine_to_expert: str | os.PathLike | np.ndarray, *, backbone: str, panel: Sequence[str],
                       gene_input: str = "raw", routing_temperature: float = 0.1) -> Spade:
         """Import checkpoints of the original SPADE repository, safely and strictly.
@@ -188,9 +189,12 @@ class Spade(Model):
             ``image_projection.{projection,fc,layer_norm}.*`` and ``spot_projection.*``. Read with
             ``torch.load(weights_only=True)``: a checkpoint that needs code to load is refused.
         centroids
-            ``centroids.npy``: the fine centroids ``(K, D)`` (read with ``allow_pickle=False``).
+            The fine centroids: a ``.npy`` file (read with ``allow_pickle=False``) or an array of
+            shape ``(K, D)``, or the original's per-organ layout ``(1, K, D)`` (one organ) or
+            ``(G, K, D)`` (``G`` organs, flattened organ by organ to ``(G * K, D)``); or a list of
+            such files, one per organ, concatenated in order.
         fine_to_expert
-            ``.npy`` file or array mapping each fine centroid to its expert.
+            ``.npy`` file or array mapping each fine centroid (in the order above) to its expert.
         backbone
             Backbone the features came from (e.g. ``"uni"``).
         panel
@@ -205,7 +209,7 @@ class Spade(Model):
         from sq_spade.nn.experts import ExpertHeads
         from sq_spade.nn.heads import ProjectionHead
 
-        c = np.load(centroids, allow_pickle=False).astype(np.float32)
+        c = _original_centroids(centroids)
         f2e = np.asarray(fine_to_expert if isinstance(fine_to_expert, np.ndarray)
                          else np.load(fine_to_expert, allow_pickle=False)).astype(np.int64)
         img_heads, gene_heads = [], []
@@ -232,6 +236,10 @@ class Spade(Model):
             extra = [k for k in sd if not k.startswith(("image_projection.", "spot_projection."))]
             if extra:
                 raise ValueError(f"`expert_checkpoints`: unexpected keys in {str(path)!r}: {extra[:10]}.")
+        if c.shape[1] != img_heads[0].projection.in_features:
+            raise ValueError(f"`centroids` are {c.shape[1]}-d but the image heads take "
+                             f"{img_heads[0].projection.in_features}-d features: centroids and checkpoints come "
+                             "from different feature spaces.")
         if len(panel) != gene_heads[0].projection.in_features:
             raise ValueError(f"`panel` has {len(panel)} genes but the gene heads take {gene_heads[0].projection.in_features}.")
         n_exp = len(img_heads)
@@ -245,8 +253,36 @@ class Spade(Model):
                   "gene_input": gene_input, "n_experts": n_exp, "n_fine": int(len(c)),
                   "out_dim": int(img_heads[0].projection.out_features), "dropout": 0.0,
                   "routing_temperature": float(routing_temperature), "reference_side": "genes",
-                  "params": {"imported_from": "original SPADE checkpoints"}}
+                  # the original routes the backbone's final pooled features, raw
+                  "params": {"imported_from": "original SPADE checkpoints",
+                             "feature_recipe": {"layers": ["final"], "tta": False, "zscore": None}}}
         return cls(module, config)
+
+
+def _original_centroids(centroids: Any) -> np.ndarray:
+    """The fine centroids ``(K, D)`` float32 of :meth:`Spade.from_original`, from any of its accepted layouts."""
+    if isinstance(centroids, np.ndarray):
+        parts = [centroids]
+    elif isinstance(centroids, (str, os.PathLike)):
+        parts = [np.load(centroids, allow_pickle=False)]
+    elif isinstance(centroids, Sequence) and centroids:
+        parts = [np.load(p, allow_pickle=False) for p in centroids]
+    else:
+        raise TypeError(f"`centroids` must be a .npy path, a list of them (one per organ) or an array, got "
+                        f"{type(centroids).__name__}.")
+    flat = []
+    for i, a in enumerate(parts):
+        a = np.asarray(a)
+        where = f" (file {i})" if len(parts) > 1 else ""
+        if a.ndim == 3:  # the original's per-organ layout (organs, K, D)
+            a = a.reshape(-1, a.shape[-1])
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) == 0:
+            raise ValueError(f"`centroids`{where} must be fine centroids (K, D), or per organ (1, K, D) / "
+                             f"(G, K, D); got shape {np.shape(parts[i])} of dtype {np.asarray(parts[i]).dtype}.")
+        flat.append(a.astype(np.float32))
+    if len({a.shape[1] for a in flat}) > 1:
+        raise ValueError(f"`centroids` files have different dimensions: {[a.shape[1] for a in flat]}.")
+    return np.concatenate(flat)
 
 
 # original SPADE ProjectionHead parameter names -> ours (the same names, listed explicitly so an

@@ -27,6 +27,7 @@ from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
     features_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -276,8 +277,8 @@ def train_contrastive(
     gene_input
         Spot-encoder input: ``"log1p_cp10k"`` or ``"raw"`` counts of the panel genes.
     out_dim, dropout, depth, heads, dim_head, mlp_dim
-        Latent size, head dropout and spot-encoder transformer (2 blocks, 8 heads of 64, MLP
-        width = number of genes).
+        Latent size, head dropout (0.1 here; the original mclSTExp's heads have none) and
+        spot-encoder transformer (2 blocks, 8 heads of 64, MLP width = number of genes).
     schedule
         ``"constant"`` learning rate (mclSTExp) or ``"cosine"``.
     augment
@@ -295,7 +296,13 @@ def train_contrastive(
     %(table_key)s
     %(key_added)s
     patch_px
-        Patch side in native pixels when fine-tuning.
+        Patch side in native pixels when fine-tuning. This is mclSTExp's geometry (224 native
+        pixels, whatever the scan's resolution: 155 um on her2st at 0.69 um/px), kept so the
+        fine-tuning path reproduces the original; it is *not* the frozen-feature geometry of
+        :func:`sq_spade.pp.compute_features` (112 um at 0.5 um/px, the same tissue area on every
+        scanner). A fine-tuned model records ``patch_px`` and embeds query patches with it, so
+        training and prediction agree; features from ``finetune="none"`` and from fine-tuning
+        are not interchangeable.
     %(checkpoints)s
     distributed
         mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
@@ -447,7 +454,8 @@ def train_contrastive(
                    "n_seeds": rc["n_seeds"], "refit": do_refit, "select": rc["select"],
                    "views": bool(finetune == "none" and train_feats.ndim == 3), "coverage": rc["coverage"],
                    "patience": patience, "schedule": schedule,
-                   "features_key": fkey, "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
+                   "features_key": fkey, "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None,
+                   "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
                    if finetune != "none" else None},
     }
@@ -660,7 +668,7 @@ def calibrate_conformal(
     (default: every other section of the table); for each gene, the ``coverage`` quantile of
     the normalised residuals ``|observed - predicted| / (predicted_sd + floor)`` is stored in
     ``model.config["conformal"]``. :func:`sq_spade.tl.predict_expression` then writes the
-    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<layer_added>_lower`` /
+    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<key_added>_lower`` /
     ``_upper``. The guarantee holds for spots exchangeable with the calibration spots: a
     calibration section the model was trained on gives intervals that are too narrow, and a new
     section differs from the calibration one (the realised coverage per held-out section is on
@@ -714,7 +722,8 @@ def calibrate_conformal(
         raise ValueError(f"`calibration_sections` and `reference_sections` overlap: {sorted(set(cal) & set(ref))}.")
     ca, re_ = rows_of(table, cal), rows_of(table, ref)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
-                                weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                recipe=model.feature_recipe)
     gin, ctx, pos, values = _reference_arrays(sdata, table, model, table_key)
     if k > int(re_.sum()):
         raise ValueError(f"`k={k}` exceeds the {int(re_.sum())} reference spots.")
@@ -767,7 +776,8 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
         fq, queries = None, [q]
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe)
         queries = [model.embed_images(fq, member=m) for m in range(model.n_members)]
     gin, ctx, pos, values = _reference_arrays(reference, r_table, model, reference_table_key)
     if k > len(gin):
@@ -776,7 +786,8 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
     if model.config.keys != "spot":
         _, ref_feats = resolve_features(reference, r_table, features_key=reference_features_key,
                                         backbone=model.backbone, weights_sha256=model.weights_sha256,
-                                        device=device, table_key=reference_table_key)
+                                        device=device, table_key=reference_table_key,
+                                        recipe=model.feature_recipe)
     pred, sd = _retrieve(model, fq, gin, pos, ctx, ref_feats, values, k=k, weighting=weighting,
                          temperature=temperature, queries=queries)
     info = {"n_reference": int(len(gin)), "context": model.context, "key_context":

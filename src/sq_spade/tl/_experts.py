@@ -17,13 +17,20 @@ from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
 from sq_spade._utils import copy_data, progress
-from sq_spade._validation import check_choice, check_positive, get_table, section_labels
+from sq_spade._validation import (
+    check_choice,
+    check_positive,
+    feature_recipe,
+    get_table,
+    section_labels,
+)
 from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
 from sq_spade.models._spade import Spade
 from sq_spade.pp._genes import panel_expression
 from sq_spade.pp._store import FeatureStore
 from sq_spade.tl._common import (
     features_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -225,7 +232,8 @@ def train_experts(
     )
     rotation = _procrustes(img_heads, feats[tr], seed) if alignment == "procrustes" else None
     model = _assemble(img_heads, gene_heads, centroids, f2e, history, backbone=prov.get("backbone", backbone),
-                      weights_sha256=prov.get("weights_sha256"), panel=genes_list, gene_input=gene_input,
+                      weights_sha256=prov.get("weights_sha256"), feature_recipe=recipe_of(table, fkey),
+                      panel=genes_list, gene_input=gene_input,
                       n_fine=n_fine, dropout=dropout, routing_temperature=routing_temperature,
                       reference_side=NO_VALIDATION_SIDE if reference_side == "auto" else reference_side,
                       centroid_groups=clus.centroid_group, train=train, val=val, alignment=alignment,
@@ -256,7 +264,8 @@ def train_experts(
 def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history: dict, *, backbone: str,
               weights_sha256: str | None, panel: Sequence[str], gene_input: str, n_fine: int, dropout: float,
               routing_temperature: float, reference_side: str, centroid_groups: Any, train: list[str],
-              val: list[str], params: dict, alignment: str = "none", rotation: Any = None) -> Spade:
+              val: list[str], params: dict, alignment: str = "none", rotation: Any = None,
+              feature_recipe: dict[str, Any] | None = None) -> Spade:
     """The Spade model (module and config) from trained heads and the clustering."""
     from sq_spade.nn.experts import MixtureOfExperts
 
@@ -269,7 +278,7 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
         "routing_temperature": float(routing_temperature), "reference_side": reference_side,
         "centroid_groups": [str(g) for g in centroid_groups], "train_sections": list(train),
         "validation_sections": list(val), "history": to_jsonable(dict(history), nonfinite="null"),
-        "params": params, "alignment": alignment,
+        "params": {**params, "feature_recipe": feature_recipe}, "alignment": alignment,
     }
     return Spade(module, config)
 
@@ -392,6 +401,7 @@ def train_experts_from_store(
         rotation = _procrustes(img_heads, np.concatenate(sample), seed)
     model = _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
                      backbone=fs.backbone, weights_sha256=fs.weights_sha256, panel=fs.genes,
+                     feature_recipe=_store_recipe(fs, train),
                      gene_input=fs.attrs.get("gene_input", "log1p_cp10k"), n_fine=n_fine, dropout=dropout,
                      routing_temperature=routing_temperature, reference_side="genes",
                      centroid_groups=np.asarray(groups, dtype=object), train=train, val=val, alignment=alignment,
@@ -402,6 +412,12 @@ def train_experts_from_store(
                              "patience": patience, "store": str(fs.path)})
     model.config["selection"] = selection
     return model
+
+
+def _store_recipe(fs: Any, sections: Sequence[str]) -> dict[str, Any] | None:
+    """The feature recipe recorded with a store's sections (``None`` when it did not record features)."""
+    prov = fs[sections[0]].provenance.get("features") if sections else None
+    return feature_recipe(prov) if prov else None
 
 
 def _procrustes(img_heads: Any, features: np.ndarray, seed: int, n_max: int = 4000) -> Any:
@@ -493,7 +509,8 @@ def embed(
         sdata = copy_data(sdata)
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
-                                weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe)
     if feats.shape[1] != model.config.feature_dim:
         raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config.feature_dim}.")
     emb = model.embed_images(feats, routing=routing, temperature=temperature, space=space)
@@ -524,9 +541,10 @@ def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, mod
     check_choice(routing, "routing", K.ROUTINGS)
     sha = model.weights_sha256
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=table_key)
+                             weights_sha256=sha, device=device, table_key=table_key, recipe=model.feature_recipe)
     _, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=reference_table_key)
+                             weights_sha256=sha, device=device, table_key=reference_table_key,
+                             recipe=model.feature_recipe)
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
     gin = None
     if model.config.reference_side != "images":
