@@ -15,7 +15,7 @@ export SQ_SPADE_CACHE_DIR ?= $(abspath .cache/features)
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test,docs,bench,plot]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,docs,bench,plot,leiden]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

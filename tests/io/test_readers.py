@@ -93,6 +93,44 @@ def test_visium_fixture_spaceranger_layout():
     assert np.allclose(r, 27.5)
 
 
+VISIUM_DIR = "scanpy/tests/_data/visium_data/1.0.0"
+
+
+def test_read_visium_names_the_section_after_the_library_id():
+    root = require_data(f"{VISIUM_DIR}/filtered_feature_bc_matrix.h5")
+    sd = sqs.io.read_visium(root / VISIUM_DIR)
+    # the counts file's library id ("custom"), not the folder name ("1.0.0")
+    assert set(sd.tables["table"].obs[K.SECTION_KEY].astype(str)) == {"custom"}
+    _check_layout(sd, "custom")
+
+
+def test_from_spatialdata_adopts_a_spatialdata_io_visium_object(tmp_path):
+    import shutil
+
+    import spatialdata_io
+
+    root = require_data(f"{VISIUM_DIR}/filtered_feature_bc_matrix.h5")
+    folder = tmp_path / "outs"
+    shutil.copytree(root / VISIUM_DIR, folder)
+    hires = folder / "spatial" / "tissue_lowres_image.png"
+    Image.open(hires).convert("RGBA").save(hires)  # Space Ranger sometimes writes RGBA
+    raw = spatialdata_io.visium(folder, dataset_id="V1")
+    assert raw["V1_lowres_image"].sizes["c"] == 4
+    sd = sqs.io.from_spatialdata(raw, patient="P1")
+    t = sd.tables["table"]
+    _check_layout(sd, "V1")
+    assert _mpp(sd, "V1") == pytest.approx(55 / 89.42751063343188)  # from the spot radius
+    assert all(img.sizes["c"] == 3 for img in (sqs.io._sections.image_levels(v)[0] for v in sd.images.values()))
+    assert (t.obs[K.PATIENT_KEY] == "P1").all()
+    _, r = sqs.io.spot_centers_um(sd, sqs.io.get_sections(sd)[0])
+    assert np.allclose(r, 27.5)
+    sqs.pp.extract_patches(sd, image_key="V1_lowres_image", tissue=False)
+    with pytest.raises(ValueError, match="microns_per_pixel"):
+        sqs.io.from_spatialdata(raw, microns_per_pixel=-1)
+    with pytest.raises(TypeError, match="sdata"):
+        sqs.io.from_spatialdata(t)
+
+
 # --- read_st from arbitrary files -------------------------------------------------------------
 
 
@@ -204,7 +242,7 @@ def test_read_hest_fixture(tmp_path):
     assert _mpp(sd, "TENX1") == pytest.approx(0.25)
     assert (t.obs[K.PATIENT_KEY] == "P7").all()
     _check_layout(sd, "TENX1")
-    p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=0.5)
+    p = sqs.pp.extract_patches(sd, patch_size_um=32, microns_per_pixel=0.5)
     assert p[0].shape == (64, 64, 3)
     assert np.allclose(p[0][..., 1], 60)  # the image content, not padding
 

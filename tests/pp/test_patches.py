@@ -31,7 +31,7 @@ def test_resampled_patch_centre_is_the_spot_pixel():
     img = _image(sd)
     # 64 um at 0.5 um/px: 128 px, upsampled 2x from the 1 um/px image
     with pytest.warns(UserWarning, match="upsampled"):
-        p = sqs.pp.extract_patches(sd, patch_size_um=64, mpp=0.5)
+        p = sqs.pp.extract_patches(sd, patch_size_um=64, microns_per_pixel=0.5)
     xy = sd.tables["table"].obsm["spatial"]
     for i in range(len(p)):
         x, y = (int(np.floor(v)) for v in xy[i])
@@ -62,9 +62,9 @@ def test_same_patch_from_two_pyramid_levels():
                                     spot_diameter_um=55)
     levels = sqs.io._sections.image_levels(sd.images["big_image"])
     assert len(levels) >= 2
-    auto = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0)
+    auto = sqs.pp.patches(sd, patch_size_um=256, microns_per_pixel=2.0)
     assert auto.geometry.sections["big"]["level"] == 1
-    fine = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0, level=0)
+    fine = sqs.pp.patches(sd, patch_size_um=256, microns_per_pixel=2.0, level=0)
     for i in range(3):
         diff = np.abs(auto[i].astype(float) - fine[i].astype(float))
         assert diff.mean() < 3 and np.percentile(diff, 99) < 12
@@ -73,7 +73,7 @@ def test_same_patch_from_two_pyramid_levels():
 def test_patches_are_lazy_and_dataloader_friendly():
     torch = pytest.importorskip("torch")
     sd = sqs.datasets.synthetic_section(n_rows=4, n_cols=4)
-    p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=1.0, tissue=False)
+    p = sqs.pp.extract_patches(sd, patch_size_um=32, microns_per_pixel=1.0, tissue=False)
     loader = torch.utils.data.DataLoader(p, batch_size=5, num_workers=2)
     batches = list(loader)
     assert sum(b.shape[0] for b in batches) == 16
@@ -82,7 +82,7 @@ def test_patches_are_lazy_and_dataloader_friendly():
 
 
 def test_geometry_recorded_and_reused(synth):
-    sqs.pp.extract_patches(synth, patch_size_um=48, mpp=1.5)
+    sqs.pp.extract_patches(synth, patch_size_um=48, microns_per_pixel=1.5)
     g = synth.tables["table"].uns[K.PATCHES_UNS]
     assert g["patch_px"] == 32 and g["mpp"] == 1.5
     assert g["sections"]["synth"]["level"] == 0
@@ -149,8 +149,8 @@ def test_anndata_input_refused(synth):
 def test_written_and_read_back(tmp_path, synth):
     synth.write(tmp_path / "s.zarr")
     back = sd_mod.read_zarr(tmp_path / "s.zarr")
-    a = sqs.pp.patches(synth, patch_size_um=32, mpp=1.0)
-    b = sqs.pp.patches(back, patch_size_um=32, mpp=1.0)
+    a = sqs.pp.patches(synth, patch_size_um=32, microns_per_pixel=1.0)
+    b = sqs.pp.patches(back, patch_size_um=32, microns_per_pixel=1.0)
     assert np.array_equal(a[3], b[3])
 
 
@@ -202,7 +202,7 @@ def test_lazy_patches_resolve_and_split_by_section(monkeypatch):
     a = sqs.datasets.synthetic_section(section="a", n_rows=2, n_cols=3, seed=0)
     b = sqs.datasets.synthetic_section(section="b", n_rows=3, n_cols=2, seed=1)
     sd = sqs.io.combine_sections([a, b])
-    ref = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    ref = sqs.pp.patches(sd, patch_size_um=32, microns_per_pixel=1.0)
     from sq_spade.pp._patches import _build_patches
 
     lazy = _build_patches(sd, table_key="table", image_key=None, shapes_key=None, patch_size_um=32, mpp=1.0,
@@ -263,7 +263,7 @@ def _level_position(value, ramp, near):
 def test_resampled_patch_centres_from_a_coarser_level_within_a_tenth_of_a_pixel():
     sd, levels = _ramp_section()
     assert levels[0].shape[1:] == (1100, 1700) and levels[1].shape[1:] == (550, 850)
-    p = sqs.pp.patches(sd, patch_size_um=40, mpp=2.5)  # 20 level-1 pixels resampled to 16
+    p = sqs.pp.patches(sd, patch_size_um=40, microns_per_pixel=2.5)  # 20 level-1 pixels resampled to 16
     assert p.geometry.sections["ramp"]["level"] == 1 and p.patch_px == 16
     red_x, green_y = levels[1][0, 0, :], levels[1][1, :, 0]
     for i, (x0, y0) in enumerate(_SPOTS):
@@ -277,7 +277,7 @@ def test_resampled_patch_centres_on_the_full_resolution_level_within_a_tenth_of_
     sd, levels = _ramp_section()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 0.8 um/px upsamples the 1 um/px image
-        p = sqs.pp.patches(sd, patch_size_um=20, mpp=mpp, level=0)  # 20 level-0 pixels resampled to 16 or 25
+        p = sqs.pp.patches(sd, patch_size_um=20, microns_per_pixel=mpp, level=0)  # 20 level-0 pixels resampled to 16 or 25
     blue_x = levels[0][2, 0, :]
     for i, (x0, _) in enumerate(_SPOTS):
         got = _level_position(_centre_value(p[i][..., 2].astype(float).mean(0)), blue_x, x0)

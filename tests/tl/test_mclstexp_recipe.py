@@ -105,8 +105,8 @@ def test_ensemble_saves_in_one_folder_and_predicts_identically(recipe_model, sda
     path = recipe_model.save(tmp_path / "m")
     back = MclSTExp.load(path)
     assert back.n_members == 2 and back.config["conformal"] == recipe_model.config["conformal"]
-    a = sqs.tl.predict_expression(sdata, recipe_model, reference=sdata, k=20, layer_added="a")
-    b = sqs.tl.predict_expression(sdata, back, reference=sdata, k=20, layer_added="b")
+    a = sqs.tl.predict_expression(sdata, recipe_model, reference=sdata, k=20, key_added="a")
+    b = sqs.tl.predict_expression(sdata, back, reference=sdata, k=20, key_added="b")
     for suffix in ("", "_sd", "_lower", "_upper"):
         assert np.array_equal(a.layers["a" + suffix], b.layers["b" + suffix])
     # tensors of two members under a config of one are refused before anything is built

@@ -9,14 +9,17 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import to_jsonable
+from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
 from sq_spade.models._baselines import KNNModel, RidgeModel, _BaselineModel
 from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
 from sq_spade.pp._genes import panel_expression
 from sq_spade.tl._common import (
     features_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -47,7 +50,7 @@ def train_baseline(
     regressor_kwargs: Mapping[str, Any] | None = None,
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
 ) -> RidgeModel | KNNModel:
@@ -82,7 +85,8 @@ def train_baseline(
         Sections to train on (default: all but validation) and to score the fitted model on
         (recorded in ``config['params']['validation']``).
     seed
-        Recorded with the parameters (both regressors are deterministic).
+        Recorded with the parameters (both regressors are deterministic; ``None``:
+        ``sqs.settings.seed``).
     %(device)s
     %(table_key)s
 
@@ -98,6 +102,7 @@ def train_baseline(
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")])  # doctest: +SKIP
     >>> ridge = sqs.tl.train_baseline(sd, method="ridge", train_sections=["C2", "C3"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.BASELINE_METHODS)
     check_positive(n_top, "n_top", integer=True)
@@ -118,7 +123,7 @@ def train_baseline(
     prov = features_provenance(table, fkey)
     reg.fit(feats[tr], values[tr], groups=section_labels(table)[tr])
     params: dict[str, Any] = {"method": method, "features_key": fkey, "seed": seed, "n_top": n_top,
-                              "regressor_kwargs": to_jsonable(kw)}
+                              "regressor_kwargs": to_jsonable(kw), "feature_recipe": recipe_of(table, fkey)}
     config = {"backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
               "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
               "train_sections": train, "validation_sections": val, "params": params}
@@ -126,6 +131,8 @@ def train_baseline(
     if va.any():
         summary, _ = expression_metrics(model.predict(feats[va]), values[va])
         model.config.params["validation"] = to_jsonable(summary, nonfinite="null")
+    log_info("trained the %s baseline on %d spots (%d panel genes); the table is unchanged", method, int(tr.sum()),
+             len(panel))
     return model
 
 
@@ -135,5 +142,6 @@ def predict_baseline(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """A baseline's prediction from the query's frozen features alone (a reference is not used)."""
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                             weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe)
     return model.predict(fq), {}, {"reference_used": False}

@@ -11,6 +11,7 @@ from sq_spade import _constants as K
 from sq_spade._validation import (
     check_obsm,
     check_sections,
+    feature_recipe,
     is_spatialdata,
     section_ids,
     section_labels,
@@ -21,8 +22,14 @@ from sq_spade.pp._genes import panel_genes, select_genes
 
 def resolve_features(data: Any, table: Any, *, features_key: str | None, backbone: str,
                      weights_sha256: str | None = None, weights: str | None = None,
-                     device: str | None = None, table_key: str = K.TABLES.DEFAULT) -> tuple[str, np.ndarray]:
-    """Features of every row: ``obsm[features_key]``, computed with ``backbone`` when absent."""
+                     device: str | None = None, table_key: str = K.TABLES.DEFAULT,
+                     recipe: Any = None) -> tuple[str, np.ndarray]:
+    """Features of every row: ``obsm[features_key]``, computed with ``backbone`` when absent.
+
+    ``recipe`` (a model's :attr:`~sq_spade.models.Model.feature_recipe`: layers, TTA, z-score)
+    says how to compute them and is checked against the provenance of existing ones; ``None``
+    (training) computes them with :func:`~sq_spade.pp.compute_features`'s defaults.
+    """
     key = features_key or K.features_key(backbone)
     if key not in table.obsm:
         if features_key is not None:
@@ -30,14 +37,22 @@ def resolve_features(data: Any, table: Any, *, features_key: str | None, backbon
         if not is_spatialdata(data):
             raise KeyError(f"`obsm[{key!r}]` is missing and an AnnData has no image to compute it from; "
                            "pass a SpatialData or run sqs.pp.compute_features first.")
-        compute_features(data, backbone=backbone, weights=weights, device=device, table_key=table_key, key_added=key)
-    check_features_backbone(table, key, backbone, weights_sha256)
+        how = {} if recipe is None else feature_recipe(recipe)
+        compute_features(data, backbone=backbone, weights=weights, device=device, table_key=table_key, key_added=key,
+                         **how)
+    check_features_backbone(table, key, backbone, weights_sha256, recipe=recipe)
     return key, check_obsm(table, key, arg="features_key")
 
 
 def features_provenance(table: Any, key: str | None) -> dict[str, Any]:
     """What computed ``obsm[key]`` (backbone, weights sha256...), ``{}`` when unknown."""
     return dict(table.uns.get(K.UNS.FEATURES, {}).get(key, {})) if key is not None else {}
+
+
+def recipe_of(table: Any, key: str | None) -> dict[str, Any] | None:
+    """The recipe (layers, TTA, z-score) of ``obsm[key]`` for a model's config; ``None`` without provenance."""
+    prov = features_provenance(table, key)
+    return feature_recipe(prov) if prov else None
 
 
 def resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, train: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, is_spatialdata
@@ -26,6 +27,7 @@ from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
     features_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -137,7 +139,7 @@ def train_contrastive(
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
     patience: int | None = 10,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     key_added: str = K.OBSM.MCLSTEXP,
@@ -275,8 +277,8 @@ def train_contrastive(
     gene_input
         Spot-encoder input: ``"log1p_cp10k"`` or ``"raw"`` counts of the panel genes.
     out_dim, dropout, depth, heads, dim_head, mlp_dim
-        Latent size, head dropout and spot-encoder transformer (2 blocks, 8 heads of 64, MLP
-        width = number of genes).
+        Latent size, head dropout (0.1 here; the original mclSTExp's heads have none) and
+        spot-encoder transformer (2 blocks, 8 heads of 64, MLP width = number of genes).
     schedule
         ``"constant"`` learning rate (mclSTExp) or ``"cosine"``.
     augment
@@ -294,7 +296,13 @@ def train_contrastive(
     %(table_key)s
     %(key_added)s
     patch_px
-        Patch side in native pixels when fine-tuning.
+        Patch side in native pixels when fine-tuning. This is mclSTExp's geometry (224 native
+        pixels, whatever the scan's resolution: 155 um on her2st at 0.69 um/px), kept so the
+        fine-tuning path reproduces the original; it is *not* the frozen-feature geometry of
+        :func:`sq_spade.pp.compute_features` (112 um at 0.5 um/px, the same tissue area on every
+        scanner). A fine-tuned model records ``patch_px`` and embeds query patches with it, so
+        training and prediction agree; features from ``finetune="none"`` and from fine-tuning
+        are not interchangeable.
     %(checkpoints)s
     distributed
         mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
@@ -319,6 +327,7 @@ def train_contrastive(
     >>> model = sqs.tl.train_contrastive(sd)  # small-data recipe: C4 validates, then refit on C2-C4  # doctest: +SKIP
     >>> published = sqs.tl.train_contrastive(sd, recipe="published", validation_sections=["C4"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.CONTRASTIVE_METHODS)
     check_choice(finetune, "finetune", K.FINETUNES)
@@ -445,7 +454,8 @@ def train_contrastive(
                    "n_seeds": rc["n_seeds"], "refit": do_refit, "select": rc["select"],
                    "views": bool(finetune == "none" and train_feats.ndim == 3), "coverage": rc["coverage"],
                    "patience": patience, "schedule": schedule,
-                   "features_key": fkey, "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
+                   "features_key": fkey, "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None,
+                   "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
                    if finetune != "none" else None},
     }
@@ -475,6 +485,8 @@ def train_contrastive(
     table.obsm[key_added] = emb
     table.uns[K.UNS.MCLSTEXP] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added, "sq_spade_version": __version__})
+    log_info("trained mclSTExp (%d panel genes): obsm[%r] and uns[%r] of table %r", len(genes_list), key_added,
+             K.UNS.MCLSTEXP, table_key)
     return model
 
 
@@ -656,7 +668,7 @@ def calibrate_conformal(
     (default: every other section of the table); for each gene, the ``coverage`` quantile of
     the normalised residuals ``|observed - predicted| / (predicted_sd + floor)`` is stored in
     ``model.config["conformal"]``. :func:`sq_spade.tl.predict_expression` then writes the
-    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<layer_added>_lower`` /
+    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<key_added>_lower`` /
     ``_upper``. The guarantee holds for spots exchangeable with the calibration spots: a
     calibration section the model was trained on gives intervals that are too narrow, and a new
     section differs from the calibration one (the realised coverage per held-out section is on
@@ -710,7 +722,8 @@ def calibrate_conformal(
         raise ValueError(f"`calibration_sections` and `reference_sections` overlap: {sorted(set(cal) & set(ref))}.")
     ca, re_ = rows_of(table, cal), rows_of(table, ref)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
-                                weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                recipe=model.feature_recipe)
     gin, ctx, pos, values = _reference_arrays(sdata, table, model, table_key)
     if k > int(re_.sum()):
         raise ValueError(f"`k={k}` exceeds the {int(re_.sum())} reference spots.")
@@ -763,7 +776,8 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
         fq, queries = None, [q]
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe)
         queries = [model.embed_images(fq, member=m) for m in range(model.n_members)]
     gin, ctx, pos, values = _reference_arrays(reference, r_table, model, reference_table_key)
     if k > len(gin):
@@ -772,7 +786,8 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
     if model.config.keys != "spot":
         _, ref_feats = resolve_features(reference, r_table, features_key=reference_features_key,
                                         backbone=model.backbone, weights_sha256=model.weights_sha256,
-                                        device=device, table_key=reference_table_key)
+                                        device=device, table_key=reference_table_key,
+                                        recipe=model.feature_recipe)
     pred, sd = _retrieve(model, fq, gin, pos, ctx, ref_feats, values, k=k, weighting=weighting,
                          temperature=temperature, queries=queries)
     info = {"n_reference": int(len(gin)), "context": model.context, "key_context":
