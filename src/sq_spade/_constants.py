@@ -92,6 +92,21 @@ OBSM = _Obsm()
 LAYERS = _Layers()
 UNS = _Uns()
 
+#: Entries of a feature provenance record (``uns['sq_spade_features'][key]``) that must agree
+#: between features used together (training and prediction, reference and query), with the value
+#: an older record that lacks the entry is taken to have. Entries not listed (version, device,
+#: cache use) never change the features.
+FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {
+    "backbone": None, "weights_sha256": None, "dim": None, "input_size": None,
+    "patch_geometry": None, "tta": False, "layers": None, "zscore": False,
+}
+#: Key of a model config's ``params`` holding the provenance of its training features.
+FEATURE_PROVENANCE_PARAM = "feature_provenance"
+#: Entries of a recorded patch geometry compared the same way (``sections`` says where, not how).
+PATCH_GEOMETRY_DEFAULTS: dict[str, object] = {
+    "patch_size_um": None, "mpp": None, "patch_px": None, "fill": 255, "mode": "physical",
+}
+
 #: Attribute of a feature store's root zarr group (``pp.write_feature_store``).
 FEATURE_STORE_ATTR = "sq_spade_feature_store"
 

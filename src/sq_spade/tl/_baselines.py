@@ -16,7 +16,9 @@ from sq_spade.models._baselines import KNNModel, RidgeModel, _BaselineModel
 from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
 from sq_spade.pp._genes import panel_expression
 from sq_spade.tl._common import (
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -118,7 +120,8 @@ def train_baseline(
     prov = features_provenance(table, fkey)
     reg.fit(feats[tr], values[tr], groups=section_labels(table)[tr])
     params: dict[str, Any] = {"method": method, "features_key": fkey, "seed": seed, "n_top": n_top,
-                              "regressor_kwargs": to_jsonable(kw)}
+                              "regressor_kwargs": to_jsonable(kw),
+                              K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)}
     config = {"backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
               "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
               "train_sections": train, "validation_sections": val, "params": params}
@@ -135,5 +138,6 @@ def predict_baseline(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """A baseline's prediction from the query's frozen features alone (a reference is not used)."""
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
+                             expected=model_feature_provenance(model),
                              weights_sha256=model.weights_sha256, device=device, table_key=table_key)
     return model.predict(fq), {}, {"reference_used": False}

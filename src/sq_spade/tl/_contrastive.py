@@ -25,7 +25,9 @@ from sq_spade.pp._patches import patches as make_patches
 from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -353,7 +355,8 @@ def train_contrastive(
                    "temperature": temperature, "seed": seed, "patience": patience, "schedule": schedule,
                    "features_key": fkey, "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
-                   if finetune != "none" else None},
+                   if finetune != "none" else None,
+                   K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None) if finetune == "none" else None},
     }
     model = MclSTExp(fit.image_head, fit.spot_encoder, config, image_encoder=fit.image_encoder)
     if finetune == "none":
@@ -394,6 +397,7 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
         q[src.rows] = model.embed_patches(src, device=device)
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
+                                 expected=model_feature_provenance(model),
                                  weights_sha256=model.weights_sha256, device=device, table_key=table_key)
         q = model.embed_images(fq)
     keys = spot_keys(reference, model, table_key=reference_table_key)

@@ -19,10 +19,13 @@ from sq_spade._utils import progress
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
 from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
 from sq_spade.models._spade import Spade
-from sq_spade.pp._genes import panel_expression
+from sq_spade.pp._genes import check_panel_measured, panel_expression
 from sq_spade.pp._store import FeatureStore
 from sq_spade.tl._common import (
+    check_same_provenance,
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -214,7 +217,7 @@ def train_experts(
                       params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                               "loss": loss, "temperature": temperature, "seed": seed,
                               "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
-                              "patience": patience})
+                              "patience": patience, K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)})
     if reference_side == "auto" and va.any():
         values = (expr if gene_input == "log1p_cp10k"
                   else panel_expression(table, genes_list, gene_input="log1p_cp10k")[0])
@@ -426,6 +429,7 @@ def embed(
     check_choice(routing, "routing", K.ROUTINGS)
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
+                                expected=model_feature_provenance(model),
                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
     if feats.shape[1] != model.config.feature_dim:
         raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config.feature_dim}.")
@@ -453,10 +457,13 @@ def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, mod
                          "SpatialData) whose expression is retrieved.")
     check_choice(routing, "routing", K.ROUTINGS)
     sha = model.weights_sha256
-    _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=table_key)
-    _, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=reference_table_key)
+    expected = model_feature_provenance(model)
+    qkey, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
+                                weights_sha256=sha, device=device, table_key=table_key, expected=expected)
+    rkey, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
+                                weights_sha256=sha, device=device, table_key=reference_table_key, expected=expected)
+    check_same_provenance(q_table, qkey, r_table, rkey)
+    check_panel_measured(r_table, model.panel, arg="reference")  # every reference spot measured the panel
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
     gin = None
     if model.config.reference_side == "genes":
