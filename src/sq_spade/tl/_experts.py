@@ -182,11 +182,11 @@ def train_experts(
     choose_n_experts(n_experts, 0)  # checks the argument before any feature is computed
     check_positive(routing_temperature, "routing_temperature")
     train, val = split_sections(table, train_sections, validation_sections)
+    genes_list = resolve_panel(table, panel, n_top, train)  # cheap checks before any feature is computed
+    expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
     fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
                                    device=device, table_key=table_key)
     prov = features_provenance(table, fkey)
-    genes_list = resolve_panel(table, panel, n_top, train)
-    expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
     tr, va = rows_of(table, train), rows_of(table, val)
     if tr.sum() < 2:
         raise ValueError(f"Training sections {train} have {int(tr.sum())} spots; at least 2 are needed.")
