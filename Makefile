@@ -10,12 +10,12 @@ endif
 # frozen features are cached by a hash of the patches' pixels and the weights
 export SQ_SPADE_CACHE_DIR ?= $(abspath .cache/features)
 
-.PHONY: demo test env lint docs bench clean
+.PHONY: demo test env lint docs bench mutation clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test,docs,bench,plot]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,docs,bench,plot,leiden]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -35,6 +35,10 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
+
+## the mutation score (planted bugs against the tests that cover them; ~25 min, not part of CI)
+mutation: $(STAMP)
+	$(VENV)/bin/python benchmarks/mutation.py
 
 clean:
 	rm -rf $(VENV) docs/_build results

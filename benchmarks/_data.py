@@ -31,14 +31,28 @@ SPLIT_TITLES = {"loso": "her2st, leave one section out (B4, C2, C3, C4)",
                 "mob": "mouse olfactory bulb, leave one section out (MOB1-3)"}
 
 
-def section_table(section: str, backbone: str = "efficientnet_lite0"):
-    """AnnData of one section with ``obsm['X_<backbone>']`` (features cached on disk); a copy."""
-    return _section_table(section, backbone).copy()
+def _recipe_tag(layers, tta: bool) -> str:
+    """File-name tag of a feature recipe (``default``: the backbone's default layers)."""
+    tag = "default" if layers is None else "+".join([layers] if isinstance(layers, str) else layers)
+    return tag + ("_tta" if tta else "")
+
+
+def section_table(section: str, backbone: str = "efficientnet_lite0", *, layers=None, tta: bool = False,
+                  zscore="auto"):
+    """AnnData of one section with ``obsm['X_<backbone>']`` (features cached on disk); a copy.
+
+    ``layers``, ``tta`` and ``zscore`` go to :func:`sq_spade.pp.compute_features` (its defaults:
+    the backbone's default layers, no TTA); the provenance it records is kept.
+    """
+    return _section_table(section, backbone, layers if layers is None or isinstance(layers, str) else tuple(layers),
+                          tta, zscore).copy()
 
 
 @functools.cache
-def _section_table(section: str, backbone: str):
+def _section_table(section: str, backbone: str, layers, tta: bool, zscore):
     # reading a section decodes its full-resolution JPEG (~10 s); a run reads each one many times
+    import json
+
     import sq_spade as sqs
 
     sqs.settings.data_dir = DATA_DIR
@@ -47,30 +61,34 @@ def _section_table(section: str, backbone: str):
         sd = sqs.datasets.stutility_mob(section) if section.startswith("MOB") else sqs.datasets.her2st(section)
         t = sd.tables["table"]
         key = f"X_{backbone}"
-        path = CACHE / f"{section}_{backbone}.npy"
-        if path.exists():
-            f = np.load(path, allow_pickle=False)
-            t.obsm[key] = f
-            t.uns["sq_spade_features"] = {key: {"backbone": backbone}}
+        path = CACHE / f"{section}_{backbone}_{_recipe_tag(layers, tta)}_z{zscore}.npy"
+        meta = path.with_suffix(".json")
+        if path.exists() and meta.exists():
+            t.obsm[key] = np.load(path, allow_pickle=False)
+            t.uns["sq_spade_features"] = {key: json.loads(meta.read_text())}
         else:
-            sqs.pp.compute_features(sd, backbone=backbone)
+            sqs.pp.compute_features(sd, backbone=backbone, layers=layers, tta=tta, zscore=zscore)
             CACHE.mkdir(parents=True, exist_ok=True)
             np.save(path, t.obsm[key])
+            prov = {k: v for k, v in t.uns["sq_spade_features"][key].items() if k != "patch_geometry"}
+            meta.write_text(json.dumps(prov, default=str))
+            t.uns["sq_spade_features"] = {key: prov}
     t = t.copy()
     t.uns.pop("spatialdata_attrs", None)
     return t
 
 
-def tables(sections, backbone: str = "efficientnet_lite0"):
-    """Concatenate sections' tables (inner join of genes) into one AnnData."""
+def tables(sections, backbone: str = "efficientnet_lite0", **recipe):
+    """Concatenate sections' tables (inner join of genes) into one AnnData (``recipe``: see :func:`section_table`)."""
     import anndata as ad
     import pandas as pd
 
-    parts = [section_table(s, backbone) for s in sections]
+    parts = [section_table(s, backbone, **recipe) for s in sections]
     out = ad.concat(parts, join="inner", merge="same")
     for c in ("section", "region", "patient"):
         out.obs[c] = pd.Categorical(out.obs[c].astype(str))
-    out.uns["sq_spade_features"] = {f"X_{backbone}": {"backbone": backbone}}
+    key = f"X_{backbone}"
+    out.uns["sq_spade_features"] = {key: dict(parts[0].uns["sq_spade_features"][key])}
     return out
 
 

@@ -226,6 +226,26 @@ def scaling_plot(sc: dict, path: Path) -> None:
 # the page
 
 
+def mutation_section(doc: dict) -> list[str]:
+    """The results page's lines on the mutation score (``benchmarks/mutation.json``, written by ``make mutation``)."""
+    killed, total = int(doc["killed"]), int(doc["total"])
+    lines = ["## Mutation score\n",
+             "How well the tests catch the bugs a user would hit: `benchmarks/mutation.py` (`make mutation`, not "
+             "part of CI) plants each bug of a fixed list (a leaked reference or panel, an ignored argument or "
+             "default, a shifted patch, a removed model-file check, the GPU-only averaging...) in a temporary "
+             "copy of `src/`, one at a time, and runs the tests that cover that code. A bug is killed when they "
+             "fail.\n",
+             f"**{killed} of {total} mutations killed ({100 * killed / max(total, 1):.0f} %)**"
+             + (f" in {doc['minutes']:.0f} minutes." if doc.get("minutes") is not None else ".") + "\n",
+             "| class of bug | killed | planted |", "|---|---|---|"]
+    for kind, v in doc["by_kind"].items():
+        lines.append(f"| {kind} | {v['killed']} | {v['total']} |")
+    lines.append("")
+    survivors = doc.get("survivors") or []
+    lines.append("Not killed: " + (", ".join(f"`{s}`" for s in survivors) if survivors else "none") + ".\n")
+    return lines
+
+
 def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
     import matplotlib
 
@@ -372,6 +392,10 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
                 ("peak_rss_mb", "peak RSS"))]
             add(f"From {int(a['spots']):,} to {int(b['spots']):,} spots ({grow:.0f}× the work): "
                 + ", ".join(parts) + ".\n")
+
+    mutation = _read_json(root / "benchmarks" / "mutation.json")
+    if mutation:
+        L.extend(mutation_section(mutation))
 
     add("## Where results fall short, and why they differ from the papers\n")
     add("- The papers report SPADE and mclSTExp above the regression and retrieval references on her2st. Here, "

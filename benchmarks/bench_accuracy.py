@@ -2,9 +2,11 @@
 
 Splits (panels chosen on each fold's training sections only; nothing tuned on a test section):
 
-- ``loso``: B4, C2, C3, C4; each held out in turn, trained on the other three (one of them,
-  the last, is the validation section for early stopping and SPADE's reference-side choice;
-  all three form the retrieval reference);
+- ``loso``: B4, C2, C3, C4; each held out in turn, trained on the other three. Every method
+  trains on all three: ridge and kNN choose their penalty / ``k`` by cross-validation over
+  them, mclSTExp's default recipe chooses its epoch count on the last one and then refits on
+  all three, SPADE trains on all three for ``--epochs-spade`` epochs (no validation section, so
+  its reference side is the genes); all three form the retrieval reference;
 - ``patient``: each patient held out in turn (A: A1+A2, downscaled images; B: B4; C: C2-C4),
   trained on the other patients' sections (the last one validates);
 - ``a_heldout``: the first fold of ``patient`` alone (train B4, C2, C3, C4; test A1, A2);
@@ -26,7 +28,7 @@ sections in every mode.
 
 Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
 ``.venv/bin/python benchmarks/bench_accuracy.py [--split loso patient mob] [--panel spade|histogene]
-[--seeds 0 1 2] [--control] [--epochs-spade 100] [--epochs-mcl 90] [--threads 1] [--tune [--refit]
+[--seeds 0 1 2] [--control] [--epochs-spade 100] [--epochs-mcl N] [--threads 1] [--tune [--refit]
 [--tune-out scores.csv]] [--out results.csv]``.
 """
 
@@ -74,8 +76,6 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
 
     train = tables(train_secs)
     test = tables(test_secs)
-    val = [train_secs[-1]]
-    fit_secs = train_secs[:-1]
     if panel_mode == "spade":
         panel = sqs.pp.select_genes(train, "spade", n_top=50, train_sections=train_secs, inplace=False)
     else:
@@ -110,12 +110,14 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
                 model = refit_tuned(method, train, panel, train_secs, tuned, seed=seed)
                 record(f"{method}+refit", tuned_predict(test, model, train, tuned.infer_params), t1)
             continue
+        # every method trains on the same sections: all the training sections of the fold
         if method == "spade":
-            model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=fit_secs,
-                                         validation_sections=val, seed=seed, n_fine=16, n_experts=16)
+            model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=train_secs,
+                                         seed=seed, n_fine=16, n_experts=16)
         elif method == "mclstexp":
-            model = sqs.tl.train_contrastive(train, method="mclstexp", panel=panel, epochs=epochs_mcl,
-                                             train_sections=fit_secs, validation_sections=val, seed=seed)
+            # the default recipe: epochs chosen on the last training section, then refit on all of them
+            model = sqs.tl.train_contrastive(train, method="mclstexp", panel=panel, train_sections=train_secs,
+                                             seed=seed, **({} if epochs_mcl is None else {"epochs": epochs_mcl}))
         else:
             model = sqs.tl.train_baseline(train, method=method, panel=panel, train_sections=train_secs, seed=seed)
         record(name, sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs)), t0)
@@ -133,7 +135,8 @@ def main() -> None:
     ap.add_argument("--panel", default="spade", choices=["spade", "histogene"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs-spade", type=int, default=100)
-    ap.add_argument("--epochs-mcl", type=int, default=90)
+    ap.add_argument("--epochs-mcl", type=int, default=None,
+                    help="mclSTExp's most epochs (default: the recipe's)")
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--tune", action="store_true", help="choose mclSTExp / SPADE settings on validation")
     ap.add_argument("--refit", action="store_true",

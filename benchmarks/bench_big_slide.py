@@ -97,7 +97,7 @@ lv0 = sqs.io._sections.image_levels(sd.images["big_image"])[0]
 assert not isinstance(lv0.data, np.ndarray), "the image must be lazy"
 res = {{"rss_after_open_mb": psutil.Process().memory_info().rss / 2**20, "lazy_level_type": type(lv0.data).__name__}}
 t = time.perf_counter()
-p = sqs.pp.extract_patches(sd, patch_size_um=112, mpp=0.5)  # reads every patch (tissue fraction)
+p = sqs.pp.extract_patches(sd, patch_size_um=112, microns_per_pixel=0.5)  # reads every patch (tissue fraction)
 dt = time.perf_counter() - t
 res.update(n=len(p), windowed=not p._levels[0].in_memory, extract_s=dt, extract_patches_per_s=len(p) / dt,
            tissue_median=float(np.median(sd.tables["table"].obs["patch_tissue_fraction"])),

@@ -39,7 +39,7 @@ sd = sqs.io.section_from_arrays(np.ones((len(xy), 2)), genes=["a", "b"], spot_id
 import psutil
 base = psutil.Process().memory_info().rss / 2**20  # current, not peak: imports may have peaked higher
 t = time.perf_counter()
-p = sqs.pp.patches(sd, patch_size_um=112, mpp=0.5)
+p = sqs.pp.patches(sd, patch_size_um=112, microns_per_pixel=0.5)
 load = time.perf_counter() - t
 t = time.perf_counter()
 for i in range(len(p)):

@@ -59,7 +59,7 @@ out["spots"] = int(table.n_obs)
 out["build_s"] = time.perf_counter() - t0
 
 t0 = time.perf_counter()
-p = sqs.pp.patches(sd, patch_size_um=100, mpp=1.0)
+p = sqs.pp.patches(sd, patch_size_um=100, microns_per_pixel=1.0)
 for i in range(len(p)):
     p[i]
 out["patches_s"] = time.perf_counter() - t0

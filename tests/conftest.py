@@ -11,6 +11,8 @@ import pytest
 
 matplotlib.use("Agg")
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SQ_SPADE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 os.environ.setdefault("SQ_SPADE_DATA_DIR", str(DATA_DIR))
@@ -26,8 +28,48 @@ sqs.settings.data_dir = DATA_DIR
 sqs.settings.cache_dir = Path(os.environ["SQ_SPADE_CACHE_DIR"])
 
 
+#: the test running now (set by the autouse fixture below), so that data access can check its marker
+_CURRENT: dict[str, object] = {}
+#: fixtures that read the data folder: a test using one needs ``@pytest.mark.realdata``
+DATA_FIXTURES = ("her2st_section", "mob_section", "lite0_features")
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    _CURRENT["node"] = request.node
+    yield
+    _CURRENT.pop("node", None)
+
+
+def _check_marked() -> None:
+    node = _CURRENT.get("node")
+    if node is not None and node.get_closest_marker("realdata") is None:
+        pytest.fail(f"{node.nodeid} reads the data folder but lacks @pytest.mark.realdata "
+                    "(so `-m 'not realdata'` would not deselect it).", pytrace=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test using a data fixture without the realdata marker fails (it is not silently run or skipped)."""
+    for item in items:
+        uses = sorted(set(getattr(item, "fixturenames", ())) & set(DATA_FIXTURES))
+        if uses and item.get_closest_marker("realdata") is None:
+            msg = f"uses {uses} (the data folder) but lacks @pytest.mark.realdata"
+            item.add_marker(pytest.mark.usefixtures("_unmarked_realdata"))
+            item.user_properties.append(("unmarked_realdata", msg))
+
+
+@pytest.fixture
+def _unmarked_realdata(request):
+    msg = dict(request.node.user_properties).get("unmarked_realdata", "")
+    pytest.fail(f"{request.node.nodeid} {msg}.", pytrace=False)
+
+
 def require_data(*relpaths: str) -> Path:
-    """Path of the data folder, failing under CI (skipping elsewhere) when a file is missing."""
+    """Path of the data folder, failing under CI (skipping elsewhere) when a file is missing.
+
+    The calling test must carry ``@pytest.mark.realdata`` (checked here and at collection).
+    """
+    _check_marked()
     missing = [p for p in relpaths if not (DATA_DIR / p).exists()]
     if missing:
         msg = f"real data missing under {DATA_DIR}: {missing} (set SQ_SPADE_DATA_DIR)"

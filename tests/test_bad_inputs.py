@@ -122,8 +122,8 @@ TL_CASES = [
     ("unknown weighting", lambda sd, m: sqs.tl.predict_expression(sd, m, reference=sd, weighting="max"),
      ValueError, "weighting"),
     ("missing reference", lambda sd, m: sqs.tl.predict_expression(sd, m, k=3), ValueError, "reference"),
-    ("evaluate unknown layer", lambda sd, m: sqs.tl.evaluate_expression(sd, table_key="table"), KeyError,
-     "predicted_layer"),
+    ("evaluate unknown layer", lambda sd, m: sqs.tl.evaluate_expression(sd, predictions_key="table"), KeyError,
+     "`layer="),
     ("embed a non-model", lambda sd, m: sqs.tl.embed(sd, "model"), TypeError, "model"),
     ("embed bad routing", lambda sd, m: sqs.tl.embed(sd, m, routing="top1"), ValueError, "routing"),
     ("few-shot missing labels", lambda sd, m: sqs.tl.few_shot(sd, label_key="nope", embedding_keys=["X_fake"]),
@@ -159,9 +159,9 @@ def test_model_file_from_a_newer_format_is_refused(trained, tmp_path):
 
 
 PL_CASES = [
-    ("unknown gene", lambda sd: sqs.pl.spatial(sd, ["nope"], table_key="table", layer="log1p_cp10k",
+    ("unknown gene", lambda sd: sqs.pl.spatial(sd, ["nope"], predictions_key=None, layer="log1p_cp10k",
                                                compare=False, show=False), KeyError, "nope"),
-    ("unknown section", lambda sd: sqs.pl.spatial(sd, ["gene0"], table_key="table", layer="log1p_cp10k",
+    ("unknown section", lambda sd: sqs.pl.spatial(sd, ["gene0"], predictions_key=None, layer="log1p_cp10k",
                                                   compare=False, section="zz", show=False), (KeyError, ValueError),
      "section"),
     ("unknown layer", lambda sd: sqs.pl.spatial(sd, ["gene0"], table_key="table", layer="nope", compare=False,

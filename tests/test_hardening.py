@@ -29,7 +29,7 @@ def _section(section="s0", seed=0, drop=()):
 
 
 def _features(sd, key="X_dummy", **kw):
-    kw = {"patch_size_um": 32, "mpp": 1.0, **kw}
+    kw = {"patch_size_um": 32, "microns_per_pixel": 1.0, **kw}
     return sqs.pp.compute_features(sd, backbone="dummy", key_added=key, cache=False, **kw)
 
 
@@ -77,7 +77,7 @@ def _query(how):
         _features(q)
         q.tables["table"].uns.pop(K.UNS.FEATURES)
     elif how == "other mpp":
-        _features(q, patch_size_um=32, mpp=0.5)
+        _features(q, patch_size_um=32, microns_per_pixel=0.5)
     return q
 
 
@@ -146,7 +146,7 @@ def cached(tmp_path, monkeypatch):
     model = get_backbone("dummy")
     model.weights_sha256 = "a" * 64
     sd = _section()
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     (entry,) = tmp_path.glob("*.npy")
     return sd, model, entry, sd.tables["table"].obsm["X_dummy"].copy()
 
@@ -167,7 +167,7 @@ def test_a_damaged_cache_entry_is_recomputed_with_a_warning_naming_it(cached, da
     else:
         entry.write_bytes(b"\x80\x04garbage")
     with pytest.warns(UserWarning, match=f"{entry.name}.*unusable"):
-        sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+        sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     t = sd.tables["table"]
     assert np.allclose(t.obsm["X_dummy"], first, atol=1e-5) and not t.uns[K.UNS.FEATURES]["X_dummy"]["from_cache"]
     assert np.array_equal(np.load(entry), t.obsm["X_dummy"])  # replaced by a good entry
@@ -187,7 +187,7 @@ def test_a_failing_cache_write_warns_and_returns_the_features(tmp_path, monkeypa
     monkeypatch.setattr(F.np, "save", full_disk)
     sd = _section()
     with pytest.warns(UserWarning, match="No space left.*not cached"):
-        key = sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+        key = sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     assert np.isfinite(sd.tables["table"].obsm[key]).all()
     assert not list(tmp_path.iterdir())  # no partial entry
 
@@ -204,17 +204,17 @@ def test_the_cache_key_covers_the_weights_used_and_the_normalisation(cached, cha
         new = tuple(x * 0.5 for x in getattr(model.spec, change))
         model.spec = dataclasses.replace(model.spec, **{change: new})
         getattr(model, change).copy_(torch.tensor(new).view(1, 3, 1, 1))
-    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone=model, patch_size_um=32, microns_per_pixel=1.0)
     t = sd.tables["table"]
     assert not t.uns[K.UNS.FEATURES]["X_dummy"]["from_cache"]
     assert len(list(entry.parent.glob("*.npy"))) == 2
 
 
 # --- patch sizes ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("kw", "arg"), [({"patch_size_um": 1e7, "mpp": 1.0}, "patch_size_um"),
-                                         ({"patch_size_um": 1e5, "mpp": 100.0}, "patch_size_um"),
+@pytest.mark.parametrize(("kw", "arg"), [({"patch_size_um": 1e7, "microns_per_pixel": 1.0}, "patch_size_um"),
+                                         ({"patch_size_um": 1e5, "microns_per_pixel": 100.0}, "patch_size_um"),
                                          ({"patch_px": 10**6}, "patch_px"),
-                                         ({"patch_size_um": 5e4, "mpp": 1.0}, "patch_size_um")])
+                                         ({"patch_size_um": 5e4, "microns_per_pixel": 1.0}, "patch_size_um")])
 def test_patch_sizes_are_bounded_before_allocating(kw, arg):
     sd = _section()
     before = _snapshot(sd)

@@ -8,7 +8,7 @@ package; ``if TYPE_CHECKING:`` imports are exempt (they never run)::
     2      pp, train, models, datasets, pl
     1      io, nn
     0      base: _constants, _settings, _validation, _utils, _serialize, _config, _files,
-           _metrics, _docs, _version
+           _metrics, _docs, _version, _deprecate, _logging
 
 Besides: nothing inside the package imports the face (``import sq_spade``, ``from sq_spade
 import settings``); ``nn`` and ``train`` touch no AnnData; a function-local import of a package
@@ -31,7 +31,7 @@ import sq_spade
 
 PKG = Path(sq_spade.__file__).resolve().parent
 BASE = {"_constants", "_settings", "_validation", "_utils", "_serialize", "_config", "_files", "_metrics", "_docs",
-        "_version"}
+        "_version", "_deprecate", "_logging"}
 FLOORS = {**{m: 0 for m in BASE}, "io": 1, "nn": 1, "pp": 2, "train": 2, "models": 2, "datasets": 2, "pl": 2,
           "tl": 3, "demo": 4, "face": 5}
 #: Packages whose modules import torch: importing them inside a function keeps the others fast.

@@ -95,3 +95,12 @@ def test_shuffled_control_permutes_within_sections():
         rows = (t.obs["section"] == sec).to_numpy()
         assert sorted(map(tuple, out.X[rows])) == sorted(map(tuple, x[rows]))
     np.testing.assert_array_equal(t.X, x)  # the input is left alone
+
+
+def test_mutation_section_states_the_score_and_names_survivors(report):
+    doc = {"killed": 9, "total": 10, "survivors": ["heg_panel_leak"], "minutes": 21.4,
+           "by_kind": {"panel leak": {"killed": 1, "total": 2}, "observed": {"killed": 8, "total": 8}}}
+    text = "\n".join(report.mutation_section(doc))
+    assert "## Mutation score" in text and "**9 of 10 mutations killed (90 %)**" in text
+    assert "| panel leak | 1 | 2 |" in text and "`heg_panel_leak`" in text
+    assert "Not killed: none" in "\n".join(report.mutation_section({**doc, "survivors": []}))

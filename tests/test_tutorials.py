@@ -23,7 +23,8 @@ from tests.conftest import DATA_DIR, require_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "docs" / "tutorials"
-NAMES = ["01_spade_predict_h_and_e_only", "02_mclstexp_vs_references", "03_few_shot_probes"]
+NAMES = ["01_spade_predict_h_and_e_only", "02_mclstexp_vs_references", "03_few_shot_probes",
+         "04_whole_slide_virtual_map"]
 MARK = "SQ_SPADE_CHECK "
 
 
@@ -142,7 +143,7 @@ print({MARK!r} + _json.dumps({{
 }}, default=str))
 '''
     out, nb = _run(NAMES[2], check, tmp_path)
-    assert out["shapes"] == {"X_efficientnet_lite0": [346, 1280], "X_spade": [346, 256], "X_mclstexp": [346, 256]}
+    assert out["shapes"] == {"X_efficientnet_lite0": [346, 384], "X_spade": [346, 256], "X_mclstexp": [346, 256]}
     assert set(out["labelled"]) == {"invasive cancer", "cancer in situ", "connective tissue", "adipose tissue"}
     assert min(out["labelled"].values()) >= 9  # every class has spots for 8 shots plus a test spot
     fs = out["few_shot"]
@@ -155,6 +156,28 @@ print({MARK!r} + _json.dumps({{
     lite0_8 = next(r for r in fs if r["embedding"] == "X_efficientnet_lite0" and r["shots"] == 8)
     assert lite0_8["balanced_accuracy_mean"] > 0.25
     assert _images(nb) >= 4  # labels on tissue, probe curves, two UMAPs
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.xdist_group("tutorials")
+def test_tutorial_04_maps_an_h_and_e_only_slide(tmp_path):
+    require_data(*_her2st_files("A1", "C2", "C3", "C4"), "her2st/data/ST-pat/lbl/A1_labeled_coordinates.tsv")
+    check = f'''
+print({MARK!r} + _json.dumps({{
+    "n_tiles": int(n_tiles), "pred_rows": int(pred.n_obs), "slide_tables": sorted(slide.tables),
+    "r_spots": float(r_spots), "r_tiles": float(r_tiles),
+    "scores": {{k: {{m: float(v[m]) for m in ("ari", "nmi", "ari_shuffled_p95")}} for k, v in scores.items()}},
+    "vec": list(vec.shape),
+}}))
+'''
+    out, nb = _run(NAMES[3], check, tmp_path)
+    assert out["n_tiles"] > 100 and out["pred_rows"] == out["n_tiles"]
+    assert {"tiles", "predicted"} <= set(out["slide_tables"])  # no spots table: the slide had none
+    assert _finite(out["r_spots"]) and _finite(out["r_tiles"]) and out["r_tiles"] > 0
+    assert set(out["scores"]) == {"predicted", "observed"} and all(_finite(v["ari"]) for v in out["scores"].values())
+    assert out["vec"] == [1, 1280]
+    assert _images(nb) >= 4  # mask, two maps, domains
 
 
 # --- the committed notebooks (no data needed) ---------------------------------------------------

@@ -66,6 +66,10 @@ class _Layers(NamedTuple):
     NORMALIZED: str = "log1p_cp10k"
     COUNTS: str = "counts"
     PREDICTED: str = "predicted"
+    # beside a prediction layer ``<key_added>``: ``<key_added>_sd`` etc. (the default names)
+    PREDICTED_SD: str = "predicted_sd"  # predictive standard deviation (retrieval + ensemble spread)
+    PREDICTED_LOWER: str = "predicted_lower"  # conformal interval, lower end
+    PREDICTED_UPPER: str = "predicted_upper"  # conformal interval, upper end
 
 
 class _Uns(NamedTuple):
@@ -77,12 +81,17 @@ class _Uns(NamedTuple):
     SPADE: str = "spade"  # tl.train_experts / tl.embed provenance
     MCLSTEXP: str = "mclstexp"  # tl.train_contrastive provenance
     PREDICTION: str = "sq_spade_prediction"  # per layer: parameters of tl.predict_expression
+    PREDICTION_X: str = "sq_spade_prediction_x"  # predictions table: the layer X copies (the latest)
+    UMAP: str = "sq_spade_umap"  # per obsm key X_umap_<basis>: parameters of the UMAP pl.embedding stored
     TISSUE: str = "sq_spade_tissue"  # attrs of a tissue mask: level, threshold, area
     TILES: str = "sq_spade_tiles"  # parameters of pp.tile_tissue
     DOMAINS: str = "sq_spade_domains"  # parameters of tl.spatial_domains
     SLIDES: str = "sq_spade_slides"  # tl.slide_embedding: one vector per section
     SPATIALDATA_ATTRS: str = "spatialdata_attrs"  # spatialdata's own: region and instance keys
 
+
+#: Layers a prediction may have beside ``<key_added>``: ``<key_added>_sd``, ``_lower``, ``_upper``.
+UNCERTAINTY_SUFFIXES: tuple[str, ...] = ("sd", "lower", "upper")
 
 TABLES = _Tables()
 OBS = _Obs()
@@ -98,7 +107,7 @@ UNS = _Uns()
 #: cache use) never change the features.
 FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {
     "backbone": None, "weights_sha256": None, "dim": None, "input_size": None,
-    "patch_geometry": None, "tta": False, "layers": None, "zscore": False,
+    "patch_geometry": None, "tta": False, "layers": ("final",), "zscore": None,
 }
 #: Key of a model config's ``params`` holding the provenance of its training features.
 FEATURE_PROVENANCE_PARAM = "feature_provenance"
@@ -144,6 +153,11 @@ def features_key(backbone: str) -> str:
     return f"X_{backbone}"
 
 
+def umap_key(basis: str) -> str:
+    """``obsm`` key of the stored UMAP of an embedding: ``"X_spade"`` -> ``"X_umap_spade"``."""
+    return f"X_umap_{basis.removeprefix('X_')}"
+
+
 def microns_cs(section: str) -> str:
     """Name of the micrometre coordinate system of ``section``."""
     return f"{section}{MICRONS_SUFFIX}"
@@ -172,13 +186,30 @@ CONTEXTS: tuple[str, ...] = get_args(Context)
 Finetune = Literal["none", "last", "all"]
 FINETUNES: tuple[str, ...] = get_args(Finetune)
 #: What SPADE retrieves against on the reference side (``"auto"``: chosen on validation).
-ReferenceSide = Literal["genes", "images"]
+ReferenceSide = Literal["genes", "images", "both"]
 REFERENCE_SIDES: tuple[str, ...] = get_args(ReferenceSide)
-ReferenceSideChoice = Literal["auto", "genes", "images"]
+ReferenceSideChoice = Literal["auto", "genes", "images", "both"]
 REFERENCE_SIDE_CHOICES: tuple[str, ...] = get_args(ReferenceSideChoice)
 #: SPADE's routing of a spot to its experts.
 Routing = Literal["soft", "hard"]
 ROUTINGS: tuple[str, ...] = get_args(Routing)
+#: How SPADE's experts share one embedding space: one gene head shared by all experts, an
+#: orthogonal rotation of each expert onto a common anchor after training, or none (published).
+Alignment = Literal["shared_genes", "procrustes", "none"]
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+#: Which SPADE embedding ``embed`` writes: the experts' common space or the published routed sum.
+Space = Literal["aligned", "published"]
+SPACES: tuple[str, ...] = get_args(Space)
+#: Retrieval keys of mclSTExp: the reference spots' spot-encoder embeddings, their image
+#: embeddings, or both (the mean of the two cosine similarities).
+Keys = Literal["spot", "image", "both"]
+KEYS: tuple[str, ...] = get_args(Keys)
+#: What picks the epoch of a run with validation data: the validation loss or the validation ACG.
+Select = Literal["loss", "acg"]
+SELECTS: tuple[str, ...] = get_args(Select)
+#: Training recipes of mclSTExp: small-data defaults, or the published settings.
+Recipe = Literal["small_data", "published"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 #: Learning-rate schedule of mclSTExp.
 Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -203,6 +234,25 @@ CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 #: Score of a cross-validation fold of the regressors.
 Scoring = Literal["pearson", "mse"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
+#: Colour scale of an observed / predicted pair in ``pl.spatial``.
+ColorScale = Literal["panel", "shared", "zscore"]
+COLOR_SCALES: tuple[str, ...] = get_args(ColorScale)
 #: Feature dtype of a feature store.
 StoreDtype = Literal["float16", "float32"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+#: Clustering of tl.spatial_domains.
+DomainMethod = Literal["kmeans", "leiden"]
+DOMAIN_METHODS: tuple[str, ...] = get_args(DomainMethod)
+#: Pooling of tile embeddings into one vector per slide (tl.slide_embedding).
+Pooling = Literal["mean", "quantiles", "attention-ready"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+#: Standardisation of frozen features (``"section"``: every column z-scored within each section).
+Zscore = Literal["section"]
+ZSCORES: tuple[str, ...] = get_args(Zscore)
+
+#: Suffix of the ``obsm`` key holding the 8 dihedral views of features (``compute_features(keep_views=True)``).
+VIEWS_SUFFIX = "_views"
+
+# FEATURE_PROVENANCE_DEFAULTS (above): features computed before layers, TTA and z-scoring were
+# recorded are the final layer, without TTA, raw.

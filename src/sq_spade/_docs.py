@@ -37,7 +37,7 @@ device
     "seed": """\
 seed
     Seed of every random draw of the call (clustering, initialisation, batching, augmentation);
-    the caller's random state is left as it was.""",
+    ``None``: ``sqs.settings.seed``. The caller's random state is left as it was.""",
     "key_added": """\
 key_added
     ``obsm`` key of the embedding written for every spot.""",

@@ -139,3 +139,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def copy_data(data: Any) -> Any:
+    """A copy for ``copy=True``: an AnnData copied; a SpatialData with copied tables.
+
+    The images, shapes, points and labels elements of a SpatialData are shared with the
+    original (sq_spade never writes into them), so a copy of a large slide costs its tables only.
+    """
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data.copy()
+    from spatialdata import SpatialData
+
+    if not isinstance(data, SpatialData):
+        raise TypeError(f"`copy=True` needs an AnnData or a SpatialData, got {type(data).__name__}.")
+    out = SpatialData(images=dict(data.images), labels=dict(data.labels), points=dict(data.points),
+                      shapes=dict(data.shapes), tables={k: t.copy() for k, t in data.tables.items()})
+    if hasattr(out, "attrs"):
+        out.attrs.update(getattr(data, "attrs", {}) or {})
+    return out
+

@@ -64,8 +64,11 @@ def check_positive_number(value: Any, what: str) -> float:
 
 
 def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFAULT, *,
-              arg: str = "sdata") -> AnnData:
-    """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``)."""
+              arg: str = "sdata", key_arg: str = "table_key", hint: str = "") -> AnnData:
+    """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``).
+
+    ``key_arg`` names the argument that gave ``table_key`` in the error, ``hint`` says what to do.
+    """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
@@ -75,8 +78,8 @@ def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFA
     table_key = K.TABLES.DEFAULT if table_key is None else table_key
     if table_key not in data.tables:
         raise KeyError(
-            f"`table_key={table_key!r}` is not a table of `{arg}`; "
-            f"expected one of {sorted(data.tables)}."
+            f"`{key_arg}={table_key!r}` is not a table of `{arg}`; "
+            f"expected one of {sorted(data.tables)}.{hint}"
         )
     return data.tables[table_key]
 
@@ -187,3 +190,23 @@ def check_rgb_uint8(image: np.ndarray, *, arg: str = "image") -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"`{arg}` must be 8-bit (uint8) RGB, got dtype {image.dtype}; rescale it to 0..255 first.")
     return image
+
+
+def feature_recipe(prov: Any) -> dict[str, Any]:
+    """How features were computed (``layers``, ``tta``, ``zscore``) from their provenance.
+
+    Fields an earlier version did not record take :data:`sq_spade._constants.FEATURE_PROVENANCE_DEFAULTS`
+    (the final layer, no TTA, no z-score).
+
+    Examples
+    --------
+    >>> feature_recipe({"backbone": "efficientnet_lite0"})
+    {'layers': ['final'], 'tta': False, 'zscore': None}
+    """
+    prov = dict(prov or {})
+    d = K.FEATURE_PROVENANCE_DEFAULTS
+    layers = prov.get("layers", d["layers"])
+    layers = [str(layers)] if isinstance(layers, str) else [str(v) for v in np.asarray(layers).ravel()]
+    zscore = prov.get("zscore", d["zscore"])
+    return {"layers": layers, "tta": bool(prov.get("tta", d["tta"])),
+            "zscore": None if zscore in (None, "none", "None") else str(zscore)}

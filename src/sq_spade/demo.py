@@ -3,9 +3,11 @@
 ``python -m sq_spade.demo --out results`` reads her2st sections C2, C3 and C4 from
 ``SQ_SPADE_DATA_DIR`` (downloading them from their pinned public origin when the folder lacks
 them and the network allows), computes frozen EfficientNet-Lite0 features of 112 um patches,
-trains SPADE experts on C2 and C3, predicts C4's expression from its H&E image
-alone, and writes to ``--out``: the metrics table, a figure of four well-predicted genes
-(observed next to predicted on the tissue), the saved model and a patch montage.
+trains SPADE with ``train_experts`` defaults on C2 and C3, predicts C4's expression from its
+H&E image alone, does the same with the k-nearest-neighbour baseline on the same fold and says
+which wins, and writes to ``--out``: the metrics table (both methods), a figure of four
+well-predicted genes (observed next to predicted on the tissue), the saved model and a patch
+montage.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade import datasets, io, pl, pp, tl
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sq_spade.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results", help="folder for the outputs (default: results)")
     parser.add_argument("--epochs", type=int, default=100, help="SPADE training epochs (default: 100)")
-    parser.add_argument("--experts", type=int, default=8, help="number of experts (default: 8)")
+    parser.add_argument("--experts", default="auto",
+                        help="number of experts (default: auto, sized to the data; 16 is the published count)")
     parser.add_argument("--k", type=int, default=50, help="reference spots retrieved per query (default: 50)")
     args = parser.parse_args(argv)
 
@@ -77,15 +81,27 @@ def main(argv: list[str] | None = None) -> int:
             pp.extract_patches(sd)
             pp.compute_features(sd, backbone="efficientnet_lite0")
             say(f"{name}: EfficientNet-Lite0 features of 112 um patches at 0.5 um/px")
-    model = tl.train_experts(train, n_top=50, n_experts=args.experts, epochs=args.epochs, seed=0)
+    n_experts = args.experts if args.experts == "auto" else int(args.experts)
+    model = tl.train_experts(train, n_top=50, n_experts=n_experts, epochs=args.epochs, seed=0)
     say(f"trained {model} on C2 and C3")
+    # the k-NN baseline on the same fold, panel and features
+    knn = tl.train_baseline(train, method="knn", panel=model.panel)
+    tl.predict_expression(query, knn, reference=train, key_added="predicted_knn")
+    knn_metrics = tl.evaluate_expression(query, layer="predicted_knn")
     tl.predict_expression(query, model, reference=train, k=args.k)
     metrics, per_gene = tl.evaluate_expression(query, return_per_gene=True)
+    metrics.insert(0, "method", "spade")
+    knn_metrics.insert(0, "method", "knn")
+    spade_acg, knn_acg = float(metrics["ACG"].iloc[0]), float(knn_metrics["ACG"].iloc[0])
+    winner = "SPADE" if spade_acg > knn_acg else ("k-NN" if knn_acg > spade_acg else "neither (a tie)")
+    verdict = f"C4 ACG: SPADE {spade_acg:.3f}, k-NN {knn_acg:.3f}: {winner} wins on this fold"
+    metrics = pd.concat([metrics, knn_metrics], ignore_index=True)
     for name, df in (("metrics.csv", metrics), ("per_gene.csv", per_gene)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
-    say("C4 predicted from its image alone: " + ", ".join(
+    say("C4 predicted from its image alone by SPADE: " + ", ".join(
         f"{c} {metrics[c].iloc[0]:.3f}" for c in ("ACG", "HEG", "MSE", "MAE")))
+    say(verdict)
     best = per_gene.sort_values("pearson_r", ascending=False)["gene"].head(4).tolist()
     fig_path = out / "C4_predicted_vs_observed.png"
     pl.spatial(query, best, ncols=2, save=fig_path, show=False, dpi=110)
@@ -99,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(_montage(pp.patches(query), pick)).save(tmp, format="PNG")
     summary = {"train": "C2 + C3", "query": "C4", "model": repr(model),
                "panel_size": len(model.panel), "metrics": metrics.to_dict(orient="records")[0],
+               "knn_metrics": knn_metrics.to_dict(orient="records")[0], "verdict": verdict,
                "best_genes": best, "seconds": round(time.perf_counter() - t0, 1)}
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))

@@ -6,6 +6,7 @@ from sq_spade.datasets._fetch import REGISTRY
 from tests.conftest import DATA_DIR, require_data
 
 
+@pytest.mark.realdata
 def test_registry_matches_shared_checksums():
     require_data("SHA256SUMS")
     sums = {}
@@ -27,12 +28,14 @@ def test_offline_uncached_error_names_file_and_variable(tmp_path, monkeypatch):
     assert "her_hvg_cut_1000.npy" in str(e.value)
 
 
+@pytest.mark.realdata
 def test_histogene_panel():
     require_data("histogene/data/her_hvg_cut_1000.npy")
     genes = sqs.datasets.histogene_genes()
     assert len(genes) == 785 and len(set(genes)) == 785
 
 
+@pytest.mark.realdata
 def test_a1_labels_join_counts(her2st_section):
     require_data("her2st/data/ST-pat/lbl/A1_labeled_coordinates.tsv")
     labels = sqs.datasets.her2st_labels("A1")

@@ -29,6 +29,7 @@ def _check_layout(sd, section):
     assert t.obs[K.INSTANCE_KEY].isin(sd.shapes[shapes_key].index).all()
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize(("section", "n_spots", "mpp"), [("C2", 187, 0.69), ("A1", 346, 3.2)])
 def test_her2st_sections(her2st_section, section, n_spots, mpp):
     sd = her2st_section(section)
@@ -48,6 +49,7 @@ def test_her2st_sections(her2st_section, section, n_spots, mpp):
     assert np.hypot(*coef[1]) == pytest.approx(200.0, rel=0.03)
 
 
+@pytest.mark.realdata
 def test_mob_section(mob_section):
     sd = mob_section("MOB1")
     t = sd.tables["table"]
@@ -58,6 +60,7 @@ def test_mob_section(mob_section):
     _check_layout(sd, "MOB1")
 
 
+@pytest.mark.realdata
 def test_mob_keeps_off_tissue_spots_when_asked():
     require_data("stutility/inst/extdata/counts/MOB1.tsv")
     sd = sqs.datasets.stutility_mob("MOB1", in_tissue_only=False)
@@ -66,6 +69,7 @@ def test_mob_keeps_off_tissue_spots_when_asked():
     assert t.obs[K.IN_TISSUE].sum() == 379
 
 
+@pytest.mark.realdata
 def test_visium_mini():
     require_data("giottodata/inst/Mini_datasets/Visium/Raw/visium_DG_expr.txt.gz")
     sd = sqs.datasets.visium_mini()
@@ -76,6 +80,7 @@ def test_visium_mini():
     assert np.median(sd.tables["table"].obs[K.PATCH_TISSUE]) > 0.5
 
 
+@pytest.mark.realdata
 def test_visium_fixture_spaceranger_layout():
     require_data("scanpy/tests/_data/visium_data/1.0.0/filtered_feature_bc_matrix.h5")
     sd = sqs.datasets.visium_fixture()
@@ -86,6 +91,44 @@ def test_visium_fixture_spaceranger_layout():
     # radius is 27.5 um
     _, r = sqs.io.spot_centers_um(sd, sqs.io.get_sections(sd)[0])
     assert np.allclose(r, 27.5)
+
+
+VISIUM_DIR = "scanpy/tests/_data/visium_data/1.0.0"
+
+
+def test_read_visium_names_the_section_after_the_library_id():
+    root = require_data(f"{VISIUM_DIR}/filtered_feature_bc_matrix.h5")
+    sd = sqs.io.read_visium(root / VISIUM_DIR)
+    # the counts file's library id ("custom"), not the folder name ("1.0.0")
+    assert set(sd.tables["table"].obs[K.SECTION_KEY].astype(str)) == {"custom"}
+    _check_layout(sd, "custom")
+
+
+def test_from_spatialdata_adopts_a_spatialdata_io_visium_object(tmp_path):
+    import shutil
+
+    import spatialdata_io
+
+    root = require_data(f"{VISIUM_DIR}/filtered_feature_bc_matrix.h5")
+    folder = tmp_path / "outs"
+    shutil.copytree(root / VISIUM_DIR, folder)
+    hires = folder / "spatial" / "tissue_lowres_image.png"
+    Image.open(hires).convert("RGBA").save(hires)  # Space Ranger sometimes writes RGBA
+    raw = spatialdata_io.visium(folder, dataset_id="V1")
+    assert raw["V1_lowres_image"].sizes["c"] == 4
+    sd = sqs.io.from_spatialdata(raw, patient="P1")
+    t = sd.tables["table"]
+    _check_layout(sd, "V1")
+    assert _mpp(sd, "V1") == pytest.approx(55 / 89.42751063343188)  # from the spot radius
+    assert all(img.sizes["c"] == 3 for img in (sqs.io._sections.image_levels(v)[0] for v in sd.images.values()))
+    assert (t.obs[K.PATIENT_KEY] == "P1").all()
+    _, r = sqs.io.spot_centers_um(sd, sqs.io.get_sections(sd)[0])
+    assert np.allclose(r, 27.5)
+    sqs.pp.extract_patches(sd, image_key="V1_lowres_image", tissue=False)
+    with pytest.raises(ValueError, match="microns_per_pixel"):
+        sqs.io.from_spatialdata(raw, microns_per_pixel=-1)
+    with pytest.raises(TypeError, match="sdata"):
+        sqs.io.from_spatialdata(t)
 
 
 # --- read_st from arbitrary files -------------------------------------------------------------
@@ -199,11 +242,12 @@ def test_read_hest_fixture(tmp_path):
     assert _mpp(sd, "TENX1") == pytest.approx(0.25)
     assert (t.obs[K.PATIENT_KEY] == "P7").all()
     _check_layout(sd, "TENX1")
-    p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=0.5)
+    p = sqs.pp.extract_patches(sd, patch_size_um=32, microns_per_pixel=0.5)
     assert p[0].shape == (64, 64, 3)
     assert np.allclose(p[0][..., 1], 60)  # the image content, not padding
 
 
+@pytest.mark.realdata
 def test_combine_sections(her2st_section):
     sd = sqs.io.combine_sections([her2st_section("C2"), her2st_section("A1")])
     t = sd.tables["table"]

@@ -126,3 +126,27 @@ def test_from_original_is_strict(tmp_path):
     with pytest.raises(ValueError, match="unexpected"):
         Spade.from_original(paths, tmp_path / "centroids.npy", tmp_path / "fine_to_expert.npy",
                             backbone="uni", panel=[f"g{i}" for i in range(5)])
+
+
+def test_from_original_reads_per_organ_centroids(tmp_path):
+    """The original saves each organ's centroids as (1, K, D): one file, several files, or (G, K, D) all load."""
+    paths = _write_original(tmp_path, k=6)
+    c = np.load(tmp_path / "centroids.npy")
+    panel = [f"g{i}" for i in range(5)]
+    flat = Spade.from_original(paths, c, tmp_path / "fine_to_expert.npy", backbone="uni", panel=panel)
+    assert flat.feature_recipe == {"layers": ["final"], "tta": False, "zscore": None}
+    x = np.random.default_rng(1).normal(size=(9, 8)).astype(np.float32)
+    np.save(tmp_path / "organ.npy", c[None])  # (1, K, D)
+    np.save(tmp_path / "organ_a.npy", c[None, :4])
+    np.save(tmp_path / "organ_b.npy", c[None, 4:])
+    for centroids in (tmp_path / "organ.npy", [tmp_path / "organ_a.npy", tmp_path / "organ_b.npy"],
+                      c.reshape(2, 3, 8)):
+        m = Spade.from_original(paths, centroids, tmp_path / "fine_to_expert.npy", backbone="uni", panel=panel)
+        assert m.config.feature_dim == 8 and m.config.n_fine == 6
+        np.testing.assert_allclose(m.routing_weights(x), flat.routing_weights(x), atol=1e-6)
+    # what cannot be centroids is named clearly
+    np.save(tmp_path / "bad.npy", np.zeros((2, 2, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"`centroids` must be fine centroids \(K, D\), or per organ \(1, K, D\)"):
+        Spade.from_original(paths, tmp_path / "bad.npy", tmp_path / "fine_to_expert.npy", backbone="uni", panel=panel)
+    with pytest.raises(ValueError, match="centroids` are 5-d but the image heads take 8-d"):
+        Spade.from_original(paths, c[:, :5], tmp_path / "fine_to_expert.npy", backbone="uni", panel=panel)

@@ -147,3 +147,28 @@ def test_cuda_matches_cpu(qkv):
     b, ib, _ = retrieve_predict(q, k, v, k=10, device="cuda", return_neighbors=True)
     np.testing.assert_array_equal(ia, ib)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- the accelerator averaging path, run on the CPU ----------------------------------------------------------------
+@pytest.mark.parametrize("block_elements", [1, 7 * 5 * 3, 1 << 24])
+def test_gather_mean_equals_the_sparse_cpu_average(block_elements):
+    from sq_spade.nn.retrieval import gather_mean, weighted_neighbor_mean
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(40, 5)).astype(np.float32)
+    idx = rng.integers(0, 40, size=(23, 7))
+    w = rng.random((23, 7)).astype(np.float32)
+    w /= w.sum(1, keepdims=True)
+    got = gather_mean(torch.as_tensor(values), torch.as_tensor(idx), torch.as_tensor(w), block_elements=block_elements)
+    expected = np.einsum("bk,bkg->bg", w, values[idx])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weighted_neighbor_mean(values, idx, w), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_retrieval_on_the_gpu_equals_the_cpu(qkv):
+    q, k, v = qkv
+    for weighting in ("inverse_sq_l2", "softmax", "uniform"):
+        cpu = retrieve_predict(q, k, v, k=5, weighting=weighting, device="cpu")
+        gpu = retrieve_predict(q, k, v, k=5, weighting=weighting, device="cuda")
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,63 @@ def test_gradients_flow_in_all_modes():
         enc(expr, pos, ctx).sum().backward()
         assert enc.x_embed.weight.grad.abs().sum() > 0
         assert enc.blocks[0].attn.to_qkv.weight.grad.abs().sum() > 0
+
+
+# --- values: a hand-computed forward pass (depth 1, one head, fixed weights) ---------------------------------------
+def _np_layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _np_gelu(x):
+    from scipy.special import erf
+
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def _np_forward(p, expr, pos, groups):
+    """mclSTExp's spot encoder in numpy: tokens, one pre-LN attention + MLP block, projection head."""
+    x = expr + p["x_embed.weight"][pos[:, 0]] + p["y_embed.weight"][pos[:, 1]]
+    xn = _np_layer_norm(x, p["blocks.0.attn.norm.weight"], p["blocks.0.attn.norm.bias"])
+    qkv = xn @ p["blocks.0.attn.to_qkv.weight"].T
+    inner = qkv.shape[1] // 3
+    q, k, v = qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:]
+    s = q @ k.T / np.sqrt(inner)
+    s = np.where(groups[:, None] == groups[None, :], s, -np.inf)
+    a = np.exp(s - s.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    x = x + (a @ v) @ p["blocks.0.attn.to_out.0.weight"].T + p["blocks.0.attn.to_out.0.bias"]
+    h = _np_layer_norm(x, p["blocks.0.ff.net.0.weight"], p["blocks.0.ff.net.0.bias"])
+    h = _np_gelu(h @ p["blocks.0.ff.net.1.weight"].T + p["blocks.0.ff.net.1.bias"])
+    x = x + h @ p["blocks.0.ff.net.4.weight"].T + p["blocks.0.ff.net.4.bias"]
+    h = x @ p["head.projection.weight"].T + p["head.projection.bias"]
+    branch = _np_gelu(h) @ p["head.fc.weight"].T + p["head.fc.bias"]
+    return _np_layer_norm(h + branch, p["head.layer_norm.weight"], p["head.layer_norm.bias"])
+
+
+def _fixed_encoder():
+    enc = SpotEncoder(n_genes=6, n_x=4, n_y=3, depth=1, heads=1, dim_head=5, mlp_dim=7, out_dim=3).eval()
+    rng = np.random.default_rng(42)
+    params = {}
+    with torch.no_grad():
+        for name, t in enc.state_dict().items():
+            w = rng.normal(0, 0.5, tuple(t.shape))
+            if name.endswith("norm.weight") or name.endswith("net.0.weight") or name.endswith("layer_norm.weight"):
+                w = 1 + 0.2 * w  # LayerNorm gains near 1
+            params[name] = w
+            t.copy_(torch.as_tensor(w, dtype=t.dtype))
+    return enc, params
+
+
+@pytest.mark.parametrize("context", ["all", "groups", "self"])
+def test_forward_matches_a_hand_computed_pass(context):
+
+    enc, p = _fixed_encoder()
+    rng = np.random.default_rng(1)
+    expr = rng.random((5, 6))
+    pos = np.array([[0, 0], [3, 2], [1, 1], [2, 0], [3, 1]])
+    groups = {"all": np.zeros(5, int), "groups": np.array([0, 1, 0, 1, 1]), "self": np.arange(5)}[context]
+    arg = {"all": None, "groups": torch.as_tensor(groups), "self": "self"}[context]
+    got = enc(torch.as_tensor(expr, dtype=torch.float32), torch.as_tensor(pos), arg).detach().numpy()
+    np.testing.assert_allclose(got, _np_forward(p, expr, pos, groups), atol=2e-5)

@@ -89,22 +89,37 @@ def test_single_panel_into_axes_and_save(sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_umap_on_a_copy_is_deterministic_and_leaves_the_table_alone(sd):
+def test_umap_is_computed_once_stored_and_reused(sd, monkeypatch):
     tab = sd.tables["table"]
-    before = (sorted(tab.obsm), sorted(tab.obsp), sorted(tab.uns), list(tab.obs.columns))
+    before = (sorted(tab.obsp), sorted(k for k in tab.uns), list(tab.obs.columns))
     x_before = tab.obsm["X_spade"].copy()
     fig = sqs.pl.embedding(sd, color=("section", "tissue_type"), n_neighbors=10, return_fig=True)
-    assert (sorted(tab.obsm), sorted(tab.obsp), sorted(tab.uns), list(tab.obs.columns)) == before
+    # the UMAP is stored (scanpy's neighbours graph is not): obsm["X_umap_spade"] + its parameters
+    assert (sorted(tab.obsp), sorted(k for k in tab.uns if k != "sq_spade_umap"), list(tab.obs.columns)) == before
+    assert tab.uns["sq_spade_umap"]["X_umap_spade"]["n_neighbors"] == 10
     np.testing.assert_array_equal(tab.obsm["X_spade"], x_before)
     (pts,) = panels(fig)[1].collections
     xy = np.asarray(pts.get_offsets())
     assert xy.shape == (tab.n_obs, 2) and np.isfinite(xy).all()
+    np.testing.assert_allclose(tab.obsm["X_umap_spade"], xy, rtol=1e-5, atol=1e-5)
     # the tissue types are separated in X_spade: UMAP keeps each type's points together
     types = tab.obs["tissue_type"].to_numpy()
     centroids = {t: xy[types == t].mean(0) for t in np.unique(types)}
     within = np.mean([np.linalg.norm(xy[types == t] - c, axis=1).mean() for t, c in centroids.items()])
     between = np.mean([np.linalg.norm(c1 - c2) for t1, c1 in centroids.items() for t2, c2 in centroids.items() if t1 < t2])
     assert between > 2 * within
-    again = sqs.pl._embedding.umap_coordinates(tab, "X_spade", n_neighbors=10)
-    np.testing.assert_allclose(again, xy)
+    # deterministic: computed again from scratch, the same layout
+    again = sqs.pl._embedding.umap_coordinates(tab.copy(), "X_spade", n_neighbors=10, store=False)
+    np.testing.assert_allclose(again, xy, rtol=1e-4, atol=1e-4)
+    # reused: a second plot does not run scanpy's UMAP
+    import scanpy as sc
+
+    def boom(*a, **k):
+        raise AssertionError("UMAP recomputed")
+
+    monkeypatch.setattr(sc.tl, "umap", boom)
+    sqs.pl.embedding(sd, color="section", n_neighbors=10, return_fig=True)
+    # other parameters: recomputed
+    with pytest.raises(AssertionError, match="recomputed"):
+        sqs.pl.embedding(sd, color="section", n_neighbors=5, return_fig=True)
     assert isinstance(tab.obs, pd.DataFrame)

@@ -54,6 +54,25 @@ def test_gene_correlation_ranks_per_method(results):
     assert np.abs(pts[:, 0]).max() <= 0.25
 
 
+def test_gene_correlation_names_the_best_and_worst_genes(results):
+    fig = sqs.pl.gene_correlation(results, n_labels=2, return_fig=True)
+    ax_rank = fig.axes[0]
+    labels = {(t.get_text(), t.get_color()) for t in ax_rank.texts}
+    for method in ("spade", "ridge"):
+        sub = results[results["method"] == method].dropna(subset=["pearson_r"])
+        mean = sub.groupby("gene")["pearson_r"].mean().sort_values(ascending=False)
+        want = {*mean.index[:2], *mean.index[-2:]}
+        drawn = {text for text, _ in labels}
+        assert want <= drawn
+        # each label sits on its gene's point
+        for t in ax_rank.texts:
+            if t.get_text() in want and t.xy[1] == pytest.approx(mean[t.get_text()]):
+                assert t.xy[0] == list(mean.index).index(t.get_text()) + 1
+    assert len(ax_rank.texts) == 8
+    fig = sqs.pl.gene_correlation(results, n_labels=0, return_fig=True)
+    assert not fig.axes[0].texts
+
+
 def test_gene_correlation_top_order_dict_and_single_panel(results):
     per_method = {m: results[results["method"] == m].drop(columns="method") for m in ("spade", "ridge")}
     fig, ax = plt.subplots()

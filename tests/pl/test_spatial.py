@@ -66,7 +66,7 @@ def spots_of(ax) -> EllipseCollection:
 def test_observed_next_to_predicted_with_pearson_r(sd):
     fig = sqs.pl.spatial(sd, GENES[:2], return_fig=True)
     axs = panels(fig)
-    assert len(axs) == 4 and len(colorbars(fig)) == 2
+    assert len(axs) == 4 and len(colorbars(fig)) == 4  # one scale per panel by default
     tab = sd.tables["predicted"]
     for i, g in enumerate(GENES[:2]):
         t_obs, t_pred = axs[2 * i].get_title(), axs[2 * i + 1].get_title()
@@ -79,7 +79,7 @@ def test_observed_next_to_predicted_with_pearson_r(sd):
 
 
 def test_spot_colours_are_the_layer_values_on_one_shared_scale(sd):
-    fig = sqs.pl.spatial(sd, "gene3", return_fig=True, cmap="magma", alpha=0.8)
+    fig = sqs.pl.spatial(sd, "gene3", scale="shared", return_fig=True, cmap="magma", alpha=0.8)
     fig.canvas.draw()
     ax_obs, ax_pred = panels(fig)
     tab = sd.tables["predicted"]
@@ -96,6 +96,33 @@ def test_spot_colours_are_the_layer_values_on_one_shared_scale(sd):
     (cb,) = colorbars(fig)
     lo, hi = sorted(cb.get_ylim())
     assert lo == pytest.approx(both.min()) and hi == pytest.approx(both.max())
+    assert "shared scale" in cb.get_ylabel()
+
+
+def test_each_panel_has_its_own_scale_by_default_and_says_so(sd):
+    tab = sd.tables["predicted"]
+    obs = tab[:, "gene3"].layers["log1p_cp10k"].ravel().astype(float)
+    pred = tab[:, "gene3"].layers["predicted"].ravel().astype(float)
+    fig = sqs.pl.spatial(sd, "gene3", return_fig=True)
+    fig.canvas.draw()
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, vals in zip(panels(fig), (obs, pred), strict=True):
+        fc = spots_of(ax).get_facecolor()
+        np.testing.assert_allclose(fc[:, :3], cmap(Normalize(vals.min(), vals.max())(vals))[:, :3], atol=1e-6)
+    cb_obs, cb_pred = colorbars(fig)
+    assert sorted(float(v) for v in cb_pred.get_ylim()) == pytest.approx([float(pred.min()), float(pred.max())])
+    assert "own scale" in cb_obs.get_ylabel() and "own scale" in cb_pred.get_ylabel()
+    # z-scores: each panel standardised, one symmetric scale, said in the label
+    fig = sqs.pl.spatial(sd, "gene3", scale="zscore", return_fig=True)
+    fig.canvas.draw()
+    z = (pred - pred.mean()) / pred.std()
+    (cb,) = colorbars(fig)
+    lo, hi = sorted(cb.get_ylim())
+    assert lo == pytest.approx(-hi) and "z-score" in cb.get_ylabel()
+    fc = spots_of(panels(fig)[1]).get_facecolor()
+    np.testing.assert_allclose(fc[:, :3], cmap(Normalize(lo, hi)(z))[:, :3], atol=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        sqs.pl.spatial(sd, "gene3", scale="log")
 
 
 def test_spots_drawn_at_true_position_and_size_in_micrometres():
@@ -103,7 +130,7 @@ def test_spots_drawn_at_true_position_and_size_in_micrometres():
     sd = sqs.datasets.synthetic_section(n_rows=4, n_cols=5, pitch_px=pitch, margin_px=margin,
                                         microns_per_pixel=mpp, spot_diameter_um=diam)
     sqs.pp.normalize(sd)
-    fig = sqs.pl.spatial(sd, "gene1", table_key="table", layer="log1p_cp10k", compare=False,
+    fig = sqs.pl.spatial(sd, "gene1", predictions_key=None, layer="log1p_cp10k", compare=False,
                          spot_size=0.5, return_fig=True)
     (ax,) = panels(fig)
     coll = spots_of(ax)
@@ -131,7 +158,7 @@ def test_image_is_placed_where_its_pixels_belong():
     sd = sqs.datasets.synthetic_section(n_rows=4, n_cols=4, pitch_px=550, margin_px=190, image="pattern",
                                         microns_per_pixel=mpp, n_genes=12)
     sqs.pp.normalize(sd)
-    fig = sqs.pl.spatial(sd, "gene0", table_key="table", layer="log1p_cp10k", compare=False,
+    fig = sqs.pl.spatial(sd, "gene0", predictions_key=None, layer="log1p_cp10k", compare=False,
                          crop=False, return_fig=True)
     (ax,) = panels(fig)
     (im,) = ax.images
@@ -188,12 +215,16 @@ def test_layer_of_main_table_and_fallback_without_predictions():
 
 
 def test_limits_numbers_and_percentiles(sd):
-    fig = sqs.pl.spatial(sd, "gene0", vmin=0.5, vmax="p90", return_fig=True)
     tab = sd.tables["predicted"]
-    both = np.concatenate([tab[:, "gene0"].layers["log1p_cp10k"].ravel(), tab[:, "gene0"].layers["predicted"].ravel()])
+    obs, pred = tab[:, "gene0"].layers["log1p_cp10k"].ravel(), tab[:, "gene0"].layers["predicted"].ravel()
+    fig = sqs.pl.spatial(sd, "gene0", vmin=0.5, vmax="p90", scale="shared", return_fig=True)
     for ax in panels(fig):
         norm = spots_of(ax).norm
-        assert norm.vmin == 0.5 and norm.vmax == pytest.approx(np.percentile(both, 90))
+        assert norm.vmin == 0.5 and norm.vmax == pytest.approx(np.percentile(np.concatenate([obs, pred]), 90))
+    fig = sqs.pl.spatial(sd, "gene0", vmin=0.5, vmax="p90", return_fig=True)  # percentiles of each panel
+    for ax, vals in zip(panels(fig), (obs, pred), strict=True):
+        norm = spots_of(ax).norm
+        assert norm.vmin == 0.5 and norm.vmax == pytest.approx(np.percentile(vals, 90))
     with pytest.raises(ValueError, match="vmax"):
         sqs.pl.spatial(sd, "gene0", vmax="top")
 
@@ -204,10 +235,10 @@ def test_one_section_of_several():
     sd = sqs.io.combine_sections([a, b])
     sqs.pp.normalize(sd)
     with pytest.raises(ValueError, match=r"section=.*\['a', 'b'\]"):
-        sqs.pl.spatial(sd, "gene0", table_key="table", layer="log1p_cp10k", compare=False)
+        sqs.pl.spatial(sd, "gene0", predictions_key=None, layer="log1p_cp10k", compare=False)
     with pytest.raises(ValueError, match="'c'.*expected one of"):
-        sqs.pl.spatial(sd, "gene0", table_key="table", layer="log1p_cp10k", compare=False, section="c")
-    fig = sqs.pl.spatial(sd, "gene0", table_key="table", layer="log1p_cp10k", compare=False, section="b",
+        sqs.pl.spatial(sd, "gene0", predictions_key=None, layer="log1p_cp10k", compare=False, section="c")
+    fig = sqs.pl.spatial(sd, "gene0", predictions_key=None, layer="log1p_cp10k", compare=False, section="b",
                          return_fig=True)
     (ax,) = panels(fig)
     coll = spots_of(ax)
@@ -227,8 +258,10 @@ def test_errors_name_the_argument(sd):
         sqs.pl.spatial(sd, ["gene0", "nope"])
     with pytest.raises(KeyError, match="layer='missing'"):
         sqs.pl.spatial(sd, "gene0", layer="missing")
+    with pytest.raises(KeyError, match="predictions_key='other'"):
+        sqs.pl.spatial(sd, "gene0", predictions_key="other")
     with pytest.raises(KeyError, match="table_key='other'"):
-        sqs.pl.spatial(sd, "gene0", table_key="other")
+        sqs.pl.spatial(sd, "gene0", table_key="other", predictions_key=None)
     with pytest.raises(KeyError, match="image_key='nope'"):
         sqs.pl.spatial(sd, "gene0", image_key="nope")
     _, ax = plt.subplots()
@@ -261,15 +294,16 @@ def test_save_writes_a_file_and_closes_the_figure(sd, tmp_path):
     assert sorted(f.name for f in (tmp_path / "sub").iterdir()) == ["genes.PDF", "genes.png"]
 
 
-def _baseline_figure():
+def _baseline_figure(scale):
     sd = add_predictions(sqs.datasets.synthetic_section(n_rows=5, n_cols=5, seed=3), genes=["gene0", "gene1"])
-    return sqs.pl.spatial(sd, ["gene0", "gene1"], return_fig=True, figsize=(10, 3.2), dpi=40)
+    return sqs.pl.spatial(sd, ["gene0", "gene1"], scale=scale, return_fig=True, figsize=(10, 3.2), dpi=40)
 
 
-def test_matches_baseline_image(tmp_path):
-    baseline = BASELINE / "spatial_compare.png"
-    fig = _baseline_figure()
-    actual = tmp_path / "spatial_compare.png"
+@pytest.mark.parametrize(("scale", "name"), [("shared", "spatial_compare.png"), ("panel", "spatial_compare_panel.png")])
+def test_matches_baseline_image(tmp_path, scale, name):
+    baseline = BASELINE / name
+    fig = _baseline_figure(scale)
+    actual = tmp_path / name
     fig.savefig(actual, dpi=40)
     if os.environ.get("SQ_SPADE_UPDATE_BASELINE"):
         baseline.parent.mkdir(exist_ok=True)
@@ -312,7 +346,7 @@ def test_experts_routing_weights():
         sqs.pl.experts(sd, weights_key="spade_weights", expert=3)
     with pytest.raises(KeyError, match="weights_key='w'"):
         sqs.pl.experts(sd, weights_key="w")
-    with pytest.raises(KeyError, match="key='spade_expert'"):
+    with pytest.raises(KeyError, match="color='spade_expert'"):
         sqs.pl.experts(sd)
 
 
@@ -326,7 +360,7 @@ def test_her2st_genes_on_tissue(her2st_section, tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         sqs.pp.normalize(sd, table_key="table")
     out = tmp_path / "her2st_C2.png"
-    fig = sqs.pl.spatial(sd, ["ERBB2", "FASN"], table_key="table", layer="log1p_cp10k", compare=False,
+    fig = sqs.pl.spatial(sd, ["ERBB2", "FASN"], predictions_key=None, layer="log1p_cp10k", compare=False,
                          return_fig=True, save=out, dpi=60)
     assert out.stat().st_size > 10_000
     axs = panels(fig)

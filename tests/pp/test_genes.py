@@ -82,6 +82,7 @@ def test_normalize_refuses_non_counts(mutate, match):
     assert K.NORMALIZED_LAYER not in t.layers
 
 
+@pytest.mark.realdata
 def test_real_panels_her2st(her2st_section):
     sd = sqs.io.combine_sections([her2st_section("C2"), her2st_section("C3"), her2st_section("C4")])
     panel = sqs.pp.select_genes(sd, "spade", n_top=50, train_sections=["C2", "C3"], inplace=False)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import spatialdata as sd_mod
@@ -29,7 +31,7 @@ def test_resampled_patch_centre_is_the_spot_pixel():
     img = _image(sd)
     # 64 um at 0.5 um/px: 128 px, upsampled 2x from the 1 um/px image
     with pytest.warns(UserWarning, match="upsampled"):
-        p = sqs.pp.extract_patches(sd, patch_size_um=64, mpp=0.5)
+        p = sqs.pp.extract_patches(sd, patch_size_um=64, microns_per_pixel=0.5)
     xy = sd.tables["table"].obsm["spatial"]
     for i in range(len(p)):
         x, y = (int(np.floor(v)) for v in xy[i])
@@ -60,9 +62,9 @@ def test_same_patch_from_two_pyramid_levels():
                                     spot_diameter_um=55)
     levels = sqs.io._sections.image_levels(sd.images["big_image"])
     assert len(levels) >= 2
-    auto = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0)
+    auto = sqs.pp.patches(sd, patch_size_um=256, microns_per_pixel=2.0)
     assert auto.geometry.sections["big"]["level"] == 1
-    fine = sqs.pp.patches(sd, patch_size_um=256, mpp=2.0, level=0)
+    fine = sqs.pp.patches(sd, patch_size_um=256, microns_per_pixel=2.0, level=0)
     for i in range(3):
         diff = np.abs(auto[i].astype(float) - fine[i].astype(float))
         assert diff.mean() < 3 and np.percentile(diff, 99) < 12
@@ -71,7 +73,7 @@ def test_same_patch_from_two_pyramid_levels():
 def test_patches_are_lazy_and_dataloader_friendly():
     torch = pytest.importorskip("torch")
     sd = sqs.datasets.synthetic_section(n_rows=4, n_cols=4)
-    p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=1.0, tissue=False)
+    p = sqs.pp.extract_patches(sd, patch_size_um=32, microns_per_pixel=1.0, tissue=False)
     loader = torch.utils.data.DataLoader(p, batch_size=5, num_workers=2)
     batches = list(loader)
     assert sum(b.shape[0] for b in batches) == 16
@@ -80,13 +82,14 @@ def test_patches_are_lazy_and_dataloader_friendly():
 
 
 def test_geometry_recorded_and_reused(synth):
-    sqs.pp.extract_patches(synth, patch_size_um=48, mpp=1.5)
+    sqs.pp.extract_patches(synth, patch_size_um=48, microns_per_pixel=1.5)
     g = synth.tables["table"].uns[K.PATCHES_UNS]
     assert g["patch_px"] == 32 and g["mpp"] == 1.5
     assert g["sections"]["synth"]["level"] == 0
     assert sqs.pp.patches(synth)[0].shape == (32, 32, 3)
 
 
+@pytest.mark.realdata
 def test_her2st_c2_patches_sit_on_tissue(her2st_section):
     sd = sqs.io.combine_sections([her2st_section("C2")])  # a copy of the table: no mutation of the cache
     with pytest.warns(UserWarning, match="upsampled"):
@@ -146,8 +149,8 @@ def test_anndata_input_refused(synth):
 def test_written_and_read_back(tmp_path, synth):
     synth.write(tmp_path / "s.zarr")
     back = sd_mod.read_zarr(tmp_path / "s.zarr")
-    a = sqs.pp.patches(synth, patch_size_um=32, mpp=1.0)
-    b = sqs.pp.patches(back, patch_size_um=32, mpp=1.0)
+    a = sqs.pp.patches(synth, patch_size_um=32, microns_per_pixel=1.0)
+    b = sqs.pp.patches(back, patch_size_um=32, microns_per_pixel=1.0)
     assert np.array_equal(a[3], b[3])
 
 
@@ -199,7 +202,7 @@ def test_lazy_patches_resolve_and_split_by_section(monkeypatch):
     a = sqs.datasets.synthetic_section(section="a", n_rows=2, n_cols=3, seed=0)
     b = sqs.datasets.synthetic_section(section="b", n_rows=3, n_cols=2, seed=1)
     sd = sqs.io.combine_sections([a, b])
-    ref = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    ref = sqs.pp.patches(sd, patch_size_um=32, microns_per_pixel=1.0)
     from sq_spade.pp._patches import _build_patches
 
     lazy = _build_patches(sd, table_key="table", image_key=None, shapes_key=None, patch_size_um=32, mpp=1.0,
@@ -215,3 +218,92 @@ def test_lazy_patches_resolve_and_split_by_section(monkeypatch):
         for j, i in enumerate(pos):
             assert np.array_equal(loaded[j], ref[int(i)])
     assert not parts[0].resolved(memory_budget_bytes=1)._levels[0].in_memory
+
+
+# --- patch-centre geometry to a tenth of a pixel: resampled levels, non-square images ------------------------------
+_SPOTS = np.array([[270.3, 231.4], [676.7, 675.2], [1079.1, 918.6], [1520.9, 472.3]])
+
+
+def _ramp_section():
+    """A non-square image (1,100 x 1,700 px, two levels) whose colours are steep linear ramps of the position.
+
+    Red and green step by 8 every 2 px along x and y, so level 1 (the 2x2 means) ramps by 8 per
+    pixel exactly; blue ramps by 4 per pixel along x on level 0. Each ramp restarts every 50
+    px of level 0, and every spot sits 18-32 px into a period, so the centre of each of its
+    patches lies well inside one ramp (steep ramps: uint8 rounding stays far below 0.1 px).
+    """
+    h, w = 1100, 1700
+    x, y = np.arange(w), np.arange(h)
+    img = np.empty((h, w, 3), np.uint8)
+    img[..., 0] = (20 + 8 * ((x // 2) % 25))[None, :]
+    img[..., 1] = (20 + 8 * ((y // 2) % 25))[:, None]
+    img[..., 2] = (20 + 4 * (x % 50))[None, :]
+    sd = sqs.io.section_from_arrays(np.ones((len(_SPOTS), 2)), genes=["a", "b"],
+                                    spot_ids=[f"s{i}" for i in range(len(_SPOTS))], centers_px=_SPOTS, image=img,
+                                    section="ramp", microns_per_pixel=1.0, spot_diameter_um=55)
+    return sd, [np.asarray(a) for a in sqs.io._sections.image_levels(sd.images["ramp_image"])]
+
+
+def _centre_value(values):
+    """The value at the centre of a patch, by a line through its central columns (or rows)."""
+    out = len(values)
+    j = np.arange(out // 4, out - out // 4)  # the resampling filter of these never reaches a ramp's restart
+    beta, alpha = np.polyfit(j, values[j], 1)
+    return alpha + beta * (out / 2 - 0.5)
+
+
+def _level_position(value, ramp, near):
+    """Continuous position u on the level (pixel i spans [i, i + 1)) where its ramp takes ``value``."""
+    i = np.arange(int(near) - 4, int(near) + 5)
+    a, c = np.polyfit(i, ramp[i].astype(float), 1)
+    assert np.abs(ramp[i] - (a * i + c)).max() < 1e-6  # the ramp is exactly linear there
+    return (value - c) / a + 0.5
+
+
+def test_resampled_patch_centres_from_a_coarser_level_within_a_tenth_of_a_pixel():
+    sd, levels = _ramp_section()
+    assert levels[0].shape[1:] == (1100, 1700) and levels[1].shape[1:] == (550, 850)
+    p = sqs.pp.patches(sd, patch_size_um=40, microns_per_pixel=2.5)  # 20 level-1 pixels resampled to 16
+    assert p.geometry.sections["ramp"]["level"] == 1 and p.patch_px == 16
+    red_x, green_y = levels[1][0, 0, :], levels[1][1, :, 0]
+    for i, (x0, y0) in enumerate(_SPOTS):
+        patch = p[i].astype(float)
+        assert _level_position(_centre_value(patch[..., 0].mean(0)), red_x, x0 / 2) == pytest.approx(x0 / 2, abs=0.1)
+        assert _level_position(_centre_value(patch[..., 1].mean(1)), green_y, y0 / 2) == pytest.approx(y0 / 2, abs=0.1)
+
+
+@pytest.mark.parametrize("mpp", [1.25, 0.8])
+def test_resampled_patch_centres_on_the_full_resolution_level_within_a_tenth_of_a_pixel(mpp):
+    sd, levels = _ramp_section()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 0.8 um/px upsamples the 1 um/px image
+        p = sqs.pp.patches(sd, patch_size_um=20, microns_per_pixel=mpp, level=0)  # 20 level-0 pixels resampled to 16 or 25
+    blue_x = levels[0][2, 0, :]
+    for i, (x0, _) in enumerate(_SPOTS):
+        got = _level_position(_centre_value(p[i][..., 2].astype(float).mean(0)), blue_x, x0)
+        assert got == pytest.approx(x0, abs=0.1)
+
+
+def test_native_patch_centre_on_a_non_square_image():
+    sd = _pattern(n_rows=2, n_cols=5, pitch_px=37, margin_px=30)
+    img = _image(sd)
+    assert img.shape[0] != img.shape[1]
+    p = sqs.pp.extract_patches(sd, patch_px=33)
+    xy = sd.tables["table"].obsm["spatial"]
+    for i in range(len(p)):
+        x, y = (int(np.floor(v)) for v in xy[i])
+        assert np.array_equal(p[i][16, 16], img[y, x])
+
+
+@pytest.mark.parametrize("where", ["right", "bottom"])
+def test_padded_fraction_clips_each_axis_against_its_own_side(where):
+    # wide image (300 x 200): a spot near the right edge; tall (200 x 300): near the bottom edge
+    wide = where == "right"
+    h, w = (200, 300) if wide else (300, 200)
+    centre = np.array([[290.0, 100.0]]) if wide else np.array([[100.0, 290.0]])
+    sd = sqs.io.section_from_arrays(np.ones((1, 2)), genes=["a", "b"], spot_ids=["s"], centers_px=centre,
+                                    image=np.full((h, w, 3), 200, np.uint8), section="edge", microns_per_pixel=1.0,
+                                    spot_diameter_um=55)
+    sqs.pp.extract_patches(sd, patch_px=40)
+    # the 40 px window reaches 10 px past the edge: a quarter of it is padding
+    assert sd.tables["table"].obs[K.PATCH_PADDED].iloc[0] == pytest.approx(0.25)

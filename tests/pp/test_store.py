@@ -134,7 +134,7 @@ def test_bad_sections_refused(tmp_path):
 def test_write_feature_store_from_tables(tmp_path):
     secs = [sqs.datasets.synthetic_section(section=s, n_rows=3, n_cols=3, seed=i) for i, s in enumerate(("a", "b"))]
     sd = sqs.io.combine_sections(secs)
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     t = sd.tables["table"]
     panel = list(t.var_names[:6])
     store = sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel, sections=["a"], dtype="float32")

@@ -40,7 +40,7 @@ def test_mask_array_finds_the_stain_and_fills_holes():
 
 def test_detect_tissue_writes_a_labels_element_in_microns():
     sd = _slide(h=1100, w=1600, box=(200, 800, 300, 1300))  # a two-level pyramid
-    assert sqs.pp.detect_tissue(sd, mpp=4.0) == ["slide_tissue"]
+    assert sqs.pp.detect_tissue(sd, microns_per_pixel=4.0) == ["slide_tissue"]
     mask, aff = read_tissue_mask(sd, "slide")
     assert mask.shape == (550, 800)  # level 1 of 2 um/px: 4 um/px
     assert np.allclose(np.diag(aff)[:2], 4.0)
@@ -56,8 +56,8 @@ def test_detect_tissue_errors_name_the_argument():
         sqs.pp.detect_tissue(sd, image_key="nope")
     with pytest.raises(ValueError, match="section='other'"):
         sqs.pp.detect_tissue(sd, section="other")
-    with pytest.raises(ValueError, match="`mpp`"):
-        sqs.pp.detect_tissue(sd, mpp=0)
+    with pytest.raises(ValueError, match="`microns_per_pixel`"):
+        sqs.pp.detect_tissue(sd, microns_per_pixel=0)
     assert "slide_tissue" not in sd.labels
 
 
@@ -120,10 +120,10 @@ def test_tile_tissue_errors_write_nothing():
 
 def test_tiles_go_through_features_and_prediction(no_progress):
     sd = sqs.datasets.synthetic_section(image="pattern", n_rows=6, n_cols=6, microns_per_pixel=1.0)
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0, cache=False)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0, cache=False)
     model = sqs.tl.train_baseline(sd, method="ridge", backbone="dummy", features_key="X_dummy")
     n = sqs.pp.tile_tissue(sd, tile_um=32, stride_um=16, min_tissue=0.0)
-    sqs.pp.compute_features(sd, backbone="dummy", table_key="tiles", patch_size_um=32, mpp=1.0, cache=False)
+    sqs.pp.compute_features(sd, backbone="dummy", table_key="tiles", patch_size_um=32, microns_per_pixel=1.0, cache=False)
     assert sd.tables["tiles"].obsm["X_dummy"].shape[0] == n
     sqs.tl.predict_expression(sd, model, table_key="tiles", features_key="X_dummy")
     pred = sd.tables[K.TABLES.PREDICTED]

@@ -22,7 +22,7 @@ def _data(n=3, size=8):
     sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=f"s{i}", seed=i, n_rows=size, n_cols=size,
                                                                   patient=f"p{i}") for i in range(n)])
     t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, mpp=1.0)
+    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
     rng = np.random.default_rng(0)
     colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
     t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)
@@ -31,7 +31,7 @@ def _data(n=3, size=8):
 
 def _train(data, **kw):
     args = dict(features_key="X_fake", backbone="fake", panel=GENES, epochs=30, train_sections=["s0", "s1"],
-                validation_sections=["s2"], **SMALL)
+                validation_sections=["s2"], recipe="published", **SMALL)
     args.update(kw)
     return train_contrastive(data, **args)
 
@@ -146,8 +146,8 @@ def test_finetune_on_patches_with_small_backbones(tmp_path, registry):
     assert t.uns["mclstexp"]["finetune"] == "all" and "X_dummy" not in t.obsm  # no frozen features needed
     model.save(tmp_path / "m")
     back = MclSTExp.load(tmp_path / "m")
-    a = sqs.tl.predict_expression(sd, model, reference=sd, k=5, layer_added="a").layers["a"]
-    b = sqs.tl.predict_expression(sd, back, reference=sd, k=5, layer_added="b").layers["b"]
+    a = sqs.tl.predict_expression(sd, model, reference=sd, k=5, key_added="a").layers["a"]
+    b = sqs.tl.predict_expression(sd, back, reference=sd, k=5, key_added="b").layers["b"]
     assert np.array_equal(a, b)
     with pytest.raises(TypeError, match="SpatialData"):
         sqs.tl.predict_expression(t.copy(), model, reference=sd)

@@ -13,7 +13,7 @@ def _data(patients=("p0", "p1", "p2")):
     sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=f"s{i}", seed=i, n_rows=8, n_cols=8,
                                                                   patient=p) for i, p in enumerate(patients)])
     t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, mpp=1.0)
+    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
     rng = np.random.default_rng(0)
     colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
     t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)

@@ -12,7 +12,7 @@ def _data(n=3, size=10):
     sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=f"s{i}", seed=i, n_rows=size, n_cols=size,
                                                                   patient=f"p{i}") for i in range(n)])
     t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, mpp=1.0)
+    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
     rng = np.random.default_rng(0)
     colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
     t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)
@@ -37,8 +37,12 @@ def test_train_experts_writes_results_and_learns():
     hist = model.history
     val = np.asarray(hist["val_loss"], dtype=float)
     assert np.nanmean(val[-1]) < np.nanmean(val[0])  # validation loss went down
-    # retrieval in the SPADE space predicts the held-out section better than a shuffled reference
-    pred = sqs.tl.predict_expression(sd, model, reference=sd, k=20)
+    # retrieval from a reference without the held-out s2 predicts it (tests/tl/test_leak_free.py adds the
+    # shuffled control)
+    ref = t[np.isin(t.obs[K.SECTION_KEY].astype(str), ["s0", "s1"])].copy()
+    assert "s2" not in set(ref.obs[K.SECTION_KEY].astype(str))
+    pred = sqs.tl.predict_expression(sd, model, reference=ref, k=20, features_key="X_fake",
+                                     reference_features_key="X_fake")
     res = sqs.tl.evaluate_expression(sd).set_index("section")
     assert res.loc["s2", "ACG"] > 0.3
     assert pred.uns[K.PREDICTION_UNS]["predicted"]["model"] == "Spade"
@@ -91,11 +95,11 @@ def test_evaluate_expression_on_known_predictions():
     sqs.tl.predict_expression(sd, model, reference=sd, k=5)
     pt = sd.tables["predicted"]
     pt.layers["perfect"] = pt.layers[K.NORMALIZED_LAYER].copy()
-    res, per_gene = sqs.tl.evaluate_expression(sd, predicted_layer="perfect", return_per_gene=True)
+    res, per_gene = sqs.tl.evaluate_expression(sd, layer="perfect", return_per_gene=True)
     assert np.allclose(res["ACG"], 1.0) and np.allclose(res["MSE"], 0.0)
     assert set(per_gene["section"]) == {"s0", "s1"}
-    with pytest.raises(KeyError, match="predicted_layer"):
-        sqs.tl.evaluate_expression(sd, predicted_layer="nope")
+    with pytest.raises(KeyError, match="`layer="):
+        sqs.tl.evaluate_expression(sd, layer="nope")
     assert isinstance(res, pd.DataFrame) and t.n_obs == 200
 
 
@@ -130,7 +134,7 @@ def test_train_experts_resumes_from_a_checkpoint(tmp_path):
 def test_train_experts_from_store_streams_sections(tmp_path):
     secs = [sqs.datasets.synthetic_section(section=f"s{i}", n_rows=6, n_cols=6, seed=i) for i in range(4)]
     sd = sqs.io.combine_sections(secs)
-    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     t = sd.tables["table"]
     panel = list(t.var_names[:12])
     store = sqs.pp.write_feature_store(sd, tmp_path / "f.zarr", panel=panel)

@@ -18,7 +18,7 @@ def test_predictions_table_for_every_model_type():
               "knn": train_baseline(sd, method="knn", **base),
               "spade": sqs.tl.train_experts(sd, n_fine=2, n_experts=2, epochs=2, **base)}
     for name, m in models.items():
-        sqs.tl.predict_expression(sd, m, reference=sd, k=10, layer_added=f"pred_{name}")
+        sqs.tl.predict_expression(sd, m, reference=sd, k=10, key_added=f"pred_{name}")
     table = sd.tables[K.PREDICTED_TABLE]
     assert list(table.var_names) == GENES
     assert {f"pred_{n}" for n in models} <= set(table.layers)
@@ -26,6 +26,9 @@ def test_predictions_table_for_every_model_type():
     assert table.uns[K.PREDICTION_UNS]["pred_spade"]["model"] == "Spade"
     for n in models:
         assert np.isfinite(table.layers[f"pred_{n}"]).all()
+    # X holds the latest prediction, dense, so the ecosystem reads it without a layer argument
+    np.testing.assert_array_equal(table.X, table.layers[f"pred_{list(models)[-1]}"])
+    assert table.uns[K.UNS.PREDICTION_X] == f"pred_{list(models)[-1]}"
 
 
 def test_dispatch_is_one_table_keyed_by_class_and_follows_subclasses():

@@ -57,6 +57,9 @@ def test_cross_expert_retrieval_mixes_clusters_and_expert_consistent_does_not():
         new, info = spade_retrieve(model, f_q, f_ref, v_ref, side="images", k=10, routing=routing)
         assert np.allclose(new, 0.0)  # within-cluster neighbours only
         assert info["n_keys"] == [60, 60] and info["n_queries"][0] == 60 and info["fallback"] == []
+    # both sides as keys: still within the query's expert only
+    new, info = spade_retrieve(model, f_q, f_ref, v_ref, reference_genes=v_ref, side="both", k=10)
+    assert np.allclose(new, 0.0) and info["n_keys"] == [120, 120]
 
 
 def test_expert_with_fewer_than_k_or_no_reference_spots():
@@ -103,7 +106,7 @@ def _sections(names):
     sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=s, seed=i, n_rows=10, n_cols=10,
                                                                   patient=f"p{i}") for i, s in names])
     t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, mpp=1.0)
+    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
     rng = np.random.default_rng(len(names))
     colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
     t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)
@@ -153,3 +156,69 @@ def test_predict_expression_routing_argument():
         sqs.tl.predict_expression(q, model, reference=train, k=5, features_key="X_fake", routing="nearest")
     out = sqs.tl.predict_expression(q, model, reference=train, k=5, features_key="X_fake", routing="hard")
     assert out.uns["sq_spade_prediction"]["predicted"]["routing"] == "hard"
+
+
+# --- one coherent space ----------------------------------------------------------------------------------------
+def _two_expert_models():
+    train = _sections([(0, "s0"), (1, "s1")])
+    kw = dict(features_key="X_fake", backbone="fake", panel=GENES, n_fine=4, epochs=20, batch_size=32, n_experts=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return train, {al: sqs.tl.train_experts(train, alignment=al, **kw) for al in ("procrustes", "none")}
+
+
+def test_aligned_embedding_does_not_jump_between_experts(tmp_path):
+    train, models = _two_expert_models()
+    x = _sections([(2, "s2")]).tables["table"].obsm["X_fake"]  # spots not used for the rotations
+
+    def jump(model, space):
+        # a spot whose routing weight moves from 0.45 to 0.55 between the two experts
+        z0, z1 = (model.embed_images_by(x, e) for e in (0, 1))
+        if space == "published" and model.module.rotation is not None:
+            z0, z1 = (model.module.image_heads.forward_one(torch.as_tensor(x), e).detach().numpy() for e in (0, 1))
+        a, b = 0.45 * z0 + 0.55 * z1, 0.55 * z0 + 0.45 * z1
+        return float(np.median(np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)))
+
+    pro, none = models["procrustes"], models["none"]
+    assert jump(pro, "aligned") < 0.03 < 0.1 < jump(pro, "published")
+    assert jump(none, "aligned") > 0.1  # no common space: the published sum
+    # embed writes the aligned space by default; the published sum stays one argument away
+    t = train.tables["table"]
+    sqs.tl.embed(train, pro, features_key="X_fake", key_added="X_al")
+    sqs.tl.embed(train, pro, features_key="X_fake", key_added="X_pub", space="published")
+    assert not np.allclose(t.obsm["X_al"], t.obsm["X_pub"])
+    assert t.uns["spade"]["embedding"]["space"] == "published"
+    with pytest.raises(ValueError, match="`space`"):
+        sqs.tl.embed(train, pro, features_key="X_fake", space="common")
+    # the rotations travel with the model; retrieval within an expert does not depend on them
+    pro.save(tmp_path / "m")
+    back = Spade.load(tmp_path / "m")
+    assert back.config["alignment"] == "procrustes"
+    assert np.allclose(back.embed_images(x), pro.embed_images(x), atol=1e-5)
+    vals = np.random.default_rng(0).random((t.n_obs, 3)).astype(np.float32)
+    f = t.obsm["X_fake"]
+    rotated = spade_retrieve(pro, x, f, vals, side="images", k=10)[0]
+    pro.module.rotation = None
+    assert np.allclose(rotated, spade_retrieve(pro, x, f, vals, side="images", k=10)[0], atol=1e-3)
+
+
+def test_shared_gene_head_is_one_head_for_all_experts():
+    from sq_spade.train import fit_experts
+
+    rng = np.random.default_rng(0)
+    f, g = rng.normal(size=(60, 8)).astype("f4"), rng.normal(size=(60, 5)).astype("f4")
+    ex = np.repeat([0, 1, 2], 20)
+    img, gene, hist = fit_experts(f, g, ex, n_experts=3, epochs=3, batch_size=8, out_dim=4, device="cpu",
+                                  shared_gene_head=True, val_features=f[:12], val_genes=g[:12], val_expert=ex[:12])
+    for p in gene.parameters():
+        assert torch.equal(p[0], p[1]) and torch.equal(p[0], p[2])
+    assert len(set(np.asarray(hist["best_epoch"]).tolist())) == 1  # one epoch for all experts
+    img2, gene2, _ = fit_experts(f, g, ex, n_experts=3, epochs=3, batch_size=8, out_dim=4, device="cpu")
+    assert not torch.equal(gene2.weight1[0], gene2.weight1[1])  # independent heads otherwise
+    # a model trained with a shared gene head says so
+    train = _sections([(0, "s0")])
+    m = sqs.tl.train_experts(train, features_key="X_fake", backbone="fake", panel=GENES, n_fine=2, epochs=2,
+                             batch_size=32)
+    assert m.config["alignment"] == "shared_genes" and m.config["selection"]["n_experts"] == 1
+    with pytest.raises(ValueError, match="`alignment`"):
+        sqs.tl.train_experts(train, features_key="X_fake", backbone="fake", panel=GENES, alignment="rotate")

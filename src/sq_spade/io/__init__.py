@@ -11,17 +11,20 @@ from sq_spade.io._sections import (
     spot_centers_um,
 )
 from sq_spade.io._st import infer_microns_per_pixel, read_st
-from sq_spade.io._visium import read_visium
+from sq_spade.io._visium import from_spatialdata, read_visium
+from sq_spade.io._wsi import read_wsi
 
 __all__ = [
     "Section",
     "combine_sections",
+    "from_spatialdata",
     "get_sections",
     "infer_microns_per_pixel",
     "read_hest",
     "read_rgb",
     "read_st",
     "read_visium",
+    "read_wsi",
     "section_from_arrays",
     "set_microns_per_pixel",
     "spot_centers_um",

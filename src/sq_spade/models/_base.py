@@ -19,6 +19,7 @@ import numpy as np
 
 from sq_spade._config import JsonConfig, check
 from sq_spade._files import ModelFileError, load_model_files, save_model_files
+from sq_spade._validation import feature_recipe
 
 
 def _is_panel(genes: list) -> bool:
@@ -43,7 +44,10 @@ class ModelConfig(JsonConfig):
     train_sections, validation_sections
         Sections the model was trained and validated on.
     params
-        Training parameters and provenance (free-form JSON).
+        Training parameters and provenance (free-form JSON). ``params["feature_recipe"]``
+        records how the features were computed (``{"layers": [...], "tta": bool, "zscore":
+        str | None}``, see :func:`sq_spade.pp.compute_features`); kept in ``params`` so files
+        stay readable by format-1 readers, which refuse unknown top-level keys.
     """
 
     backbone: str
@@ -83,6 +87,16 @@ class Model:
     def weights_sha256(self) -> str | None:
         """sha256 of that backbone's weights."""
         return self.config.weights_sha256
+
+    @property
+    def feature_recipe(self) -> dict[str, Any]:
+        """How the features the model reads are computed: layers, TTA and z-score.
+
+        Features of a query are computed this way when absent, and refused when their
+        provenance says otherwise. Models of earlier versions read the final layer, without TTA,
+        not z-scored.
+        """
+        return feature_recipe((self.config.params or {}).get("feature_recipe"))
 
     @property
     def panel(self) -> list[str]:

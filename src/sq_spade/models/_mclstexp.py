@@ -19,6 +19,11 @@ from sq_spade.models._base import Model, ModelConfig, run_batches
 IMAGE_HEAD, SPOT_ENCODER, IMAGE_ENCODER = "image_head.", "spot_encoder.", "image_encoder."
 
 
+def member_prefix(i: int) -> str:
+    """Prefix of ensemble member ``i``'s tensors: ``""`` for the first (as in single models), ``"member<i>."``."""
+    return "" if i == 0 else f"member{i}."
+
+
 def _positive(v: Any) -> bool:
     return v > 0
 
@@ -32,8 +37,11 @@ class MclSTExpConfig(ModelConfig):
     sizes ``n_x`` / ``n_y`` and ``position_bin_um`` (pixel positions), ``context`` and
     ``tile_size`` (which spots attend to each other), ``out_dim``, ``dropout``,
     ``spot_encoder`` (the :class:`~sq_spade.nn.spot_encoder.SpotEncoder`'s arguments),
-    ``finetune`` with ``patch_px`` and ``input_size`` (fine-tuned image encoders) and
-    ``history`` (losses).
+    ``finetune`` with ``patch_px`` and ``input_size`` (fine-tuned image encoders),
+    ``history`` (losses), ``keys`` (retrieval keys: ``"spot"``, ``"image"`` or ``"both"``),
+    ``n_members`` (seeds of the ensemble, each an image head and a spot encoder) and
+    ``conformal`` (the calibration of :func:`sq_spade.tl.calibrate_conformal`, or ``None``).
+    Folders saved before ``keys`` / ``n_members`` existed read as ``"spot"`` / 1.
     """
 
     gene_input: K.GeneInput
@@ -50,6 +58,17 @@ class MclSTExpConfig(ModelConfig):
     patch_px: int | None = field(default=None, metadata=check(_positive))
     input_size: int | None = field(default=None, metadata=check(_positive))
     history: dict[str, Any] | None = None
+    keys: K.Keys = "spot"
+    n_members: int = field(default=1, metadata=check(_positive))
+    conformal: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        # folders saved before these keys existed: one member retrieving with spot keys
+        if self.keys is None:
+            object.__setattr__(self, "keys", "spot")
+        if self.n_members is None:
+            object.__setattr__(self, "n_members", 1)
+        super().__post_init__()
 
 
 class MclSTExp(Model):
@@ -74,6 +93,9 @@ class MclSTExp(Model):
         :class:`sq_spade.nn.spot_encoder.SpotEncoder`.
     image_encoder
         The fine-tuned :class:`sq_spade.nn.backbones.Backbone`, or ``None``.
+    members
+        ``[(image_head, spot_encoder), ...]``, one pair per seed of the ensemble (the first is
+        ``image_head``, ``spot_encoder``); predictions average over them.
     config
         Backbone, panel, positions, context rule, hyper-parameters, provenance (a
         :class:`MclSTExpConfig`, read like a dict).
@@ -91,13 +113,28 @@ class MclSTExp(Model):
     file_class = "MclSTExp"
 
     def __init__(self, image_head: Any, spot_encoder: Any, config: Mapping[str, Any],
-                 image_encoder: Any = None):
+                 image_encoder: Any = None, members: Any = None):
+        extra = [(h.eval(), sp_.eval()) for h, sp_ in (members or [])]
+        given = config.get("n_members")
         super().__init__(config)
+        if given is None:
+            self.config["n_members"] = 1 + len(extra)
         self.image_head = image_head.eval()
         self.spot_encoder = spot_encoder.eval()
+        self.members = [(self.image_head, self.spot_encoder), *extra]
+        if int(self.config.n_members) != len(self.members):
+            raise ValueError(f"config['n_members'] is {self.config.n_members} but {len(self.members)} members "
+                             f"(image head, spot encoder) were given.")
         self.image_encoder = None if image_encoder is None else image_encoder.eval()
         if self.finetuned and self.image_encoder is None:
             raise ValueError(f"A model fine-tuned with finetune={self.config.finetune!r} needs its `image_encoder`.")
+        if self.finetuned and len(self.members) > 1:
+            raise ValueError("A fine-tuned model has one member (its image encoder is shared by none).")
+
+    @property
+    def n_members(self) -> int:
+        """Seeds in the ensemble (1: a single model)."""
+        return len(self.members)
 
     @property
     def finetuned(self) -> bool:
@@ -117,20 +154,26 @@ class MclSTExp(Model):
     def __repr__(self) -> str:
         pos = self.position or "none"
         return (f"MclSTExp(backbone={self.backbone!r}, finetune={self.config['finetune']!r}, "
-                f"context={self.context!r}, position={pos!r}, panel={len(self.panel)} genes)")
+                f"context={self.context!r}, position={pos!r}, keys={self.config.keys!r}, "
+                f"n_members={self.n_members}, panel={len(self.panel)} genes)")
 
     # --- image side ---------------------------------------------------------------------------
-    def embed_images(self, features: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+    def embed_images(self, features: np.ndarray, *, batch_size: int = 8192, member: int = 0) -> np.ndarray:
         """Image embeddings ``(N, out_dim)`` of frozen backbone features ``(N, feature_dim)``.
 
         Only for frozen-backbone models; a fine-tuned model embeds patches
-        (:meth:`embed_patches`).
+        (:meth:`embed_patches`). ``member``: which seed of the ensemble embeds.
         """
         if self.finetuned:
             raise ValueError("This model fine-tuned its image encoder: frozen backbone features do not fit it; "
                              "use `embed_patches` with uint8 patches.")
         x = self._check_features(features, finite=True)
-        return run_batches(self.image_head, x, self.config.out_dim, batch_size)
+        return run_batches(self._member(member)[0], x, self.config.out_dim, batch_size)
+
+    def _member(self, member: int) -> tuple[Any, Any]:
+        if not isinstance(member, (int, np.integer)) or not 0 <= member < len(self.members):
+            raise ValueError(f"`member` must be an integer in [0, {len(self.members)}), got {member!r}.")
+        return self.members[int(member)]
 
     def embed_patches(self, patches: Any, *, batch_size: int = 64, device: str | None = None,
                       num_workers: int = 0) -> np.ndarray:
@@ -189,7 +232,7 @@ class MclSTExp(Model):
 
     # --- spot side ----------------------------------------------------------------------------
     def embed_spots(self, expr: np.ndarray, pos: np.ndarray | None = None, context: Any = None, *,
-                    batch_size: int = 4096) -> np.ndarray:
+                    batch_size: int = 4096, member: int = 0) -> np.ndarray:
         """Spot-encoder embeddings ``(N, out_dim)``: the keys of retrieval.
 
         Parameters
@@ -207,9 +250,12 @@ class MclSTExp(Model):
         batch_size
             Spots per forward pass; groups are never split across passes, so the result does
             not depend on it (beyond float rounding).
+        member
+            Which seed of the ensemble embeds.
         """
         import torch
 
+        encoder = self._member(member)[1]
         g = np.asarray(expr, dtype=np.float32)
         n_genes = len(self.panel)
         if g.ndim != 2 or g.shape[1] != n_genes:
@@ -263,15 +309,19 @@ class MclSTExp(Model):
                 et = torch.from_numpy(np.ascontiguousarray(g[rows]))
                 pt = None if p is None else torch.from_numpy(np.ascontiguousarray(p[rows]))
                 ct = "self" if ids is None else torch.from_numpy(ids[rows])
-                out[rows] = self.spot_encoder(et, pt, ct).numpy()
+                out[rows] = encoder(et, pt, ct).numpy()
         return out
 
     # --- persistence ----------------------------------------------------------------------------
     def _to_files(self) -> tuple[dict[str, Any], Mapping[str, Any]]:
         # one safetensors file: the image head, the spot encoder and (fine-tuned models) the image
         # encoder under the prefixes image_head., spot_encoder. and image_encoder.
-        tensors = {IMAGE_HEAD + k: v for k, v in self.image_head.state_dict().items()}
-        tensors.update({SPOT_ENCODER + k: v for k, v in self.spot_encoder.state_dict().items()})
+        # under the prefixes image_head., spot_encoder. and image_encoder.; the other seeds of an
+        # ensemble under member<i>.image_head. and member<i>.spot_encoder.
+        tensors = {}
+        for i, (head, spot) in enumerate(self.members):
+            tensors.update({member_prefix(i) + IMAGE_HEAD + k: v for k, v in head.state_dict().items()})
+            tensors.update({member_prefix(i) + SPOT_ENCODER + k: v for k, v in spot.state_dict().items()})
         if self.image_encoder is not None:
             tensors.update({IMAGE_ENCODER + k: v for k, v in self.image_encoder.state_dict().items()})
         return self.config.to_json(), tensors
@@ -295,7 +345,12 @@ class MclSTExp(Model):
         parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}
         if encoder is not None:
             parts[IMAGE_ENCODER] = encoder
-        return {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+        out = {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+        # the other seeds of an ensemble: the same head and spot encoder under member<i>.
+        for i in range(1, int(config.n_members)):
+            for prefix, m in ((IMAGE_HEAD, head), (SPOT_ENCODER, spot)):
+                out.update({member_prefix(i) + prefix + k: tuple(v.shape) for k, v in m.state_dict().items()})
+        return out
 
     @classmethod
     def _from_files(cls, config: MclSTExpConfig, tensors: dict[str, Any]) -> MclSTExp:
@@ -303,11 +358,22 @@ class MclSTExp(Model):
         parts = {IMAGE_HEAD: head, SPOT_ENCODER: spot}
         if encoder is not None:
             parts[IMAGE_ENCODER] = encoder
+        extra = []
+        for i in range(1, int(config.n_members)):
+            h, s, _ = build_modules({**config.to_json(), "finetune": "none"})
+            parts[member_prefix(i) + IMAGE_HEAD], parts[member_prefix(i) + SPOT_ENCODER] = h, s
+            extra.append((h, s))
+        # longest prefix first: "member1.image_head." before "image_head."
+        owner = sorted(parts, key=len, reverse=True)
         unknown = [k for k in tensors if not k.startswith(tuple(parts))]
+
+        def prefix_of(key: str) -> str:
+            return next(p for p in owner if key.startswith(p))
+
         if unknown:
             raise ModelFileError(f"The tensors file holds tensors that fit no part of the MclSTExp config: {unknown[:10]}.")
         for prefix, module in parts.items():
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: v for k, v in tensors.items() if prefix_of(k) == prefix}
             own = set(module.state_dict())
             missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
             if missing or unexpected:
@@ -318,7 +384,7 @@ class MclSTExp(Model):
             except RuntimeError as e:  # shapes that do not fit the config
                 raise ModelFileError(f"The tensors file does not fit the MclSTExp config ({prefix}*): "
                                      f"{str(e)[:300]}") from e
-        return cls(head, spot, config, image_encoder=encoder)
+        return cls(head, spot, config, image_encoder=encoder, members=extra)
 
 
 def build_modules(config: Mapping[str, Any]) -> tuple[Any, Any, Any]:

@@ -24,8 +24,10 @@ class SpadeConfig(ModelConfig):
     read), ``n_experts``, ``n_fine`` (fine centroids), ``out_dim``, ``dropout``,
     ``routing_temperature`` (soft routing at inference), ``reference_side`` (what
     :func:`sq_spade.tl.predict_expression` retrieves against), ``centroid_groups`` (group of
-    each fine centroid), ``history`` (losses) and ``selection`` (validation scores of the
-    reference sides).
+    each fine centroid), ``history`` (losses), ``selection`` (the number of experts and how it
+    was chosen, validation scores of the reference sides) and ``alignment`` (how the experts
+    share one space: ``"shared_genes"``, ``"procrustes"`` or ``"none"``, the published
+    independent experts and the value of models saved before the option).
     """
 
     gene_input: K.GeneInput
@@ -38,6 +40,7 @@ class SpadeConfig(ModelConfig):
     centroid_groups: list[Any] | None = None
     history: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
+    alignment: K.Alignment = field(default="none", metadata=check(lambda v: v in K.ALIGNMENTS))
 
 
 class Spade(Model):
@@ -85,13 +88,21 @@ class Spade(Model):
         return run_batches(fn, x, self.config.out_dim)
 
     def embed_images(self, features: np.ndarray, *, routing: K.Routing = "soft",
-                     temperature: float | None = None) -> np.ndarray:
-        """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``."""
+                     temperature: float | None = None, space: K.Space = "aligned") -> np.ndarray:
+        """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``.
+
+        ``space="published"``: the routed sum of the experts' image heads, as the published code
+        computes it; ``"aligned"``: the same sum once every expert is in the common space (the
+        Procrustes rotations applied; a model with a shared gene head is aligned by training, so
+        both are equal; for ``alignment="none"`` there is no common space and both are equal).
+        """
         check_choice(routing, "routing", K.ROUTINGS)
+        check_choice(space, "space", K.SPACES)
         t = self.config.routing_temperature if temperature is None else check_positive_float(temperature,
                                                                                               "temperature")
         x = self._check_features(features)
-        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard"), x)
+        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard",
+                                                            aligned=space == "aligned"), x)
 
     def embed_images_by(self, features: np.ndarray, expert: int) -> np.ndarray:
         """Image embeddings ``(N, out_dim)`` of backbone features ``(N, D)`` by one expert's image head.
@@ -103,7 +114,7 @@ class Spade(Model):
         e = int(expert)
         if not 0 <= e < self.n_experts:
             raise ValueError(f"`expert` must lie in [0, {self.n_experts}), got {expert!r}.")
-        return self._run(lambda b: self.module.image_heads.forward_one(b, e), self._check_features(features))
+        return self._run(lambda b: self.module.embed_images_by(b, e), self._check_features(features))
 
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
@@ -146,13 +157,16 @@ class Spade(Model):
             for name, n_in in (("image_heads", d), ("gene_heads", g)):
                 heads = ExpertHeads(e, n_in, int(config["out_dim"]), float(config["dropout"]))
                 out.update({f"{name}.{key}": tuple(v.shape) for key, v in heads.state_dict().items()})
+        if "rotation" in shapes or config["alignment"] == "procrustes":  # Procrustes rotations, per expert
+            o = int(config["out_dim"])
+            out["rotation"] = (e, o, o)
         return out
 
     @classmethod
     def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
         try:
             module = build_module(config, centroids=tensors.get("centroids"),
-                                  fine_to_expert=tensors.get("fine_to_expert"))
+                                  fine_to_expert=tensors.get("fine_to_expert"), rotation=tensors.get("rotation"))
         except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
             raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
         missing, unexpected = module.load_state_dict(tensors, strict=False)
@@ -162,7 +176,8 @@ class Spade(Model):
         return cls(module, config)
 
     @classmethod
-    def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike], centroids: str | os.PathLike,
+    def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike],
+                      centroids: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
                       fine_to_expert: str | os.PathLike | np.ndarray, *, backbone: str, panel: Sequence[str],
                       gene_input: str = "raw", routing_temperature: float = 0.1) -> Spade:
         """Import checkpoints of the original SPADE repository, safely and strictly.
@@ -174,9 +189,12 @@ class Spade(Model):
             ``image_projection.{projection,fc,layer_norm}.*`` and ``spot_projection.*``. Read with
             ``torch.load(weights_only=True)``: a checkpoint that needs code to load is refused.
         centroids
-            ``centroids.npy``: the fine centroids ``(K, D)`` (read with ``allow_pickle=False``).
+            The fine centroids: a ``.npy`` file (read with ``allow_pickle=False``) or an array of
+            shape ``(K, D)``, or the original's per-organ layout ``(1, K, D)`` (one organ) or
+            ``(G, K, D)`` (``G`` organs, flattened organ by organ to ``(G * K, D)``); or a list of
+            such files, one per organ, concatenated in order.
         fine_to_expert
-            ``.npy`` file or array mapping each fine centroid to its expert.
+            ``.npy`` file or array mapping each fine centroid (in the order above) to its expert.
         backbone
             Backbone the features came from (e.g. ``"uni"``).
         panel
@@ -191,7 +209,7 @@ class Spade(Model):
         from sq_spade.nn.experts import ExpertHeads
         from sq_spade.nn.heads import ProjectionHead
 
-        c = np.load(centroids, allow_pickle=False).astype(np.float32)
+        c = _original_centroids(centroids)
         f2e = np.asarray(fine_to_expert if isinstance(fine_to_expert, np.ndarray)
                          else np.load(fine_to_expert, allow_pickle=False)).astype(np.int64)
         img_heads, gene_heads = [], []
@@ -218,6 +236,10 @@ class Spade(Model):
             extra = [k for k in sd if not k.startswith(("image_projection.", "spot_projection."))]
             if extra:
                 raise ValueError(f"`expert_checkpoints`: unexpected keys in {str(path)!r}: {extra[:10]}.")
+        if c.shape[1] != img_heads[0].projection.in_features:
+            raise ValueError(f"`centroids` are {c.shape[1]}-d but the image heads take "
+                             f"{img_heads[0].projection.in_features}-d features: centroids and checkpoints come "
+                             "from different feature spaces.")
         if len(panel) != gene_heads[0].projection.in_features:
             raise ValueError(f"`panel` has {len(panel)} genes but the gene heads take {gene_heads[0].projection.in_features}.")
         n_exp = len(img_heads)
@@ -231,8 +253,36 @@ class Spade(Model):
                   "gene_input": gene_input, "n_experts": n_exp, "n_fine": int(len(c)),
                   "out_dim": int(img_heads[0].projection.out_features), "dropout": 0.0,
                   "routing_temperature": float(routing_temperature), "reference_side": "genes",
-                  "params": {"imported_from": "original SPADE checkpoints"}}
+                  # the original routes the backbone's final pooled features, raw
+                  "params": {"imported_from": "original SPADE checkpoints",
+                             "feature_recipe": {"layers": ["final"], "tta": False, "zscore": None}}}
         return cls(module, config)
+
+
+def _original_centroids(centroids: Any) -> np.ndarray:
+    """The fine centroids ``(K, D)`` float32 of :meth:`Spade.from_original`, from any of its accepted layouts."""
+    if isinstance(centroids, np.ndarray):
+        parts = [centroids]
+    elif isinstance(centroids, (str, os.PathLike)):
+        parts = [np.load(centroids, allow_pickle=False)]
+    elif isinstance(centroids, Sequence) and centroids:
+        parts = [np.load(p, allow_pickle=False) for p in centroids]
+    else:
+        raise TypeError(f"`centroids` must be a .npy path, a list of them (one per organ) or an array, got "
+                        f"{type(centroids).__name__}.")
+    flat = []
+    for i, a in enumerate(parts):
+        a = np.asarray(a)
+        where = f" (file {i})" if len(parts) > 1 else ""
+        if a.ndim == 3:  # the original's per-organ layout (organs, K, D)
+            a = a.reshape(-1, a.shape[-1])
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) == 0:
+            raise ValueError(f"`centroids`{where} must be fine centroids (K, D), or per organ (1, K, D) / "
+                             f"(G, K, D); got shape {np.shape(parts[i])} of dtype {np.asarray(parts[i]).dtype}.")
+        flat.append(a.astype(np.float32))
+    if len({a.shape[1] for a in flat}) > 1:
+        raise ValueError(f"`centroids` files have different dimensions: {[a.shape[1] for a in flat]}.")
+    return np.concatenate(flat)
 
 
 # original SPADE ProjectionHead parameter names -> ours (the same names, listed explicitly so an
@@ -250,7 +300,8 @@ def _load_head_strict(head: Any, state: Mapping[str, Any], path: Any, prefix: st
     head.load_state_dict(dict(state), strict=True)
 
 
-def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_expert: Any = None) -> Any:
+def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_expert: Any = None,
+                 rotation: Any = None) -> Any:
     """An untrained MixtureOfExperts shaped by ``config`` (weights come from a state dict)."""
     import torch
 
@@ -262,4 +313,5 @@ def build_module(config: Mapping[str, Any], *, centroids: Any = None, fine_to_ex
     f2e = torch.arange(k) % e if fine_to_expert is None else torch.as_tensor(fine_to_expert).long()
     return MixtureOfExperts(ExpertHeads(e, d, int(config["out_dim"]), float(config["dropout"])),
                             ExpertHeads(e, g, int(config["out_dim"]), float(config["dropout"])),
-                            c, f2e, temperature=float(config["routing_temperature"]))
+                            c, f2e, temperature=float(config["routing_temperature"]),
+                            rotation=None if rotation is None else torch.as_tensor(rotation, dtype=torch.float32))

@@ -352,6 +352,10 @@ class MixtureOfExperts(nn.Module):
         Expert of each fine centroid, ``(K,)`` (stored as a buffer).
     temperature
         Default routing temperature (0.1 in SPADE).
+    rotation
+        Optional orthogonal ``(E, out_dim, out_dim)`` rotations (a buffer): expert ``e``'s image
+        and gene embeddings are multiplied by ``rotation[e]`` in the *aligned* space (see
+        :func:`procrustes_rotations`). Rotations change no similarity within an expert.
 
     Examples
     --------
@@ -364,9 +368,10 @@ class MixtureOfExperts(nn.Module):
 
     centroids: Tensor
     fine_to_expert: Tensor
+    rotation: Tensor | None
 
     def __init__(self, image_heads: ExpertHeads, gene_heads: ExpertHeads, centroids: Tensor,
-                 fine_to_expert: Tensor, temperature: float = 0.1) -> None:
+                 fine_to_expert: Tensor, temperature: float = 0.1, rotation: Tensor | None = None) -> None:
         super().__init__()
         if not isinstance(image_heads, ExpertHeads):
             raise TypeError("`image_heads` must be an ExpertHeads.")
@@ -389,6 +394,15 @@ class MixtureOfExperts(nn.Module):
         self.register_buffer("centroids", centroids)
         self.register_buffer("fine_to_expert", fine_to_expert)
         self.temperature = float(temperature)
+        if rotation is not None:
+            rotation = torch.as_tensor(rotation, dtype=torch.float32)
+            d = image_heads.out_dim
+            if rotation.shape != (image_heads.n_experts, d, d):
+                raise ValueError(f"`rotation` must have shape ({image_heads.n_experts}, {d}, {d}), "
+                                 f"got {tuple(rotation.shape)}.")
+            self.register_buffer("rotation", rotation)
+        else:
+            self.rotation = None
 
     @property
     def n_experts(self) -> int:
@@ -410,8 +424,13 @@ class MixtureOfExperts(nn.Module):
         d = torch.cdist(x, self.centroids.to(x.dtype))
         return self.fine_to_expert[d.argmin(dim=1)]
 
+    def embed_images_by(self, x: Tensor, expert: int, aligned: bool = True) -> Tensor:
+        """Image embeddings of ``x`` by one expert's head (rotated into the aligned space if any)."""
+        z = self.image_heads.forward_one(x, int(expert))
+        return z @ self.rotation[int(expert)] if aligned and self.rotation is not None else z
+
     def embed_images(self, x: Tensor, temperature: float | None = None, hard: bool = False,
-                     min_weight: float = 0.0) -> Tensor:
+                     min_weight: float = 0.0, aligned: bool = True) -> Tensor:
         """SPADE image embedding ``z = sum_e a_e(x) * imagehead_e(x)``, ``(N, out_dim)``.
 
         Parameters
@@ -424,15 +443,68 @@ class MixtureOfExperts(nn.Module):
             Route each row to its nearest fine centroid's expert only.
         min_weight
             Skip (row, expert) pairs with routing weight at or below this (0: exact).
+        aligned
+            Rotate each expert into the aligned space first (with ``rotation`` only).
         """
+        if aligned and self.rotation is not None:
+            w = self.route(x, temperature, hard=hard)
+            out = x.new_zeros(x.shape[0], self.image_heads.out_dim)
+            for e in range(self.n_experts):
+                rows = torch.nonzero(w[:, e] > min_weight).flatten()
+                if rows.numel():
+                    out = out.index_add(0, rows, w[rows, e, None] * self.embed_images_by(x[rows], e))
+            return out
         if hard:
             return self.image_heads.forward_assigned(x, self.assign(x))
         return self.image_heads.forward_weighted(x, self.route(x, temperature), min_weight)
 
-    def embed_genes(self, g: Tensor, expert: Tensor | int) -> Tensor:
+    def embed_genes(self, g: Tensor, expert: Tensor | int, aligned: bool = True) -> Tensor:
         """Gene-side embedding of each row by its expert's gene head, ``(N, out_dim)``."""
-        return self.gene_heads.forward_assigned(g, expert)
+        z = self.gene_heads.forward_assigned(g, expert)
+        if aligned and self.rotation is not None:
+            e = torch.as_tensor(expert, device=z.device).long().expand(z.shape[0])
+            z = torch.bmm(z[:, None, :], self.rotation[e])[:, 0]
+        return z
 
     def forward(self, x: Tensor) -> Tensor:
         """Alias of :meth:`embed_images` with the default (soft) routing."""
         return self.embed_images(x)
+
+
+def procrustes_rotations(z: Tensor, n_iter: int = 10) -> Tensor:
+    r"""Orthogonal rotations aligning each expert's embeddings of the same rows (generalised Procrustes).
+
+    ``z[e]`` holds expert ``e``'s embeddings of one set of rows. Starting from expert 0's,
+    alternately solve each orthogonal Procrustes problem ``R_e = argmin ||z_e R - m||`` (``R = U
+    V^T`` from the SVD of ``z_e^T m``) and average the rotated embeddings into the anchor ``m``.
+
+    Parameters
+    ----------
+    z
+        ``(E, N, d)`` embeddings of the same ``N`` rows by every expert.
+    n_iter
+        Alternations.
+
+    Returns
+    -------
+    ``(E, d, d)`` orthogonal rotations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = torch.randn(50, 4)
+    >>> q, _ = torch.linalg.qr(torch.randn(4, 4))
+    >>> r = procrustes_rotations(torch.stack([a, a @ q]))
+    >>> bool(torch.allclose(a @ r[0], (a @ q) @ r[1], atol=1e-4))
+    True
+    """
+    if not isinstance(z, Tensor) or z.ndim != 3:
+        raise ValueError("`z` must be a tensor of shape (E, N, d).")
+    zd = z.double()
+    m = zd[0]
+    rot = torch.eye(z.shape[2], dtype=torch.float64).expand(z.shape[0], -1, -1).clone()
+    for _ in range(int(n_iter)):
+        u, _, vh = torch.linalg.svd(zd.transpose(1, 2) @ m)
+        rot = u @ vh
+        m = (zd @ rot).mean(0)
+    return rot.float()

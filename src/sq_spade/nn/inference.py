@@ -12,7 +12,7 @@ both see the same pixels.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -80,13 +80,15 @@ def embed_batches(
     *,
     device: str | torch.device = "auto",
     tta: bool = False,
+    layers: str | Sequence[str] | None = None,
+    views: bool = False,
     amp: bool | None = None,
     channels_last: bool = True,
     total: int | None = None,
     desc: str = "features",
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Features of every patch of ``batches`` with ``model``, as float32 ``(N, D)``.
+    """Features of every patch of ``batches`` with ``model``, as float32 ``(N, D)`` (or ``(N, 8, D)`` views).
 
     Each batch is moved to ``device`` (``non_blocking``, so pinned DataLoader batches overlap
     the copy with compute), converted to float in ``[0, 1]``, permuted to ``(B, 3, H, W)`` and
@@ -108,6 +110,11 @@ def embed_batches(
     tta
         Average the outputs over the 8 dihedral views of each patch (4 rotations x optional
         horizontal flip, see :func:`dihedral_transforms`); 8 times the compute.
+    layers
+        ``None``: ``model(x)``. Else the pooled outputs of these layers, concatenated
+        (:meth:`~sq_spade.nn.backbones.Backbone.forward_layers`; ``model`` must offer them).
+    views
+        With ``tta``: return the 8 views' features ``(N, 8, D)`` instead of their mean.
     amp
         Mixed precision on CUDA: ``None`` or ``True`` use it there, ``False`` never. Ignored
         on other devices (float32).
@@ -123,7 +130,7 @@ def embed_batches(
     Returns
     -------
     Float32 array ``(N, D)`` in the order of the batches (``(0, D)`` when there are none and
-    ``model.dim`` is known).
+    ``model.dim`` is known); ``(N, 8, D)`` with ``views=True``.
 
     Examples
     --------
@@ -131,6 +138,9 @@ def embed_batches(
     >>> patches = np.zeros((5, 16, 16, 3), np.uint8)
     >>> embed_batches(get_backbone("dummy"), [patches[:3], patches[3:]], progress=False).shape
     (5, 64)
+    >>> embed_batches(get_backbone("dummy"), [patches], layers="pool", tta=True, views=True,
+    ...               progress=False).shape
+    (5, 8, 96)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module (a Backbone), got {type(model).__name__}.")
@@ -142,6 +152,11 @@ def embed_batches(
     if isinstance(batches, (Tensor, np.ndarray)):
         raise TypeError("`batches` must be an iterable of (B, H, W, 3) batches (e.g. a DataLoader "
                         "or a list), not a single array: wrap it in a list.")
+    if views and not tta:
+        raise ValueError("`views=True` needs `tta=True` (the views are the 8 dihedral transforms).")
+    if layers is not None and not callable(getattr(model, "forward_layers", None)):
+        raise TypeError(f"`layers` needs a Backbone with `forward_layers`, got {type(model).__name__}.")
+    forward = model if layers is None else (lambda v: model.forward_layers(v, layers))
     dev = resolve_device(device)
     use_amp = dev.type == "cuda" and amp is not False
     amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16)
@@ -163,21 +178,21 @@ def embed_batches(
             if tuple(x.shape[-2:]) != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                   align_corners=False)
-            views = dihedral_transforms(x) if tta else [x]
-            y: Tensor | None = None
             with autocast():
-                for v in views:
-                    out = model(v.contiguous(memory_format=fmt)).float()
-                    y = out if y is None else y + out
-            assert y is not None
-            y = y / len(views)
-            if y.ndim != 2 or y.shape[0] != x.shape[0]:
-                raise RuntimeError(f"`model` returned shape {tuple(y.shape)} for a batch of "
-                                   f"{x.shape[0]}, expected ({x.shape[0]}, D).")
+                ys = [forward(v.contiguous(memory_format=fmt)).float()
+                      for v in (dihedral_transforms(x) if tta else [x])]
+            for y in ys:
+                if y.ndim != 2 or y.shape[0] != x.shape[0]:
+                    raise RuntimeError(f"`model` returned shape {tuple(y.shape)} for a batch of "
+                                       f"{x.shape[0]}, expected ({x.shape[0]}, D).")
+            y = torch.stack(ys, 1) if views else sum(ys[1:], ys[0]) / len(ys)
             outs.append(y.cpu())
     if not outs:
         dim = getattr(model, "dim", None)
-        return np.zeros((0, dim if isinstance(dim, int) else 0), np.float32)
+        if layers is not None:
+            dim = model.spec.layer_dim(layers)
+        shape = (0, 8, dim if isinstance(dim, int) else 0) if views else (0, dim if isinstance(dim, int) else 0)
+        return np.zeros(shape, np.float32)
     return torch.cat(outs).numpy().astype(np.float32, copy=False)
 
 

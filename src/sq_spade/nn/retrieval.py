@@ -30,7 +30,8 @@ from sq_spade import _constants as K
 from sq_spade._utils import resolve_device
 from sq_spade._validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["mixture_retrieve_predict", "retrieve_predict", "weighted_neighbor_mean"]
+__all__ = ["combine_keys", "mixture_retrieve_predict", "neighbor_variance", "retrieve_predict",
+           "weighted_neighbor_mean"]
 
 WEIGHTINGS = K.WEIGHTINGS
 SIMILARITIES = K.SIMILARITIES
@@ -93,6 +94,64 @@ def weighted_neighbor_mean(values: np.ndarray, idx: np.ndarray, w: np.ndarray) -
     return np.asarray(W @ values, dtype=np.float32)
 
 
+def neighbor_variance(values: np.ndarray, idx: np.ndarray, w: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Weighted variance of the retrieved values around their weighted ``mean`` (the retrieval spread).
+
+    ``sum_j w[b, j] * (values[idx[b, j]] - mean[b])**2`` for weights summing to 1, computed as
+    ``E[v^2] - mean^2`` in float64 and floored at 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = np.array([[0.0], [2.0]])
+    >>> neighbor_variance(v, np.array([[0, 1]]), np.array([[0.5, 0.5]]), np.array([[1.0]]))
+    array([[1.]], dtype=float32)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    n, k = idx.shape
+    W = sp.csr_matrix((np.asarray(w, dtype=np.float64).ravel(), np.asarray(idx).ravel(),
+                       np.arange(0, n * k + 1, k)), shape=(n, v.shape[0]))
+    m2 = np.asarray(W @ (v * v))
+    return np.maximum(m2 - np.asarray(mean, dtype=np.float64) ** 2, 0.0).astype(np.float32)
+
+
+def combine_keys(query: Any, *, spot_keys: Any = None, image_keys: Any = None,
+                 keys: K.Keys = "spot") -> tuple[np.ndarray, np.ndarray]:
+    """The query and key matrices of retrieval from the spot side, the image side or both.
+
+    ``"spot"`` and ``"image"`` return ``query`` with those keys unchanged. ``"both"`` scales
+    every row to unit length and concatenates ``[q, q]`` and ``[spot, image]``: the cosine
+    similarity of the pair is then the mean of the two cosine similarities, and the squared
+    distance ``4 (1 - that mean)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q, kx = combine_keys(np.ones((1, 2)), spot_keys=np.eye(2), image_keys=np.eye(2), keys="both")
+    >>> q.shape, kx.shape
+    ((1, 4), (2, 4))
+    """
+    check_choice(keys, "keys", K.KEYS)
+    q = _as_matrix(query, "query", "(n_query, d)")
+    if keys == "spot" or keys == "image":
+        kx = spot_keys if keys == "spot" else image_keys
+        if kx is None:
+            raise ValueError(f"`{keys}_keys` is required with keys={keys!r}.")
+        return q, _as_matrix(kx, f"{keys}_keys", "(n_keys, d)")
+    if spot_keys is None or image_keys is None:
+        raise ValueError("keys='both' needs `spot_keys` and `image_keys`.")
+    s = _as_matrix(spot_keys, "spot_keys", "(n_keys, d)")
+    i = _as_matrix(image_keys, "image_keys", "(n_keys, d)")
+    if s.shape != i.shape:
+        raise ValueError(f"`spot_keys` and `image_keys` must have the same shape, got {s.shape} and {i.shape}.")
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    qu = unit(q)
+    return np.hstack([qu, qu]), np.hstack([unit(s), unit(i)])
+
+
 def _aggregate(values: Any, idx: Any, w: Any) -> Any:
     """``sum_j w[b, j] * values[idx[b, j]]`` for each row ``b``.
 
@@ -100,10 +159,26 @@ def _aggregate(values: Any, idx: Any, w: Any) -> Any:
     thus deterministic): 8-10x faster than gathering a ``(batch, k, n_values)`` block, which
     is memory-bound. On accelerators, the gather in bounded blocks.
     """
-    n, k = idx.shape
     if values.device.type == "cpu":
         return torch.from_numpy(weighted_neighbor_mean(values.numpy(), idx.numpy(), w.numpy()))
-    step = max(1, _GATHER_ELEMENTS // max(1, k * values.shape[1]))
+    return gather_mean(values, idx, w)
+
+
+def gather_mean(values: Any, idx: Any, w: Any, block_elements: int = _GATHER_ELEMENTS) -> Any:
+    """``sum_j w[b, j] * values[idx[b, j]]`` by gathering ``(batch, k, n_values)`` blocks (torch, any device).
+
+    The accelerator path of the averaging; each gathered block holds at most
+    ``block_elements`` elements (at least one row).
+
+    Examples
+    --------
+    >>> import torch
+    >>> values = torch.tensor([[10.0], [20.0], [30.0]])
+    >>> gather_mean(values, torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.5]]))
+    tensor([[20.]])
+    """
+    n, k = idx.shape
+    step = max(1, int(block_elements) // max(1, k * values.shape[1]))
     out = torch.empty((n, values.shape[1]), dtype=values.dtype, device=values.device)
     for s in range(0, n, step):
         out[s:s + step] = torch.einsum("bk,bkg->bg", w[s:s + step], values[idx[s:s + step]])

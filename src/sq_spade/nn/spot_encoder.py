@@ -96,7 +96,8 @@ class SpotEncoder(nn.Module):
     out_dim
         Output dimension of the projection head.
     head_dropout
-        Dropout of the projection head (0.1 in mclSTExp).
+        Dropout on the residual branch of the projection head: 0.1 is this package's default;
+        the original mclSTExp builds its heads without dropout (its ``ProjectionHead`` default, 0).
     chunk_size
         With group ids, groups are packed into sets of at most this many spots (a larger group
         forms one set on its own), so memory stays bounded by ``chunk_size**2`` per set.

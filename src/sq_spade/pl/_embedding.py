@@ -10,7 +10,12 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import debug as log_debug
+from sq_spade._logging import info as log_info
+from sq_spade._serialize import storable
+from sq_spade._settings import settings
 from sq_spade._validation import check_obsm, check_positive, get_table
 from sq_spade.pl._utils import (
     add_legend,
@@ -32,17 +37,42 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-def umap_coordinates(adata: AnnData, basis: str, *, n_neighbors: int = 15, random_state: int = 0,
-                     neighbors_kwargs: Mapping[str, Any] | None = None,
-                     umap_kwargs: Mapping[str, Any] | None = None) -> np.ndarray:
-    """``(n, 2)`` UMAP of ``obsm[basis]`` via scanpy, computed on a throw-away AnnData.
+def _stored_umap(adata: AnnData, basis: str, params: dict[str, Any]) -> np.ndarray | None:
+    """A UMAP of ``basis`` already in the table: ours (``X_umap_<basis>``, same parameters) or scanpy's."""
+    key = K.umap_key(basis)
+    ours = adata.uns.get(K.UNS.UMAP, {}).get(key) if isinstance(adata.uns.get(K.UNS.UMAP), Mapping) else None
+    if key in adata.obsm and ours is not None and {k: ours.get(k) for k in params} == params:
+        return np.asarray(adata.obsm[key], dtype=np.float64)
+    # scanpy's X_umap, when its neighbours were computed on this basis with default parameters
+    nb = adata.uns.get("neighbors", {})
+    nb_params = nb.get("params", {}) if isinstance(nb, Mapping) else {}
+    if ("X_umap" in adata.obsm and nb_params.get("use_rep") == basis and not params.get("neighbors_kwargs")
+            and not params.get("umap_kwargs")):
+        return np.asarray(adata.obsm["X_umap"], dtype=np.float64)
+    return None
 
-    A ``basis`` that is already 2-D (e.g. ``"X_umap"``) is returned as is. The user's table is
-    never modified: neighbours and UMAP live on a new AnnData holding only the embedding.
+
+def umap_coordinates(adata: AnnData, basis: str, *, n_neighbors: int = 15, seed: int | None = None,
+                     neighbors_kwargs: Mapping[str, Any] | None = None,
+                     umap_kwargs: Mapping[str, Any] | None = None, store: bool = True) -> np.ndarray:
+    """``(n, 2)`` UMAP of ``obsm[basis]``: reused when stored, else computed and stored.
+
+    A ``basis`` that is already 2-D (e.g. ``"X_umap"``) is returned as is. A UMAP stored in
+    ``obsm["X_umap_<basis>"]`` with the same parameters (``uns['sq_spade_umap']``), or scanpy's
+    ``X_umap`` of neighbours on ``basis``, is reused. Otherwise neighbours and UMAP are computed
+    by scanpy on a throw-away AnnData (the table's ``obsp`` and ``uns['neighbors']`` stay as they
+    are) and, with ``store``, the UMAP is written to ``obsm["X_umap_<basis>"]``.
     """
     x = check_obsm(adata, basis, arg="basis")
     if x.shape[1] == 2:
         return x.astype(np.float64)
+    seed = settings.resolve_seed(seed)
+    params = {"basis": basis, "n_neighbors": int(n_neighbors), "seed": int(seed),
+              "neighbors_kwargs": dict(neighbors_kwargs or {}), "umap_kwargs": dict(umap_kwargs or {})}
+    stored = _stored_umap(adata, basis, params)
+    if stored is not None and stored.shape == (adata.n_obs, 2):
+        log_debug("reused the stored UMAP of obsm[%r]", basis)
+        return stored
     n = x.shape[0]
     if n < 3:
         raise ValueError(f"A UMAP needs at least 3 spots, `obsm[{basis!r}]` has {n}.")
@@ -50,10 +80,18 @@ def umap_coordinates(adata: AnnData, basis: str, *, n_neighbors: int = 15, rando
     import scanpy as sc
 
     tmp = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)), obsm={basis: x.copy()})
-    sc.pp.neighbors(tmp, use_rep=basis, n_neighbors=min(int(n_neighbors), n - 1), random_state=random_state,
+    sc.pp.neighbors(tmp, use_rep=basis, n_neighbors=min(int(n_neighbors), n - 1), random_state=seed,
                     **dict(neighbors_kwargs or {}))
-    sc.tl.umap(tmp, random_state=random_state, **dict(umap_kwargs or {}))
-    return np.asarray(tmp.obsm["X_umap"], dtype=np.float64)
+    sc.tl.umap(tmp, random_state=seed, **dict(umap_kwargs or {}))
+    xy = np.asarray(tmp.obsm["X_umap"], dtype=np.float64)
+    if store:
+        key = K.umap_key(basis)
+        adata.obsm[key] = xy.astype(np.float32)
+        if not isinstance(adata.uns.get(K.UNS.UMAP), Mapping):
+            adata.uns[K.UNS.UMAP] = {}
+        adata.uns[K.UNS.UMAP][key] = storable(params)
+        log_info("computed a UMAP of obsm[%r]: obsm[%r] (reused by the next pl.embedding call)", basis, key)
+    return xy
 
 
 def _color_values(adata: AnnData, name: str, layer: str | None) -> tuple[np.ndarray | pd.Series, bool]:
@@ -74,6 +112,7 @@ def _color_values(adata: AnnData, name: str, layer: str | None) -> tuple[np.ndar
     raise KeyError(f"`color={name!r}` is neither a column of `obs` ({list(adata.obs.columns)}) nor a gene.")
 
 
+@renamed_arguments(random_state="seed")
 @inject_docs
 def embedding(
     sdata: SpatialData | AnnData,
@@ -83,7 +122,7 @@ def embedding(
     table_key: str = K.TABLES.DEFAULT,
     layer: str | None = None,
     n_neighbors: int = 15,
-    random_state: int = 0,
+    seed: int | None = None,
     neighbors_kwargs: Mapping[str, Any] | None = None,
     umap_kwargs: Mapping[str, Any] | None = None,
     ncols: int = 3,
@@ -101,8 +140,12 @@ def embedding(
 ) -> Figure | None:
     """UMAP of a spot embedding (e.g. SPADE's ``X_spade``), one panel per colour.
 
-    Neighbours (``sc.pp.neighbors(use_rep=basis)``) and the UMAP (``sc.tl.umap``) are computed
-    on a copy, so the table gains nothing; a 2-D ``basis`` (``"X_umap"``) is drawn directly.
+    The UMAP is computed once and stored: the first call runs ``sc.pp.neighbors(use_rep=basis)``
+    and ``sc.tl.umap`` on a throw-away AnnData (the table's ``obsp`` and ``uns['neighbors']``
+    are untouched) and writes the layout to ``obsm["X_umap_<basis>"]`` (``"X_umap_spade"`` for
+    ``"X_spade"``, parameters in ``uns['sq_spade_umap']``); later calls with the same parameters
+    reuse it, as they reuse scanpy's ``X_umap`` when its neighbours were computed on ``basis``.
+    A 2-D ``basis`` (``"X_umap"``) is drawn directly.
 
     Parameters
     ----------
@@ -117,8 +160,8 @@ def embedding(
         Layer for gene colours (default X).
     n_neighbors
         Neighbours of the kNN graph.
-    random_state
-        Seed of neighbours and UMAP (deterministic layout).
+    seed
+        Seed of neighbours and UMAP (deterministic layout; ``None``: ``sqs.settings.seed``).
     neighbors_kwargs, umap_kwargs
         Extra arguments of ``sc.pp.neighbors`` and ``sc.tl.umap``.
     ncols
@@ -160,7 +203,7 @@ def embedding(
         colors = [None]
     resolved = [None if c is None else _color_values(adata, c, layer) for c in colors]  # fail before the UMAP
     check_ax(ax, len(colors))
-    xy = umap_coordinates(adata, basis, n_neighbors=n_neighbors, random_state=random_state,
+    xy = umap_coordinates(adata, basis, n_neighbors=n_neighbors, seed=seed,
                           neighbors_kwargs=neighbors_kwargs, umap_kwargs=umap_kwargs)
     two_d = adata.obsm[basis].shape[1] == 2
     axis_name = basis.removeprefix("X_").upper() if two_d else "UMAP"

@@ -54,6 +54,7 @@ def gene_correlation(
     gene_key: str = "gene",
     value_key: str = "pearson_r",
     top: int | None = None,
+    n_labels: int = 3,
     strip: bool = True,
     order: Sequence[str] | None = None,
     palette: Any = None,
@@ -82,6 +83,8 @@ def gene_correlation(
         Column names.
     top
         Show only each method's ``top`` best genes.
+    n_labels
+        Name each method's ``n_labels`` best and worst genes on the rank panel (0: none).
     strip
         Add the strip panel.
     order
@@ -123,12 +126,16 @@ def gene_correlation(
         raise ValueError(f"`results` has no finite `{value_key}` value to plot.")
     if top is not None:
         check_positive(top, "top", integer=True)
+    check_positive(n_labels, "n_labels", integer=True, allow_zero=True)
     check_ax(ax, 2 if strip else 1)
     colors = categorical_colors(methods, palette)
-    ranked = {}
+    ranked, names = {}, {}
     for m in methods:
-        r = np.sort(df.loc[df[method_key] == m, value_key].to_numpy(np.float64))[::-1]
-        ranked[m] = r[:top] if top is not None else r
+        sub = df.loc[df[method_key] == m]
+        order = np.argsort(-sub[value_key].to_numpy(np.float64), kind="stable")
+        r = sub[value_key].to_numpy(np.float64)[order]
+        g = sub[gene_key].to_numpy(object)[order]
+        ranked[m], names[m] = (r[:top], g[:top]) if top is not None else (r, g)
 
     if ax is None:
         fig = new_figure(figsize or ((9.0, 3.8) if strip else (5.0, 3.8)), dpi=dpi)
@@ -143,6 +150,8 @@ def gene_correlation(
         r = ranked[m]
         ax_rank.plot(np.arange(1, len(r) + 1), r, marker="o", markersize=2.5, linewidth=1.2, color=colors[m],
                      label=f"{m} (mean r = {np.mean(r):.3f}, {len(r)} genes)")
+    if n_labels:
+        _label_extremes(ax_rank, ranked, names, colors, n_labels)
     ax_rank.axhline(0, color="0.6", linewidth=0.8, zorder=0)
     ax_rank.set_xlabel("gene rank" + (f" (top {top})" if top is not None else ""))
     ax_rank.set_ylabel(f"Pearson r ({value_key})" if value_key != "pearson_r" else "Pearson r")
@@ -161,6 +170,24 @@ def gene_correlation(
     if title is not None:
         fig.suptitle(title)
     return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi, owns_figure=owns)
+
+
+def _label_extremes(ax: Axes, ranked: dict[str, np.ndarray], names: dict[str, np.ndarray], colors: dict[str, Any],
+                    n: int) -> None:
+    """Name the ``n`` best genes (right of their points) and ``n`` worst (left) of each method.
+
+    Labels of neighbouring ranks are staggered vertically so that they do not overprint.
+    """
+    for m, r in ranked.items():
+        k = min(n, len(r))
+        for j in range(k):  # best, stacked downwards
+            ax.annotate(str(names[m][j]), (j + 1, r[j]), xytext=(6, 4 - 7 * j), textcoords="offset points",
+                        fontsize="x-small", color=colors[m], ha="left", va="center",
+                        arrowprops={"arrowstyle": "-", "color": colors[m], "lw": 0.4})
+        for i in range(max(len(r) - n, k), len(r)):  # worst, stacked upwards, to the left
+            ax.annotate(str(names[m][i]), (i + 1, r[i]), xytext=(-6, 7 * (len(r) - 1 - i) - 4),
+                        textcoords="offset points", fontsize="x-small", color=colors[m], ha="right", va="center",
+                        arrowprops={"arrowstyle": "-", "color": colors[m], "lw": 0.4})
 
 
 # ----------------------------------------------------------------------------------------------

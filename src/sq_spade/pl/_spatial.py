@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
-from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade._deprecate import renamed_arguments
+from sq_spade._validation import check_choice, check_positive, get_table, is_spatialdata
 from sq_spade.io._sections import Section, affine_to, get_sections, image_levels, spot_centers_um
 from sq_spade.pl._utils import (
     add_legend,
@@ -64,10 +65,18 @@ class _Canvas:
         return (y1 - y0) / max(x1 - x0, 1e-9)
 
 
-def _resolve_table_key(sdata: Any, table_key: str) -> str:
-    """The default predictions table falls back to the main table when there is none."""
-    if is_spatialdata(sdata) and table_key == K.TABLES.PREDICTED and table_key not in sdata.tables:
-        return K.TABLES.DEFAULT
+def _resolve_table_key(sdata: Any, table_key: str, predictions_key: str | None) -> str:
+    """The predictions table when ``sdata`` has one, else the main table.
+
+    Only the default predictions table may be absent; another ``predictions_key`` must exist.
+    """
+    if not is_spatialdata(sdata) or predictions_key is None:
+        return table_key
+    if predictions_key in sdata.tables:
+        return predictions_key
+    if predictions_key != K.TABLES.PREDICTED:
+        raise KeyError(f"`predictions_key={predictions_key!r}` is not a table of `sdata`; expected one of "
+                       f"{sorted(sdata.tables)} (None: draw `table_key`).")
     return table_key
 
 
@@ -314,32 +323,69 @@ def _check_layer(table: Any, layer: str | None, *, arg: str, table_key: str) -> 
                        f"{sorted(table.layers)} (or None for X).")
 
 
-def _check_genes(table: Any, genes: str | Sequence[str], *, table_key: str) -> list[str]:
+def _check_genes(table: Any, genes: str | Sequence[str], *, table_key: str, predictions: bool) -> list[str]:
     if isinstance(genes, str):
         genes = [genes]
     try:
         genes = list(dict.fromkeys(str(g) for g in genes))
     except TypeError:
-        raise TypeError(f"`genes` must be a gene name or a list of gene names, got {type(genes).__name__}.") from None
+        raise TypeError(f"`color` must be a gene name or a list of gene names, got {type(genes).__name__}.") from None
     if not genes:
-        raise ValueError("`genes` is empty: give at least one gene name.")
+        raise ValueError("`color` is empty: give at least one gene name.")
     names = table.var_names
     missing = [g for g in genes if g not in names]
     if missing:
-        raise KeyError(f"`genes` not in table {table_key!r}: {missing[:10]}; available genes include "
+        if predictions:
+            raise KeyError(
+                f"`color` names genes the model does not predict: {missing[:10]}. The predictions table "
+                f"{table_key!r} holds the model's panel of {len(names)} genes: {list(names[:20])}"
+                f"{' ...' if len(names) > 20 else ''}. To predict a gene, put it in the panel when training, "
+                f"e.g. `sqs.tl.train_experts(sdata, panel=[*sqs.pp.select_genes(sdata, inplace=False), "
+                f"{missing[0]!r}])`; to draw its observed expression, pass `layer='log1p_cp10k', "
+                f"predictions_key=None`.")
+        raise KeyError(f"`color` names genes not in table {table_key!r}: {missing[:10]}; available genes include "
                        f"{list(names[:8])} ({len(names)} in all).")
     return genes
 
 
+_SCALE_LABEL = {
+    "shared": lambda what: f"{what} (shared scale)",
+    "zscore": lambda what: f"z-score of {what} (per panel)",
+}
+
+
+def _zscore(v: np.ndarray) -> np.ndarray:
+    """Values centred and scaled over the finite spots (constant: all 0)."""
+    ok = np.isfinite(v)
+    if not ok.any():
+        return v
+    sd = float(np.std(v[ok]))
+    return (v - float(np.mean(v[ok]))) / sd if sd > 0 else np.where(ok, 0.0, np.nan)
+
+
+def _norm(v: np.ndarray, vmin: float | str | None, vmax: float | str | None, *, symmetric: bool = False) -> Normalize:
+    from matplotlib.colors import Normalize
+
+    lo = resolve_limit(vmin, v, arg="vmin", default="min")
+    hi = resolve_limit(vmax, v, arg="vmax", default="max")
+    if symmetric and vmin is None and vmax is None:
+        m = max(abs(lo), abs(hi))
+        lo, hi = -m, m
+    return Normalize(vmin=lo, vmax=hi)
+
+
+@renamed_arguments(genes="color")
 def spatial(
     sdata: SpatialData,
-    genes: str | Sequence[str],
+    color: str | Sequence[str],
     *,
     layer: str | None = K.LAYERS.PREDICTED,
     observed_layer: str | None = K.LAYERS.NORMALIZED,
     compare: bool = True,
+    scale: K.ColorScale = "panel",
     section: str | None = None,
-    table_key: str = K.TABLES.PREDICTED,
+    table_key: str = K.TABLES.DEFAULT,
+    predictions_key: str | None = K.TABLES.PREDICTED,
     image_key: str | None = None,
     cmap: str | Colormap = "viridis",
     ncols: int = 4,
@@ -359,8 +405,11 @@ def spatial(
 ) -> Figure | None:
     """Observed next to predicted expression of genes, as true-size spots on the H&E image.
 
-    Each gene gets an observed and a predicted panel with one colour scale and one colourbar;
-    the predicted panel's title gives the Pearson r between the two across the section's spots.
+    Each gene gets an observed and a predicted panel; the predicted panel's title gives the
+    Pearson r between the two across the section's spots. By default each panel has its own
+    colour scale (``scale="panel"``): predictions of retrieval models are averages, shrunk
+    toward the mean, so on the observed scale a well-predicted pattern looks flat. The
+    colourbar label says which scale is used.
     Without observations (a slide that was only predicted, or a gene the query did not
     measure) a gene gets its predicted panel alone. Everything is drawn in the micrometre
     coordinate system of the section (``<section>_um``); the image is read from the coarsest
@@ -370,19 +419,31 @@ def spatial(
     ----------
     sdata
         SpatialData with the section's image, spot circles and the table.
-    genes
-        A gene name or a list of them (``var_names`` of the table).
+    color
+        A gene name or a list of them (``var_names`` of the table drawn); for predictions, genes
+        of the model's panel (a KeyError lists them and says how to add one).
     layer
         Layer drawn (``"predicted"`` by :func:`sq_spade.tl.predict_expression`); ``None`` for X.
+        The uncertainty of a prediction draws the same way: ``"predicted_sd"`` (predictive
+        standard deviation) or ``"predicted_lower"`` / ``"predicted_upper"`` (conformal
+        interval); those are not paired with ``observed_layer``.
     observed_layer
         Layer of observed values compared with ``layer``, in the same table.
     compare
         Draw ``observed_layer`` next to ``layer`` when the table has it.
+    scale
+        Colour scale of an observed / predicted pair: ``"panel"`` (each panel its own range and
+        colourbar: the spatial pattern of each is visible), ``"shared"`` (one range over both:
+        magnitudes comparable) or ``"zscore"`` (each panel z-scored over the section's spots,
+        one symmetric scale).
     section
         Section to draw; required when the table spans several.
     table_key
-        Table holding ``layer``; the default ``"predicted"`` falls back to ``"table"`` when
-        there is no predictions table (e.g. to draw observed genes with ``compare=False``).
+        Table drawn when ``sdata`` has no predictions table (default ``"table"``), e.g. to
+        draw observed genes with ``layer="log1p_cp10k", compare=False``.
+    predictions_key
+        Table of predictions written by :func:`sq_spade.tl.predict_expression` (default
+        ``"predicted"``), drawn when ``sdata`` has it; ``None``: draw ``table_key``.
     image_key
         Image drawn under the spots (default: the section's finest image).
     cmap
@@ -394,8 +455,8 @@ def spatial(
     alpha, img_alpha
         Opacity of the spots and of the image (0 skips reading the image).
     vmin, vmax
-        Colour limits: numbers, percentiles such as ``"p99"``, or ``None`` for the range over
-        both panels of the gene (one scale per gene, shared by observed and predicted).
+        Colour limits: numbers, percentiles such as ``"p99"`` (of each panel's values, or of
+        both with ``scale="shared"``), or ``None`` for the min / max.
     crop
         View the spots' extent plus a margin; ``False`` shows the whole image.
     scalebar
@@ -428,13 +489,16 @@ def spatial(
     """
     check_positive(spot_size, "spot_size")
     check_positive(ncols, "ncols", integer=True)
+    check_choice(scale, "scale", K.COLOR_SCALES)
     alpha = check_fraction(alpha, "alpha")
     img_alpha = check_fraction(img_alpha, "img_alpha")
-    table_key = _resolve_table_key(sdata, table_key)
+    table_key = _resolve_table_key(sdata, table_key, predictions_key)
     table = get_table(sdata, table_key, arg="sdata")
     _check_layer(table, layer, arg="layer", table_key=table_key)
-    genes = _check_genes(table, genes, table_key=table_key)
-    pair = bool(compare) and observed_layer is not None and observed_layer in table.layers and observed_layer != layer
+    genes = _check_genes(table, color, table_key=table_key, predictions=table_key == predictions_key)
+    uncertainty = layer is not None and layer.endswith(tuple(f"_{s}" for s in K.UNCERTAINTY_SUFFIXES))
+    pair = (bool(compare) and not uncertainty and observed_layer is not None and observed_layer in table.layers
+            and observed_layer != layer)
     sec = _pick_section(sdata, table_key=table_key, section=section, image_key=image_key)
     cols = table.var_names.get_indexer(genes)
     values = _dense_columns(table, layer, sec.rows, cols)
@@ -451,39 +515,53 @@ def spatial(
     if ax is None:
         genes_per_row = max(1, ncols // per_gene)
         n_cols = per_gene * min(genes_per_row, len(genes))
+        bars_per_row = n_cols if (pair and scale == "panel") else min(genes_per_row, len(genes))
         fig, axes = _figure_for(len(genes) * per_gene, n_cols, canvas.aspect, figsize=figsize, dpi=dpi,
-                                extra_width=0.8 * min(genes_per_row, len(genes)))
+                                extra_width=0.9 * bars_per_row)
     else:
         fig, axes = ax.figure, [ax]
 
-    from matplotlib.colors import Normalize
-
     label = layer if layer is not None else "X"
+    obs_label = observed_layer or "X"
     for i, gene in enumerate(genes):
         pred = values[:, i]
         obs = observed[:, i] if (pair and measured[i]) else None
-        both = pred if obs is None else np.concatenate([pred, obs])
-        lo = resolve_limit(vmin, both, arg="vmin", default="min")
-        hi = resolve_limit(vmax, both, arg="vmax", default="max")
-        norm = Normalize(vmin=lo, vmax=hi)
-        kw = {"cmap": cmap, "norm": norm, "alpha": alpha, "img_alpha": img_alpha, "scalebar": scalebar}
+        kw = {"cmap": cmap, "alpha": alpha, "img_alpha": img_alpha, "scalebar": scalebar}
+        if obs is not None:
+            r = _pearson(pred, obs)
+            rtxt = f"r = {r:.2f}" if np.isfinite(r) else "r = n/a"
+            title = f"{gene} ({label}, {rtxt})"
+        else:
+            title = f"{gene} ({label})"
+        if scale == "zscore":
+            pred = _zscore(pred)
+            obs = _zscore(obs) if obs is not None else None
         if pair:
             ax_obs, ax_pred = axes[2 * i], axes[2 * i + 1]
-            if obs is not None:
-                _draw_panel(ax_obs, canvas, values=obs, title=f"{gene} (observed)", **kw)
-                r = _pearson(pred, obs)
-                rtxt = f"r = {r:.2f}" if np.isfinite(r) else "r = n/a"
-                title = f"{gene} ({label}, {rtxt})"
-            else:
+            if obs is None:
                 ax_obs.set_axis_off()
                 ax_obs.set_title(f"{gene} (observed)")
                 ax_obs.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax_obs.transAxes)
-                title = f"{gene} ({label})"
-            coll = _draw_panel(ax_pred, canvas, values=pred, title=title, **kw)
-            fig.colorbar(coll, ax=[ax_obs, ax_pred], shrink=0.8, aspect=25)
+            if scale == "panel" or obs is None:
+                if obs is not None:
+                    coll = _draw_panel(ax_obs, canvas, values=obs, title=f"{gene} (observed)",
+                                       norm=_norm(obs, vmin, vmax), **kw)
+                    fig.colorbar(coll, ax=ax_obs, shrink=0.8, aspect=25, label=f"{obs_label} (own scale)")
+                coll = _draw_panel(ax_pred, canvas, values=pred, title=title, norm=_norm(pred, vmin, vmax), **kw)
+                fig.colorbar(coll, ax=ax_pred, shrink=0.8, aspect=25,
+                             label=f"{label} (own scale)" if scale == "panel" else _SCALE_LABEL[scale](label))
+            else:
+                both = np.concatenate([pred, obs])
+                norm = _norm(both, vmin, vmax, symmetric=scale == "zscore")
+                _draw_panel(ax_obs, canvas, values=obs, title=f"{gene} (observed)", norm=norm, **kw)
+                coll = _draw_panel(ax_pred, canvas, values=pred, title=title, norm=norm, **kw)
+                fig.colorbar(coll, ax=[ax_obs, ax_pred], shrink=0.8, aspect=25,
+                             label=_SCALE_LABEL[scale](f"{obs_label} and {label}"))
         else:
-            coll = _draw_panel(axes[i], canvas, values=pred, title=f"{gene} ({label})", **kw)
-            fig.colorbar(coll, ax=axes[i], shrink=0.8, aspect=25)
+            coll = _draw_panel(axes[i], canvas, values=pred, title=title,
+                               norm=_norm(pred, vmin, vmax, symmetric=scale == "zscore"), **kw)
+            fig.colorbar(coll, ax=axes[i], shrink=0.8, aspect=25,
+                         label=_SCALE_LABEL["zscore"](label) if scale == "zscore" else label)
     return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi, owns_figure=ax is None)
 
 
@@ -491,10 +569,11 @@ def spatial(
 # experts
 
 
+@renamed_arguments(key="color")
 def experts(
     sdata: SpatialData,
     *,
-    key: str = K.OBS.SPADE_EXPERT,
+    color: str = K.OBS.SPADE_EXPERT,
     section: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     weights_key: str | None = None,
@@ -519,7 +598,7 @@ def experts(
 ) -> Figure | None:
     """Each spot's SPADE expert on the tissue, or how strongly spots are routed to an expert.
 
-    Without ``weights_key`` every spot is coloured by its expert (``obs[key]``, categorical
+    Without ``weights_key`` every spot is coloured by its expert (``obs[color]``, categorical
     colours, legend). With ``weights_key`` (``obsm`` routing weights ``(n, n_experts)`` written by
     :func:`sq_spade.tl.embed`) the weight of expert ``expert`` is drawn as a continuous colour;
     ``expert=None`` draws one panel per expert on one scale.
@@ -528,12 +607,12 @@ def experts(
     ----------
     sdata
         SpatialData with the section's image, spots and table.
-    key
-        ``obs`` column of expert labels.
+    color
+        ``obs`` column of expert labels (default ``"spade_expert"``).
     section
         Section to draw; required when the table spans several.
     table_key
-        Table holding ``key`` / ``weights_key``.
+        Table holding ``color`` / ``weights_key``.
     weights_key
         ``obsm`` key of routing weights; switches to the continuous view.
     expert
@@ -541,7 +620,7 @@ def experts(
     image_key
         Image under the spots (default: the section's finest image).
     palette
-        Category colours: a dict, a list or a colormap name (default ``uns[f"{key}_colors"]``
+        Category colours: a dict, a list or a colormap name (default ``uns[f"{color}_colors"]``
         when it fits, else tab10 / tab20).
     cmap
         Colormap of routing weights.
@@ -579,8 +658,8 @@ def experts(
     img_alpha = check_fraction(img_alpha, "img_alpha")
     table = get_table(sdata, table_key, arg="sdata")
     if weights_key is None:
-        if key not in table.obs:
-            raise KeyError(f"`key={key!r}` is not a column of `obs` of table {table_key!r}; run "
+        if color not in table.obs:
+            raise KeyError(f"`color={color!r}` is not a column of `obs` of table {table_key!r}; run "
                            f"sqs.tl.train_experts or sqs.tl.embed first. Available: {list(table.obs.columns)}.")
         n_panels = 1
     else:
@@ -602,10 +681,10 @@ def experts(
     kw = {"alpha": alpha, "img_alpha": img_alpha, "scalebar": scalebar}
 
     if weights_key is None:
-        labels = table.obs[key].iloc[sec.rows]
+        labels = table.obs[color].iloc[sec.rows]
         cats = natural_categories(labels)
-        uns_colors = table.uns.get(f"{key}_colors")
-        all_cats = natural_categories(table.obs[key])
+        uns_colors = table.uns.get(f"{color}_colors")
+        all_cats = natural_categories(table.obs[color])
         # colours from the categories of the whole table, so a section keeps each expert's colour
         colors = categorical_colors(all_cats, palette, uns_colors=uns_colors)
         strs = labels.astype(object).where(labels.notna(), None).to_numpy()
@@ -617,7 +696,7 @@ def experts(
         else:
             fig, owns = ax.figure, False
         _draw_panel(ax, canvas, facecolors=face, title=title if title is not None else sec.section, **kw)
-        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if key == K.OBS.SPADE_EXPERT else key,
+        add_legend(ax, {c: colors[c] for c in cats}, title="expert" if color == K.OBS.SPADE_EXPERT else color,
                    loc=legend_loc)
         return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi, owns_figure=owns)
 

@@ -23,7 +23,9 @@ def register_backbone(name: str, factory: Any, **kwargs: Any) -> Any:
     >>> import torch
     >>> def tiny(weights=None, pretrained=True):
     ...     return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    >>> sqs.pp.register_backbone("mean_rgb", tiny, dim=3, overwrite=True)
+    >>> spec = sqs.pp.register_backbone("mean_rgb", tiny, dim=3, overwrite=True)
+    >>> spec.name, spec.dim
+    ('mean_rgb', 3)
     """
     from sq_spade.nn.backbones import register_backbone as _register
 

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._settings import settings
-from sq_spade._utils import atomic_path, process_rank, resolve_device
-from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade._utils import atomic_path, copy_data, process_rank, resolve_device
+from sq_spade._validation import (
+    check_choice,
+    check_positive,
+    feature_recipe,
+    get_table,
+    is_spatialdata,
+    section_labels,
+)
 from sq_spade._version import __version__
 from sq_spade.pp._patches import DEFAULT_FILL, _build_patches
+
+FINAL_LAYER = "final"  # sq_spade.nn.backbones.FINAL_LAYER, without importing torch here
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -87,8 +99,8 @@ def provenance_differences(a: Any, b: Any) -> list[str]:
     return out
 
 
-def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256: str | None = None, *,
-                            expected: Any = None, expected_from: str = "the model") -> None:
+def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256: str | None = None,
+                            recipe: Any = None, *, expected: Any = None, expected_from: str = "the model") -> None:
     """Refuse features computed otherwise than a model (or the other side of a comparison) expects.
 
     ``backbone`` and ``weights_sha256`` are checked whenever ``obsm[key]`` has a provenance record.
@@ -96,6 +108,7 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
     (:data:`~sq_spade._constants.FEATURE_PROVENANCE_DEFAULTS`: backbone, weights, patch geometry,
     TTA, layers, normalisation): features made differently, or without a record to compare
     (``anndata.concat`` drops ``uns``), are refused with a message naming what differs.
+    ``recipe`` (a model's layers, TTA and z-score) is checked as well.
     """
     prov = feature_provenance(adata, key)
     if prov is None:
@@ -106,6 +119,15 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
                 f"backbone {expected.get('backbone')!r}: recompute them with sqs.pp.compute_features, or copy the "
                 f"record back into `uns`.")
         return
+    if recipe is not None:
+        have, want = feature_recipe(prov), feature_recipe(recipe)
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if diff:
+            what = ", ".join(f"{k}={h!r} (the model expects {w!r})" for k, (h, w) in diff.items())
+            raise ValueError(
+                f"`obsm[{key!r}]` was computed with {what}: compute them as the model expects with "
+                f"sqs.pp.compute_features(..., layers={want['layers']!r}, tta={want['tta']!r}, "
+                f"zscore={want['zscore']!r}) or drop them to let them be computed.")
     if prov.get("backbone") != backbone:
         raise ValueError(
             f"`obsm[{key!r}]` holds features of backbone {prov.get('backbone')!r}, but the model expects "
@@ -125,6 +147,7 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
                 f"with the same settings.")
 
 
+@renamed_arguments(mpp="microns_per_pixel")
 @inject_docs
 def compute_features(
     sdata: SpatialData,
@@ -135,17 +158,21 @@ def compute_features(
     batch_size: int = 32,
     device: str | None = None,
     num_workers: int | None = None,
+    layers: str | Sequence[str] | None = None,
     tta: bool = False,
+    zscore: K.Zscore | Literal["auto"] | None = "auto",
+    keep_views: bool = False,
     table_key: str = K.TABLES.DEFAULT,
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
-    mpp: float | None = None,
+    microns_per_pixel: float | None = None,
     patch_px: int | None = None,
     cache: bool = True,
     parallel: str | None = None,
     client: Any = None,
-) -> str:
+    copy: bool = False,
+) -> str | SpatialData:
     """Compute frozen backbone features of every spot's patch into ``obsm``.
 
     Patches are those of :func:`sq_spade.pp.extract_patches` (its recorded geometry, or
@@ -168,16 +195,35 @@ def compute_features(
     num_workers
         DataLoader workers reading patches (default: ``settings.num_workers``; 0 on CPU is
         best, since the forward pass dominates there).
+    layers
+        Which layers' globally average-pooled outputs make the features, concatenated
+        shallow to deep: one name or several among those the backbone offers
+        (``get_backbone_spec(backbone).layers``; ``"final"`` is the backbone's last pooled
+        output). ``None``: the backbone's ``default_layers``; for ``"efficientnet_lite0"``
+        stages ``blocks.3``, ``blocks.4`` and ``blocks.5`` (80 + 112 + 192 = 384-d), which
+        predict expression better than its final 1280-d features (``docs/backbones.md``).
     tta
-        Average the features of the 8 flips/rotations of each patch.
+        Average the features of the 8 dihedral views (4 rotations, with and without a flip)
+        of each patch: 8 times the compute; off by default (see ``docs/backbones.md`` for its
+        measured gain).
+    zscore
+        ``"section"``: standardise every feature column within each section (mean 0, sd 1 over
+        that section's spots computed here), which removes per-section shifts in staining and
+        scale between the concatenated layers. ``None``: raw pooled values. ``"auto"``:
+        ``"section"`` when ``layers`` include an intermediate layer, ``None`` for ``"final"``
+        alone (as models imported from the original SPADE expect).
+    keep_views
+        With ``tta=True``: also store the 8 views' features, ``(n_spots, 8, D)``, in
+        ``obsm[key + "_views"]`` (z-scored like the mean), for training on a random view.
     table_key, image_key, shapes_key
         Which table, image and spots to use.
-    patch_size_um, mpp, patch_px
+    patch_size_um, microns_per_pixel, patch_px
         Patch geometry (see :func:`sq_spade.pp.extract_patches`).
     cache
         Use the on-disk cache in ``settings.cache_dir`` when it is set. Its key is the sha256 of
-        every patch's pixels, the backbone's name and weights and ``tta``: the same inputs give
-        the cached features, any change recomputes them.
+        every patch's pixels, the backbone's name and weights, ``layers``, ``tta`` and
+        ``keep_views``: the same inputs give the cached features, any change recomputes them
+        (the z-score is applied after the cache).
     parallel
         ``None`` (default): every section in this process. ``"dask"``: one dask task per
         section on ``client`` (or, without one, on a temporary local cluster of single-threaded
@@ -194,21 +240,31 @@ def compute_features(
         ``if __name__ == "__main__":``.
     client
         A :class:`distributed.Client` to run on; implies ``parallel="dask"``.
+    copy
+        Compute into a copy of ``sdata`` (tables copied, images shared) and return the copy.
 
     Returns
     -------
-    The ``obsm`` key written. Float32 ``(n_spots, D)`` features go to ``obsm[key]``, and
-    ``uns['sq_spade_features'][key]`` records the backbone, its weights' sha256, the patch
-    geometry, TTA and the package version. Rows not covered (``shapes_key`` restricting to a
-    section) keep earlier values or NaN.
+    The ``obsm`` key written (the copy of ``sdata`` when ``copy=True``). Float32 ``(n_spots, D)``
+    features go to ``obsm[key]``, and ``uns['sq_spade_features'][key]`` records the backbone, its
+    weights' sha256, the layers, the patch geometry, TTA, the z-score and the package version.
+    Rows not covered (``shapes_key`` restricting to a section) keep earlier values or NaN.
 
     Examples
     --------
     >>> sd = sqs.datasets.synthetic_section(n_rows=2, n_cols=2)
-    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     'X_dummy'
     >>> sd.tables["table"].obsm["X_dummy"].shape
     (4, 64)
+
+    Intermediate layers, 8-view TTA, the views kept:
+
+    >>> sqs.pp.compute_features(sd, backbone="dummy", layers=["pool", "final"], tta=True,
+    ...                         keep_views=True, key_added="X_tta", patch_size_um=32, microns_per_pixel=1.0)
+    'X_tta'
+    >>> sd.tables["table"].obsm["X_tta"].shape, sd.tables["table"].obsm["X_tta_views"].shape
+    ((4, 160), (4, 8, 160))
 
     Many sections in parallel, on a dask cluster (a local one when ``client`` is not given):
 
@@ -221,6 +277,8 @@ def compute_features(
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
+    if copy:
+        sdata = copy_data(sdata)
     check_positive(batch_size, "batch_size", integer=True)
     num_workers = settings.num_workers if num_workers is None else num_workers
     check_positive(num_workers, "num_workers", integer=True, allow_zero=True)
@@ -230,16 +288,32 @@ def compute_features(
         _check_client(client)
     distributed = parallel == "dask" or client is not None
     table = get_table(sdata, table_key)
+    if not isinstance(tta, bool) or not isinstance(keep_views, bool):
+        raise TypeError(f"`tta` and `keep_views` must be bool, got {tta!r} and {keep_views!r}.")
+    if keep_views and not tta:
+        raise ValueError("`keep_views=True` needs `tta=True`: the views are the 8 dihedral transforms.")
+    if zscore != "auto" and zscore is not None:
+        check_choice(zscore, "zscore", (*K.ZSCORES, "auto", None))
+    spec = backbone.spec if isinstance(backbone, Backbone) else None
+    if spec is None:
+        from sq_spade.nn.backbones import get_backbone_spec
+
+        spec = get_backbone_spec(backbone)
+    names = spec.check_layers(layers)  # before building: a wrong name costs no weights
+    if zscore == "auto":
+        zscore = None if names == (FINAL_LAYER,) else "section"
+    dim = spec.layer_dim(names)
     model = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights)
     key = key_added or K.features_key(model.name)
     # levels are loaded by whoever embeds them: here, or in each dask worker
     p = _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
-                       patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
+                       patch_size_um=patch_size_um, mpp=microns_per_pixel, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
                        load=not distributed)
-    record = {"backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(model.dim),
-              "input_size": int(model.input_size), "patch_geometry": dict(p.geometry.to_dict()), "tta": bool(tta)}
-    kept = _rows_kept(table, key, p.rows, model.dim, record)  # checked before any pixel is embedded
-    job = _Job(batch_size=batch_size, num_workers=num_workers, tta=tta,
+    record = {"backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(dim),
+              "layers": list(names), "input_size": int(model.input_size),
+              "patch_geometry": dict(p.geometry.to_dict()), "tta": bool(tta), "zscore": zscore}
+    kept = _rows_kept(table, key, p.rows, dim, record)  # checked before any pixel is embedded
+    job = _Job(batch_size=batch_size, num_workers=num_workers, tta=tta, layers=names, views=keep_views,
                cache_dir=settings.cache_dir if cache else None, memory_budget_bytes=settings.memory_budget_bytes,
                progress=settings.progress)
     if distributed:
@@ -247,10 +321,10 @@ def compute_features(
         # a backbone given by name is rebuilt by each worker; an instance is shipped to each
         results = _embed_with_dask(parts, model, weights=weights, rebuildable=not isinstance(backbone, Backbone),
                                    device=settings.device if device is None else device, job=job, client=client)
-        feats = np.empty((len(p), model.dim), np.float32)
+        feats = np.empty((len(p), *_shape(dim, keep_views)), np.float32)
         for part, (f, _, _) in zip(parts, results, strict=True):
-            if f.shape != (len(part), model.dim):
-                raise RuntimeError(f"backbone returned {f.shape}, expected {(len(part), model.dim)}")
+            if f.shape != (len(part), *_shape(dim, keep_views)):
+                raise RuntimeError(f"backbone returned {f.shape}, expected {(len(part), *_shape(dim, keep_views))}")
             feats[np.searchsorted(p.rows, part.rows)] = f  # p.rows is sorted, parts are subsets
         from_cache = all(r[1] for r in results)
         dev_types = sorted({r[2] for r in results})
@@ -259,19 +333,62 @@ def compute_features(
         dev = resolve_device(device)
         feats, from_cache = _embed(p, model, dev, job)
         dev_type = dev.type
+    views = feats if keep_views else None
+    if views is not None:
+        feats = views.mean(axis=1)
+    if zscore == "section":
+        shift, scale = _section_standardisation(feats, section_labels(table)[p.rows])
+        feats = (feats - shift) / scale
+        if views is not None:
+            views = (views - shift[:, None, :]) / scale[:, None, :]
     # assemble fully before touching the table, so errors leave it unchanged
-    if kept is not None:
-        out = np.array(table.obsm[key], dtype=np.float32, copy=True)
+    out = _merged(table, key, (dim,), p.rows, feats)
+    views_key = key + K.VIEWS_SUFFIX
+    out_views = None if views is None else _merged(table, views_key, (8, dim), p.rows, views)
+    geometry = {k: v for k, v in p.geometry.to_dict().items()}
+    if kept is not None:  # the rows kept were made the same way: one record lists every section
         old_sections = dict((kept.get("patch_geometry") or {}).get("sections") or {})
-        record["patch_geometry"]["sections"] = {**old_sections, **record["patch_geometry"]["sections"]}
-    else:
-        out = np.full((table.n_obs, model.dim), np.nan, np.float32)
-    out[p.rows] = feats
+        geometry["sections"] = {**old_sections, **geometry["sections"]}
     table.obsm[key] = out
-    table.uns.setdefault(K.UNS.FEATURES, {})[key] = {
-        **record, "sq_spade_version": __version__, "device": dev_type, "from_cache": bool(from_cache),
+    if out_views is not None:
+        table.obsm[views_key] = out_views
+    prov = {
+        "backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(dim),
+        "layers": list(names), "input_size": int(model.input_size), "patch_geometry": geometry,
+        "tta": bool(tta), "zscore": zscore, "views_key": views_key if keep_views else None,
+        "sq_spade_version": __version__, "device": dev_type, "from_cache": bool(from_cache),
     }
-    return key
+    table.uns.setdefault(K.UNS.FEATURES, {})[key] = {k: v for k, v in prov.items() if v is not None}
+    log_info("computed %s features (%d dims) of %d spots%s: obsm[%r] of table %r", model.name, dim, len(p),
+             " (from the cache)" if from_cache else "", key, table_key)
+    return sdata if copy else key
+
+
+def _shape(dim: int, views: bool) -> tuple[int, ...]:
+    return (8, dim) if views else (dim,)
+
+
+def _merged(table: Any, key: str, shape: tuple[int, ...], rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``obsm[key]`` with ``rows`` replaced by ``values`` (other rows kept when the shape fits, else NaN)."""
+    if key in table.obsm and np.shape(table.obsm[key]) == (table.n_obs, *shape):
+        out = np.array(table.obsm[key], dtype=np.float32, copy=True)
+    else:
+        out = np.full((table.n_obs, *shape), np.nan, np.float32)
+    out[rows] = values
+    return out
+
+
+def _section_standardisation(feats: np.ndarray, sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row mean and sd of its section's features (columns with sd 0 keep scale 1)."""
+    shift = np.empty_like(feats)
+    scale = np.empty_like(feats)
+    for s in dict.fromkeys(sections):
+        m = sections == s
+        x = feats[m].astype(np.float64)
+        sd = x.std(axis=0)
+        shift[m] = x.mean(axis=0)
+        scale[m] = np.where(sd > 1e-12, sd, 1.0)
+    return shift, scale
 
 
 def _rows_kept(table: Any, key: str, rows: np.ndarray, dim: int, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -323,11 +440,12 @@ def _weights_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def _cache_path(patches: Any, model: Any, tta: bool, cache_dir: Any) -> Any:
+def _cache_path(patches: Any, model: Any, job: _Job, cache_dir: Any) -> Any:
     """Cache file of these exact patches through this exact backbone (hash of the pixels).
 
     The key covers the backbone's name, declared weights sha256, input size, dimension and
-    normalisation (mean/std), a digest of the weights it holds now, TTA, and every patch's pixels.
+    normalisation (mean/std), a digest of the weights it holds now, TTA, the layers and views, and
+    every patch's pixels.
     """
     import hashlib
     from pathlib import Path
@@ -336,7 +454,7 @@ def _cache_path(patches: Any, model: Any, tta: bool, cache_dir: Any) -> Any:
     norm = (tuple(getattr(spec, "mean", ())), tuple(getattr(spec, "std", ())))
     h = hashlib.sha256()
     h.update(f"{model.name}|{model.weights_sha256}|{model.input_size}|{model.dim}|norm={norm}|"
-             f"weights={_weights_digest(model)}|tta={tta}|v2".encode())
+             f"weights={_weights_digest(model)}|tta={job.tta}|layers={','.join(job.layers)}|views={job.views}|v2".encode())
     for batch in patches.iter_batches(256):
         h.update(batch.tobytes())
     return Path(cache_dir) / f"features_{model.name}_{h.hexdigest()[:32]}.npy"
@@ -382,6 +500,8 @@ class _Job:
     batch_size: int
     num_workers: int
     tta: bool
+    layers: tuple[str, ...]
+    views: bool
     cache_dir: Any
     memory_budget_bytes: int
     progress: bool
@@ -395,10 +515,11 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
 
     # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
     cacheable = job.cache_dir is not None and _is_sha256(model.weights_sha256)
-    cache_path = _cache_path(p, model, job.tta, job.cache_dir) if cacheable else None
+    cache_path = _cache_path(p, model, job, job.cache_dir) if cacheable else None
+    expected = (len(p), *_shape(model.spec.layer_dim(job.layers), job.views))
     feats = None
     if cache_path is not None and cache_path.is_file():
-        feats = _read_cache(cache_path, (len(p), model.dim))
+        feats = _read_cache(cache_path, expected)
     from_cache = feats is not None
     if feats is None:
         loader = torch.utils.data.DataLoader(
@@ -406,17 +527,18 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
             pin_memory=dev.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if job.num_workers > 0 else None,
         )
-        feats = embed_batches(model, loader, device=dev, tta=job.tta, total=len(loader),
+        feats = embed_batches(model, loader, device=dev, tta=job.tta, layers=job.layers, views=job.views,
+                              total=len(loader),
                               desc=f"features ({model.name})", progress=job.progress)
         feats = np.asarray(feats, dtype=np.float32)
         if not np.isfinite(feats).all():
-            bad = int((~np.isfinite(feats).all(axis=1)).sum())
+            bad = int((~np.isfinite(feats).reshape(len(feats), -1).all(axis=1)).sum())
             raise FloatingPointError(f"Backbone {model.name!r} returned NaN or infinite features for {bad} of "
                                      f"{len(feats)} patches (broken or diverged weights?); nothing was written.")
         if cache_path is not None and process_rank() == 0:  # one writer under torchrun
             _write_cache(cache_path, feats)
-    if feats.shape != (len(p), model.dim):
-        raise RuntimeError(f"backbone returned {feats.shape}, expected {(len(p), model.dim)}")
+    if feats.shape != expected:
+        raise RuntimeError(f"backbone returned {feats.shape}, expected {expected}")
     return feats, from_cache
 
 

@@ -15,7 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
+from sq_spade._utils import copy_data
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -67,9 +70,10 @@ def _exclusion_mask(names: np.ndarray, exclude_mito: bool, exclude_ribo: bool) -
     return keep
 
 
+@renamed_arguments(data="sdata")
 @inject_docs
 def select_genes(
-    data: AnnData | SpatialData,
+    sdata: AnnData | SpatialData,
     method: K.PanelMethod | Sequence[str] = "spade",
     *,
     n_top: int = 50,
@@ -85,7 +89,7 @@ def select_genes(
 
     Parameters
     ----------
-    data
+    sdata
         AnnData or SpatialData (its table ``table_key``).
     method
         ``"spade"``: per training section, ``normalize_total`` + ``log1p`` +
@@ -117,12 +121,12 @@ def select_genes(
     --------
     >>> sd = sqs.datasets.synthetic_section()
     >>> sqs.pp.select_genes(sd, "heg", n_top=5, inplace=False)
-    ['gene0', 'gene1', 'gene2', 'gene3', 'gene4']
+    ['gene0', 'gene1', 'gene2', 'gene4', 'gene5']
     """
     import scanpy as sc
     from anndata import AnnData
 
-    adata = get_table(data, table_key, arg="data")
+    adata = get_table(sdata, table_key)
     names = np.array([str(g) for g in adata.var_names], dtype=object)
     if adata.var_names.has_duplicates:
         raise ValueError("The table has duplicated gene names; call `var_names_make_unique()` first.")
@@ -185,6 +189,8 @@ def select_genes(
     adata.var[key_added] = np.isin(names, panel)
     adata.uns[key_added] = {**params, "genes": list(panel), "train_sections": list(sections),
                             "exclude_mito": bool(exclude_mito), "exclude_ribo": bool(exclude_ribo)}
+    log_info("selected a panel of %d genes (%s) from sections %s: var[%r] and uns[%r]", len(panel),
+             params["method"], list(sections), key_added, key_added)
     return None
 
 
@@ -286,16 +292,18 @@ def panel_expression(table: AnnData, panel: Sequence[str], *, gene_input: K.Gene
     return out, present
 
 
+@renamed_arguments(data="sdata", layer_added="key_added")
 @inject_docs
 def normalize(
-    data: AnnData | SpatialData,
+    sdata: AnnData | SpatialData,
     *,
     panel: str | Sequence[str] | None = None,
     table_key: str = K.TABLES.DEFAULT,
     counts_layer: str | None = None,
     target_sum: float = 1e4,
-    layer_added: str = K.LAYERS.NORMALIZED,
-) -> None:
+    key_added: str = K.LAYERS.NORMALIZED,
+    copy: bool = False,
+) -> AnnData | SpatialData | None:
     """Library size over the panel genes, scaled to ``target_sum``, then log1p, into a layer.
 
     Raw counts stay where they are (``X`` or ``counts_layer``). Every gene of the table gets a
@@ -303,7 +311,7 @@ def normalize(
 
     Parameters
     ----------
-    data
+    sdata
         AnnData or SpatialData.
     panel
         Gene list, boolean ``var`` column, or ``None`` for the panel of
@@ -313,8 +321,14 @@ def normalize(
         Layer of raw counts (default ``X``).
     target_sum
         Library size after scaling.
-    layer_added
-        Layer written (sparse float32).
+    key_added
+        Layer written (sparse float32; default ``"log1p_cp10k"``).
+    copy
+        Normalise a copy of ``sdata`` and return it.
+
+    Returns
+    -------
+    The normalised copy when ``copy=True``, else ``None``.
 
     Examples
     --------
@@ -323,7 +337,9 @@ def normalize(
     >>> "log1p_cp10k" in sd.tables["table"].layers
     True
     """
-    adata = get_table(data, table_key, arg="data")
+    if copy:
+        sdata = copy_data(sdata)
+    adata = get_table(sdata, table_key)
     check_positive(target_sum, "target_sum")
     genes = panel_genes(adata, panel)
     X = _counts(adata, counts_layer)
@@ -335,6 +351,9 @@ def normalize(
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
     Y = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ X)
     Y.data = np.log1p(Y.data)
-    adata.layers[layer_added] = Y
-    adata.uns.setdefault(K.UNS.NORMALIZE, {})[layer_added] = {
+    adata.layers[key_added] = Y
+    adata.uns.setdefault(K.UNS.NORMALIZE, {})[key_added] = {
         "target_sum": float(target_sum), "n_panel_genes": len(genes), "counts": counts_layer or "X"}
+    log_info("normalised %d spots (library over %d panel genes, log1p CP%g): layers[%r]", adata.n_obs, len(genes),
+             target_sum, key_added)
+    return sdata if copy else None

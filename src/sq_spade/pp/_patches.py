@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._settings import settings
 from sq_spade._utils import progress
 from sq_spade._validation import check_positive, get_table, is_spatialdata
@@ -149,7 +150,7 @@ class Patches:
     Examples
     --------
     >>> sd = sqs.datasets.synthetic_section()
-    >>> p = sqs.pp.patches(sd, patch_size_um=32, mpp=1.0)
+    >>> p = sqs.pp.patches(sd, patch_size_um=32, microns_per_pixel=1.0)
     >>> p[0].shape
     (32, 32, 3)
     """
@@ -301,6 +302,7 @@ def _image_levels_checked(sdata: SpatialData, image_key: str) -> list[Any]:
     return levels
 
 
+@renamed_arguments(mpp="microns_per_pixel")
 def patches(
     sdata: SpatialData,
     *,
@@ -308,19 +310,19 @@ def patches(
     image_key: str | None = None,
     shapes_key: str | None = None,
     patch_size_um: float | None = None,
-    mpp: float | None = None,
+    microns_per_pixel: float | None = None,
     patch_px: int | None = None,
     fill: int = DEFAULT_FILL,
     level: int | None = None,
 ) -> Patches:
     """Build the lazy patch source of every table row without writing anything.
 
-    Parameters are those of :func:`extract_patches`; with none of ``patch_size_um``, ``mpp``
+    Parameters are those of :func:`extract_patches`; with none of ``patch_size_um``, ``microns_per_pixel``
     and ``patch_px`` the geometry recorded by the last :func:`extract_patches` call is reused,
     or else SPADE's default (112 um at 0.5 um/px, 224 px).
     """
     return _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
-                          patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=fill, level=level,
+                          patch_size_um=patch_size_um, mpp=microns_per_pixel, patch_px=patch_px, fill=fill, level=level,
                           load=True)
 
 
@@ -361,6 +363,7 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
     levels: list[_Level] = []
     geometry = PatchGeometry(patch_size_um=size_um or float("nan"), mpp=target_mpp or float("nan"),
                              patch_px=out, fill=int(fill), mode=mode)
+    upsampled: dict[str, float] = {}  # section -> finest um/px, when coarser than the patches'
     for sec in sections:
         if sec.image_key is None:
             raise ValueError(f"Section {sec.section!r} has no image with a transformation to {sec.coordinate_system!r}; "
@@ -377,9 +380,7 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
             ok = [i for i, m in enumerate(level_mpps) if m <= target_mpp * (1 + 1e-3)]
             chosen = max(ok) if ok else 0
             if not ok:
-                warnings.warn(
-                    f"Section {sec.section!r}: the finest image level is {level_mpps[0]:.3g} um/px, coarser than the "
-                    f"requested {target_mpp:g} um/px; patches are upsampled.", UserWarning, stacklevel=3)
+                upsampled[sec.section] = level_mpps[0]
         if level is not None:
             if level >= len(arrays):
                 raise ValueError(f"`level={level}` but image {sec.image_key!r} has {len(arrays)} levels.")
@@ -405,11 +406,31 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
             "level_microns_per_pixel": float(lmpp), "patch_microns_per_pixel": float(sec_mpp) if mode == "physical" else float(lmpp),
             "patch_size_um": float(sec_size), "upsampled": bool(lmpp > sec_size / out * (1 + 1e-3)),
         }
+    if upsampled:
+        _warn_upsampled(upsampled, float(target_mpp))
     rows = np.flatnonzero(level_of_row >= 0)
     return Patches(levels, level_of_row[rows], centers[rows], windows[rows], out, int(fill), geometry,
                    table.obs_names[rows], rows)
 
 
+def _warn_upsampled(upsampled: dict[str, float], target_mpp: float) -> None:
+    """One warning for the sections whose finest image is coarser than the patches: does it matter, what to do."""
+    factor = max(upsampled.values()) / target_mpp
+    names = ", ".join(f"{s!r} ({m:.3g} um/px)" for s, m in upsampled.items())
+    coarsest = max(upsampled.values())
+    if factor <= 2:
+        matters = (f"At {factor:.2g}x this matters little when the training and query sections are upsampled "
+                   "alike (her2st's 0.69 um/px sections are); it costs accuracy when only some sections are.")
+    else:
+        matters = (f"At {factor:.2g}x the patches are much blurrier than images at {target_mpp:g} um/px, which "
+                   "costs accuracy when the model is trained or compared on sharper sections.")
+    warnings.warn(f"Section(s) {names}: the finest image is coarser than the requested {target_mpp:g} um/px, so "
+                  f"patches are upsampled. {matters} To avoid it, cut every section's patches at the coarsest "
+                  f"resolution with `microns_per_pixel={coarsest:.3g}` (in compute_features / extract_patches, for "
+                  "training and query alike), or read a finer image.", UserWarning, stacklevel=4)
+
+
+@renamed_arguments(mpp="microns_per_pixel")
 def extract_patches(
     sdata: SpatialData,
     *,
@@ -417,7 +438,7 @@ def extract_patches(
     shapes_key: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     patch_size_um: float | None = None,
-    mpp: float | None = None,
+    microns_per_pixel: float | None = None,
     patch_px: int | None = None,
     fill: int = DEFAULT_FILL,
     level: int | None = None,
@@ -437,7 +458,7 @@ def extract_patches(
         The table whose rows are the spots.
     patch_size_um
         Side of the patch in micrometres (default 112 um, SPADE's and HEST's).
-    mpp
+    microns_per_pixel
         Resolution of the patch in um/px (default 0.5, so 224 px).
     patch_px
         Side in pixels. Alone, it asks for native-pixel crops of the finest level (mclSTExp:
@@ -446,7 +467,7 @@ def extract_patches(
         Value of pixels outside the image (255: white, like bare glass).
     level
         Force a pyramid level (testing and debugging); by default the coarsest level at
-        least as fine as ``mpp``.
+        least as fine as ``microns_per_pixel``.
     tissue
         Read every patch once to record ``obs['patch_tissue_fraction']`` (the share of
         stained pixels).
@@ -461,14 +482,14 @@ def extract_patches(
     Examples
     --------
     >>> sd = sqs.datasets.synthetic_section()
-    >>> p = sqs.pp.extract_patches(sd, patch_size_um=32, mpp=1.0)
+    >>> p = sqs.pp.extract_patches(sd, patch_size_um=32, microns_per_pixel=1.0)
     >>> len(p), p[0].shape
     (64, (32, 32, 3))
     >>> float(sd.tables["table"].obs["patch_tissue_fraction"].min()) > 0.5
     True
     """
     p = patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
-                patch_size_um=patch_size_um, mpp=mpp, patch_px=patch_px, fill=fill, level=level)
+                patch_size_um=patch_size_um, microns_per_pixel=microns_per_pixel, patch_px=patch_px, fill=fill, level=level)
     padded = p.padded_fraction()
     tissue_frac = None
     if tissue:

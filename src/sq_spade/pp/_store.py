@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._serialize import to_jsonable
 from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
@@ -185,7 +187,7 @@ class FeatureStore:
     --------
     >>> import pathlib, tempfile
     >>> sd = sqs.datasets.synthetic_section(n_rows=3, n_cols=3)
-    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    >>> sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     'X_dummy'
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "feats.zarr"
     >>> store = sqs.pp.write_feature_store(sd, path)
@@ -628,9 +630,10 @@ class FeatureStore:
         return FeatureWindow(feats, expr, np.concatenate(ids), np.concatenate(secs), out_parts)
 
 
+@renamed_arguments(data="sdata")
 @inject_docs
 def write_feature_store(
-    data: AnnData | SpatialData,
+    sdata: AnnData | SpatialData,
     path: str | os.PathLike,
     *,
     features_key: str | None = None,
@@ -650,7 +653,7 @@ def write_feature_store(
 
     Parameters
     ----------
-    data
+    sdata
         AnnData or SpatialData whose table has features in ``obsm`` (from
         :func:`sq_spade.pp.compute_features`) and raw counts.
     path
@@ -684,13 +687,13 @@ def write_feature_store(
     --------
     >>> import pathlib, tempfile
     >>> sd = sqs.datasets.synthetic_section(n_rows=3, n_cols=3)
-    >>> _ = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, mpp=1.0)
+    >>> _ = sqs.pp.compute_features(sd, backbone="dummy", patch_size_um=32, microns_per_pixel=1.0)
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "feats.zarr"
     >>> store = sqs.pp.write_feature_store(sd, path, panel=["gene0", "gene1"])
     >>> store["synth"].load().expression.shape
     (9, 2)
     """
-    table = get_table(data, table_key, arg="data")
+    table = get_table(sdata, table_key)
     if features_key is None:
         known = [k for k in table.obsm if feature_provenance(table, k) is not None]
         if len(known) != 1:
@@ -732,4 +735,6 @@ def write_feature_store(
         expr, _ = panel_expression(sub, genes, gene_input=gene_input, counts_layer=counts_layer)
         store.write_section(s, np.asarray(feats[rows[s]], dtype=np.float32), expr, sub.obs_names, overwrite=overwrite,
                             provenance={"features": {**prov, "obsm_key": features_key}, "expression": norm})
+    log_info("wrote %d sections (%d genes, features %r) to the feature store %s", len(names), len(genes),
+             features_key, str(path))
     return store

@@ -37,12 +37,15 @@ def tiles_key(section: str) -> str:
 def _box_fraction(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
     """Share of mask pixels inside each box [x0, x1) x [y0, y1) (mask pixels; outside counts as 0)."""
     h, w = mask.shape
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    dtype = np.int32 if mask.size < 2**31 else np.int64  # a 5,000 px mask: 100 MB, not 200
+    integral = np.zeros((h + 1, w + 1), dtype)
+    np.cumsum(mask, axis=0, dtype=dtype, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     area = np.maximum((x1 - x0) * (y1 - y0), 1e-12)
     cx0, cx1 = np.clip(np.floor(x0), 0, w).astype(int), np.clip(np.ceil(x1), 0, w).astype(int)
     cy0, cy1 = np.clip(np.floor(y0), 0, h).astype(int), np.clip(np.ceil(y1), 0, h).astype(int)
-    inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    inside = (integral[cy1, cx1].astype(np.int64) - integral[cy0, cx1] - integral[cy1, cx0]
+              + integral[cy0, cx0])
     covered = (cx1 - cx0) * (cy1 - cy0)
     # pixel-rounded box: scale by the rounded box's area so a full box reads 1.0
     return np.clip(inside / np.maximum(covered, 1), 0.0, 1.0) * np.clip(covered / area, 0.0, 1.0)

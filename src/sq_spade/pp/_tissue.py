@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
+from sq_spade._settings import settings
 from sq_spade._validation import check_positive, is_spatialdata
-from sq_spade.io._sections import affine_to, image_levels, microns_per_pixel
+from sq_spade.io._sections import affine_to, image_levels
+from sq_spade.io._sections import microns_per_pixel as _affine_mpp
+from sq_spade.pp._patches import _source_array
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -63,7 +67,7 @@ def sections_of_images(sdata: SpatialData, image_key: str | None = None,
             sec = cs[: -len(K.MICRONS_SUFFIX)]
             if section is not None and sec != str(section):
                 continue
-            mpp = microns_per_pixel(affine_to(sdata.images[key], cs), what=f"image {key!r}")
+            mpp = _affine_mpp(affine_to(sdata.images[key], cs), what=f"image {key!r}")
             if sec not in found or mpp < found[sec].mpp:
                 found[sec] = ImageOfSection(sec, key, cs, mpp)
     if not found:
@@ -79,21 +83,37 @@ def tissue_key(section: str) -> str:
     return f"{section}{K.TISSUE_SUFFIX}"
 
 
-def _coarse_level(sdata: SpatialData, img: ImageOfSection, target_mpp: float) -> tuple[int, np.ndarray, float]:
-    """(index, (h, w, c) uint8 pixels, um/px) of the coarsest level at least as fine as ``target_mpp``."""
+def _coarse_level(sdata: SpatialData, img: ImageOfSection,
+                  target_mpp: float) -> tuple[int, np.ndarray, float, tuple[float, float]]:
+    """The coarsest level at least as fine as ``target_mpp``: (index, (h, w, c) uint8, um/px, scale).
+
+    ``scale`` is (x, y) level-0 pixels per returned pixel. When that level is computed (a lazy
+    downsampling of an in-memory level 0, as for images parsed from arrays), level 0 is read with
+    a stride instead: the same resolution without a pass over every full-resolution pixel.
+    """
     levels = image_levels(sdata.images[img.image_key])
-    w0 = levels[0].sizes["x"]
+    w0, h0 = levels[0].sizes["x"], levels[0].sizes["y"]
     mpps = [img.mpp * w0 / lv.sizes["x"] for lv in levels]
     ok = [i for i, m in enumerate(mpps) if m <= target_mpp * (1 + 1e-3)]
     idx = max(ok) if ok else 0
     data = levels[idx].data
+    lv0 = levels[0]
+    small0 = int(np.prod(lv0.shape)) * lv0.dtype.itemsize <= settings.memory_budget_bytes
+    if idx > 0 and not isinstance(data, np.ndarray) and _source_array(data) is None and small0:
+        import dask
+
+        step = max(int(np.floor(w0 / levels[idx].sizes["x"])), 1)
+        with dask.config.set(scheduler="synchronous"):
+            sub = lv0.data[:, ::step, ::step]
+            sub = sub if isinstance(sub, np.ndarray) else sub.compute()
+        return idx, np.moveaxis(np.asarray(sub), 0, -1), img.mpp * step, (float(step), float(step))
     if not isinstance(data, np.ndarray):
         import dask
 
         with dask.config.set(scheduler="synchronous"):
             data = data.compute()
     arr = np.moveaxis(np.asarray(data), 0, -1)
-    return idx, arr, mpps[idx]
+    return idx, arr, mpps[idx], (w0 / arr.shape[1], h0 / arr.shape[0])
 
 
 def tissue_mask_array(rgb: np.ndarray, mpp: float, *, min_area_um2: float = DEFAULT_MIN_AREA_UM2,
@@ -112,8 +132,10 @@ def tissue_mask_array(rgb: np.ndarray, mpp: float, *, min_area_um2: float = DEFA
     >>> img = np.full((100, 100, 3), 240, np.uint8)
     >>> img[30:70, 30:70] = (200, 80, 160)
     >>> mask, _ = tissue_mask_array(img, 10.0)
-    >>> int(mask.sum())
-    1600
+    >>> bool(mask[50, 50]), bool(mask[5, 5])  # the stained square is tissue, the pale border is not
+    (True, False)
+    >>> 1600 <= int(mask.sum()) < 2000  # the square's 1,600 px, widened a little by the smoothing
+    True
     """
     from scipy import ndimage as ndi
     from skimage.color import rgb2hsv
@@ -145,19 +167,20 @@ def tissue_mask_array(rgb: np.ndarray, mpp: float, *, min_area_um2: float = DEFA
     return mask, thr
 
 
+@renamed_arguments(mpp="microns_per_pixel")
 def detect_tissue(
     sdata: SpatialData,
     *,
     image_key: str | None = None,
     section: str | None = None,
-    mpp: float = DEFAULT_TISSUE_MPP,
+    microns_per_pixel: float = DEFAULT_TISSUE_MPP,
     min_area_um2: float = DEFAULT_MIN_AREA_UM2,
     fill_holes: bool = True,
     key_added: str | None = None,
 ) -> list[str]:
     """Detect the tissue of each section's H&E image and store it as a labels element.
 
-    The coarsest pyramid level at least as fine as ``mpp`` um/px is read whole (a small array
+    The coarsest pyramid level at least as fine as ``microns_per_pixel`` is read whole (a small array
     whatever the slide's size); the mask is the Otsu threshold of its HSV saturation (Gaussian
     smoothed over two pixels), extended by hysteresis to faint tissue that touches stained
     tissue, with specks below ``min_area_um2`` removed and holes filled
@@ -173,7 +196,7 @@ def detect_tissue(
         Image to segment (default: each section's finest image).
     section
         Only this section (default: every section found).
-    mpp
+    microns_per_pixel
         Resolution of the mask in um/px (default 8; the level read is the coarsest at least as
         fine, or the finest when all are coarser).
     min_area_um2
@@ -200,7 +223,7 @@ def detect_tissue(
 
     if not is_spatialdata(sdata):
         raise TypeError(f"`sdata` must be a SpatialData with an image, got {type(sdata).__name__}.")
-    check_positive(mpp, "mpp")
+    check_positive(microns_per_pixel, "microns_per_pixel")
     check_positive(min_area_um2, "min_area_um2", allow_zero=True)
     images = sections_of_images(sdata, image_key=image_key, section=section)
     if key_added is not None and len(images) > 1:
@@ -208,11 +231,8 @@ def detect_tissue(
                          "pass `section` or leave `key_added` unset.")
     written: dict[str, Any] = {}
     for img in images:
-        idx, rgb, level_mpp = _coarse_level(sdata, img, mpp)
+        idx, rgb, level_mpp, (fx, fy) = _coarse_level(sdata, img, microns_per_pixel)
         mask, thr = tissue_mask_array(rgb, level_mpp, min_area_um2=min_area_um2, fill_holes=fill_holes)
-        levels = image_levels(sdata.images[img.image_key])
-        fy = levels[0].sizes["y"] / levels[idx].sizes["y"]
-        fx = levels[0].sizes["x"] / levels[idx].sizes["x"]
         to_cs = get_transformation(sdata.images[img.image_key], to_coordinate_system=img.coordinate_system)
         tr = Sequence([Scale([fx, fy], axes=("x", "y")), to_cs]) if (fx, fy) != (1.0, 1.0) else to_cs
         el = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations={img.coordinate_system: tr})

@@ -9,8 +9,10 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import to_jsonable
+from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, section_labels
 from sq_spade.models._baselines import KNNModel, RidgeModel, _BaselineModel
 from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
@@ -19,6 +21,7 @@ from sq_spade.tl._common import (
     comparable_provenance,
     features_provenance,
     model_feature_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -49,7 +52,7 @@ def train_baseline(
     regressor_kwargs: Mapping[str, Any] | None = None,
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
 ) -> RidgeModel | KNNModel:
@@ -84,7 +87,8 @@ def train_baseline(
         Sections to train on (default: all but validation) and to score the fitted model on
         (recorded in ``config['params']['validation']``).
     seed
-        Recorded with the parameters (both regressors are deterministic).
+        Recorded with the parameters (both regressors are deterministic; ``None``:
+        ``sqs.settings.seed``).
     %(device)s
     %(table_key)s
 
@@ -100,6 +104,7 @@ def train_baseline(
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")])  # doctest: +SKIP
     >>> ridge = sqs.tl.train_baseline(sd, method="ridge", train_sections=["C2", "C3"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.BASELINE_METHODS)
     check_positive(n_top, "n_top", integer=True)
@@ -120,7 +125,7 @@ def train_baseline(
     prov = features_provenance(table, fkey)
     reg.fit(feats[tr], values[tr], groups=section_labels(table)[tr])
     params: dict[str, Any] = {"method": method, "features_key": fkey, "seed": seed, "n_top": n_top,
-                              "regressor_kwargs": to_jsonable(kw),
+                              "regressor_kwargs": to_jsonable(kw), "feature_recipe": recipe_of(table, fkey),
                               K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)}
     config = {"backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
               "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
@@ -129,6 +134,8 @@ def train_baseline(
     if va.any():
         summary, _ = expression_metrics(model.predict(feats[va]), values[va])
         model.config.params["validation"] = to_jsonable(summary, nonfinite="null")
+    log_info("trained the %s baseline on %d spots (%d panel genes); the table is unchanged", method, int(tr.sum()),
+             len(panel))
     return model
 
 
@@ -138,6 +145,6 @@ def predict_baseline(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """A baseline's prediction from the query's frozen features alone (a reference is not used)."""
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             expected=model_feature_provenance(model),
-                             weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                             weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                             recipe=model.feature_recipe, expected=model_feature_provenance(model))
     return model.predict(fq), {}, {"reference_used": False}

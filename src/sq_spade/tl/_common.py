@@ -11,6 +11,7 @@ from sq_spade import _constants as K
 from sq_spade._validation import (
     check_obsm,
     check_sections,
+    feature_recipe,
     is_spatialdata,
     section_ids,
     section_labels,
@@ -28,9 +29,13 @@ from sq_spade.pp._genes import check_panel_measured, panel_genes, select_genes
 def resolve_features(data: Any, table: Any, *, features_key: str | None, backbone: str,
                      weights_sha256: str | None = None, weights: str | None = None,
                      device: str | None = None, table_key: str = K.TABLES.DEFAULT,
-                     expected: Any = None, expected_from: str = "the model") -> tuple[str, np.ndarray]:
+                     recipe: Any = None, expected: Any = None,
+                     expected_from: str = "the model") -> tuple[str, np.ndarray]:
     """Features of every row: ``obsm[features_key]``, computed with ``backbone`` when absent.
 
+    ``recipe`` (a model's :attr:`~sq_spade.models.Model.feature_recipe`: layers, TTA, z-score)
+    says how to compute them and is checked against the provenance of existing ones; ``None``
+    (training) computes them with :func:`~sq_spade.pp.compute_features`'s defaults.
     ``expected``: the provenance record the features must match in full (the model's, or the
     other side's); see :func:`~sq_spade.pp._features.check_features_backbone`.
     """
@@ -42,14 +47,18 @@ def resolve_features(data: Any, table: Any, *, features_key: str | None, backbon
             raise KeyError(f"`obsm[{key!r}]` is missing and an AnnData has no image to compute it from; "
                            "pass a SpatialData or run sqs.pp.compute_features first.")
         # made as the expected ones were (the model's training features), so they compare equal
-        geo, how = (expected or {}).get("patch_geometry") or {}, {}
+        how = {} if recipe is None else feature_recipe(recipe)
+        geo = (expected or {}).get("patch_geometry") or {}
         if geo.get("mode") == "native":
-            how = {"patch_px": geo.get("patch_px")}
+            how["patch_px"] = geo.get("patch_px")
         elif geo.get("patch_size_um") is not None:
-            how = {"patch_size_um": geo["patch_size_um"], "mpp": geo.get("mpp")}
+            how.update(patch_size_um=geo["patch_size_um"], microns_per_pixel=geo.get("mpp"))
+        if recipe is None and expected is not None:
+            how["tta"] = bool(expected.get("tta", False))
         compute_features(data, backbone=backbone, weights=weights, device=device, table_key=table_key, key_added=key,
-                         tta=bool((expected or {}).get("tta", False)), **how)
-    check_features_backbone(table, key, backbone, weights_sha256, expected=expected, expected_from=expected_from)
+                         **how)
+    check_features_backbone(table, key, backbone, weights_sha256, recipe=recipe, expected=expected,
+                            expected_from=expected_from)
     return key, check_obsm(table, key, arg="features_key")
 
 
@@ -72,6 +81,12 @@ def check_same_provenance(q_table: Any, q_key: str, r_table: Any, r_key: str) ->
 def features_provenance(table: Any, key: str | None) -> dict[str, Any]:
     """What computed ``obsm[key]`` (backbone, weights sha256...), ``{}`` when unknown."""
     return dict(table.uns.get(K.UNS.FEATURES, {}).get(key, {})) if key is not None else {}
+
+
+def recipe_of(table: Any, key: str | None) -> dict[str, Any] | None:
+    """The recipe (layers, TTA, z-score) of ``obsm[key]`` for a model's config; ``None`` without provenance."""
+    prov = features_provenance(table, key)
+    return feature_recipe(prov) if prov else None
 
 
 def resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, train: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, is_spatialdata
@@ -28,6 +29,7 @@ from sq_spade.tl._common import (
     comparable_provenance,
     features_provenance,
     model_feature_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -60,7 +62,7 @@ def _clip_positions(pos: np.ndarray, model: MclSTExp) -> np.ndarray:
 
 
 def spot_keys(data: Any, model: MclSTExp, *, table_key: str = K.TABLES.DEFAULT,
-              batch_size: int = 4096) -> np.ndarray:
+              batch_size: int = 4096, member: int = 0) -> np.ndarray:
     """Spot-encoder embeddings of every spot of ``data`` under the model's inference context.
 
     Deterministic and independent of ``batch_size``: context ``"self"`` and ``"batch"`` embed
@@ -77,7 +79,7 @@ def spot_keys(data: Any, model: MclSTExp, *, table_key: str = K.TABLES.DEFAULT,
     if pos is not None:
         pos = _clip_positions(pos, model)
     ctx = tile_ids(table, int(model.config.tile_size or 4)) if model.context == "tile" else "self"
-    return model.embed_spots(gin, pos, ctx, batch_size=batch_size)
+    return model.embed_spots(gin, pos, ctx, batch_size=batch_size, member=member)
 
 
 class _RowPatches:
@@ -109,12 +111,19 @@ def train_contrastive(
     panel: str | Sequence[str] | None = None,
     n_top: int = 50,
     finetune: K.Finetune = "none",
-    epochs: int = 90,
+    recipe: K.Recipe = "small_data",
+    epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-4,
     weight_decay: float = 1e-3,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     loss: K.Loss = "clip",
+    n_seeds: int | None = None,
+    refit: bool | None = None,
+    select: K.Select | None = None,
+    keys: K.Keys | None = None,
+    views: bool | None = None,
+    coverage: float | None = 0.9,
     position: K.Position | None = "grid",
     context: K.Context = "self",
     tile_size: int = 4,
@@ -132,7 +141,7 @@ def train_contrastive(
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
     patience: int | None = 10,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     key_added: str = K.OBSM.MCLSTEXP,
@@ -153,6 +162,33 @@ def train_contrastive(
 
     Targets and values are log1p CP10k over the panel genes. The gene panel is chosen on the
     training sections only.
+
+    Training recipe (``recipe``, frozen features). ``"small_data"`` (default) is fitted to a
+    few hundred to a few thousand training spots (measured on her2st LOSO, see the results
+    page):
+
+    - the loss temperature is 32 (the logits of raw dot products divided by 32; at 1 the ~500
+      training pairs are memorised within a few dozen epochs);
+    - the epoch count is chosen on a validation section by validation ACG (``select="acg"``:
+      retrieval of the validation spots from the training spots), at most ``epochs`` = 40 with
+      ``patience``; with ``refit`` (default when no ``validation_sections`` are given and there
+      are at least 2 training sections) the last training section validates, and every seed is
+      then retrained on all training sections for the median chosen epoch count. Without any
+      validation section the model trains 12 epochs;
+    - ``n_seeds`` = 5 seeds are trained and saved together; predictions average over them;
+    - retrieval keys from both sides (``keys="both"``: the reference spots' spot-encoder and
+      image embeddings, the mean of the two cosine similarities);
+    - with ``obsm[features_key + "_views"]`` (``(N, V, D)`` views of each patch, e.g. the 8
+      dihedral views of :func:`sq_spade.pp.compute_features`), each batch takes a random view
+      of each spot (``views``); prediction uses ``obsm[features_key]`` (their mean);
+    - ``coverage``: the held-out validation section calibrates split-conformal intervals
+      (:func:`calibrate_conformal`), predicted by the validation run's ensemble, which never
+      saw it; :func:`sq_spade.tl.predict_expression` then writes ``predicted_lower`` /
+      ``predicted_upper`` beside ``predicted`` and ``predicted_sd``.
+
+    ``"published"`` is mclSTExp's own setting: temperature 1, 90 epochs with early stopping on
+    the validation loss, one seed, spot keys, no refit, no views, no calibration. Every
+    argument given explicitly overrides the recipe.
 
     Positions (``position``, mclSTExp only):
 
@@ -207,10 +243,33 @@ def train_contrastive(
     finetune
         ``"none"`` (frozen features, the CPU path), ``"last"`` (the encoder's last block) or
         ``"all"`` (the whole encoder, as mclSTExp).
+    recipe
+        ``"small_data"`` or ``"published"`` (see above): the defaults of ``epochs``,
+        ``temperature``, ``n_seeds``, ``refit``, ``select``, ``keys``, ``views`` and
+        ``coverage``. Fine-tuning follows ``"published"``.
     epochs, batch_size, lr, weight_decay
-        mclSTExp: 90, 128, 1e-4, 1e-3 (Adam).
+        Epochs (``None``: 40 at most, chosen by validation, in ``"small_data"``; 90 in
+        ``"published"``), 128, 1e-4, 1e-3 (Adam).
     temperature, loss
-        Contrastive loss: ``"clip"`` (identity targets, mclSTExp) or ``"bleep"``; temperature 1.
+        Contrastive loss: ``"clip"`` (identity targets, mclSTExp) or ``"bleep"``; temperature
+        (``None``: 32 in ``"small_data"``, 1 in ``"published"``).
+    n_seeds
+        Seeds trained (``seed``, ``seed + 1``...) and averaged at prediction (``None``: 5 in
+        ``"small_data"`` with frozen features, else 1).
+    refit
+        Choose the epoch count with the last training section as validation, then retrain on all
+        training sections (``None``: in ``"small_data"``, when no ``validation_sections`` are
+        given and there are at least 2 training sections).
+    select
+        What picks the best epoch on validation: ``"acg"`` (``"small_data"``) or ``"loss"``.
+    keys
+        Retrieval keys: ``"both"`` (``"small_data"``), ``"spot"`` (mclSTExp) or ``"image"``.
+    views
+        Train on random views from ``obsm[features_key + "_views"]`` when present (``None``:
+        in ``"small_data"``).
+    coverage
+        Nominal coverage of the conformal intervals calibrated on the validation section
+        (``None``: none; ``"published"``: none).
     position
         ``"grid"``, ``"pixel"`` or ``None`` (see above).
     context
@@ -220,8 +279,8 @@ def train_contrastive(
     gene_input
         Spot-encoder input: ``"log1p_cp10k"`` or ``"raw"`` counts of the panel genes.
     out_dim, dropout, depth, heads, dim_head, mlp_dim
-        Latent size, head dropout and spot-encoder transformer (2 blocks, 8 heads of 64, MLP
-        width = number of genes).
+        Latent size, head dropout (0.1 here; the original mclSTExp's heads have none) and
+        spot-encoder transformer (2 blocks, 8 heads of 64, MLP width = number of genes).
     schedule
         ``"constant"`` learning rate (mclSTExp) or ``"cosine"``.
     augment
@@ -239,7 +298,13 @@ def train_contrastive(
     %(table_key)s
     %(key_added)s
     patch_px
-        Patch side in native pixels when fine-tuning.
+        Patch side in native pixels when fine-tuning. This is mclSTExp's geometry (224 native
+        pixels, whatever the scan's resolution: 155 um on her2st at 0.69 um/px), kept so the
+        fine-tuning path reproduces the original; it is *not* the frozen-feature geometry of
+        :func:`sq_spade.pp.compute_features` (112 um at 0.5 um/px, the same tissue area on every
+        scanner). A fine-tuned model records ``patch_px`` and embeds query patches with it, so
+        training and prediction agree; features from ``finetune="none"`` and from fine-tuning
+        are not interchangeable.
     %(checkpoints)s
     distributed
         mclSTExp under ``torchrun --nproc_per_node=N``: ``"auto"`` trains with
@@ -250,7 +315,7 @@ def train_contrastive(
 
     Returns
     -------
-    The :class:`~sq_spade.models.MclSTExp` (the deprecated methods: a
+    The :class:`~sq_spade.models.MclSTExp`, an ensemble of ``n_seeds`` members (the deprecated methods: a
     :class:`~sq_spade.models.RidgeModel` or :class:`~sq_spade.models.KNNModel`). The table gains
     ``obsm[key_added]`` (image embeddings, ``out_dim``-d) and ``uns['mclstexp']`` (parameters,
     history, backbone and weights hash, sections), written only once everything succeeded.
@@ -261,7 +326,10 @@ def train_contrastive(
     --------
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")])  # doctest: +SKIP
     >>> model = sqs.tl.train_contrastive(sd, train_sections=["C2", "C3"], validation_sections=["C4"])  # doctest: +SKIP
+    >>> model = sqs.tl.train_contrastive(sd)  # small-data recipe: C4 validates, then refit on C2-C4  # doctest: +SKIP
+    >>> published = sqs.tl.train_contrastive(sd, recipe="published", validation_sections=["C4"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.CONTRASTIVE_METHODS)
     check_choice(finetune, "finetune", K.FINETUNES)
@@ -281,6 +349,9 @@ def train_contrastive(
     if method != "mclstexp" and (checkpoint_dir is not None or resume is not False):
         raise ValueError(f"`checkpoint_dir` and `resume` apply to method='mclstexp' only; {method!r} has no "
                          f"training epochs.")
+    rc = _recipe(recipe, finetune=finetune, epochs=epochs, temperature=temperature, n_seeds=n_seeds, refit=refit,
+                 select=select, keys=keys, views=views, coverage=coverage)
+    epochs, temperature = rc["epochs"], rc["temperature"]
     # the training options, checked once here (before any feature is computed)
     opts = _fit_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                         temperature=temperature, patience=patience, seed=seed, device=device or settings.device,
@@ -299,6 +370,18 @@ def train_contrastive(
 
     train, val = split_sections(table, train_sections, validation_sections)
     genes_list = resolve_panel(table, panel, n_top, train)
+    do_refit = rc["refit"] if rc["refit"] is not None else (recipe == "small_data" and not val and len(train) >= 2)
+    if do_refit:
+        if val:
+            raise ValueError("`refit=True` chooses the epoch count on the last training section: leave "
+                             "`validation_sections` empty.")
+        if len(train) < 2:
+            raise ValueError(f"`refit=True` needs at least 2 training sections, got {train}.")
+        if finetune != "none":
+            raise ValueError("`refit` applies to frozen features (finetune='none').")
+    if (rc["n_seeds"] > 1 or do_refit) and (checkpoint_dir is not None or resume is not False):
+        raise ValueError(f"`checkpoint_dir` and `resume` checkpoint one training run: pass `n_seeds=1` and "
+                         f"`refit=False` (or recipe='published'); got n_seeds={rc['n_seeds']}, refit={do_refit}.")
     tr, va = rows_of(table, train), rows_of(table, val)
     if tr.sum() < 2:
         raise ValueError(f"Training sections {train} have {int(tr.sum())} spots; at least 2 are needed.")
@@ -317,13 +400,28 @@ def train_contrastive(
         val_kw = dict(val_expr=gin[va], val_pos=None if pos is None else pos[va],
                       val_context=ctx_va if context == "tile" else None)
     fkey, feats, prov, encoder, patch_src, trained = None, None, {}, None, None, None
+    extra_members: list[Any] = []
+    selection: dict[str, Any] = {}
+    conformal = None
     if finetune == "none":
         fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone, weights=weights,
                                        device=device, table_key=table_key)
         prov = features_provenance(table, fkey)
-        if va.any():
-            val_kw["val_features"] = feats[va]
-        fit = fit_contrastive(feats[tr], gin[tr], None if pos is None else pos[tr], ctx_tr, **val_kw, **common)
+        views_key = f"{fkey}_views"
+        train_feats = feats
+        if rc["views"] is not False and views_key in table.obsm:
+            train_feats = np.asarray(table.obsm[views_key], dtype=np.float32)
+            if train_feats.ndim != 3 or train_feats.shape[0] != table.n_obs or train_feats.shape[2] != feats.shape[1]:
+                raise ValueError(f"`obsm[{views_key!r}]` must be (n_spots, n_views, {feats.shape[1]}), "
+                                 f"got {train_feats.shape}.")
+        elif rc["views"] is True:
+            raise KeyError(f"`views=True` needs `obsm[{views_key!r}]` (views of each patch); available: "
+                           f"{sorted(table.obsm)}.")
+        fits, selection, conformal = _fit_recipe(
+            train_feats=train_feats, feats=feats, gin=gin, values=values, pos=pos, context=context,
+            table=table, train=train, val=val, refit=do_refit, rc=rc, common=common, opts=opts,
+            tile_size=tile_size, ctx_tr=ctx_tr, ctx_va=ctx_va)
+        fit, extra_members = fits[0], [(f.image_head, f.spot_encoder) for f in fits[1:]]
         feature_dim = int(feats.shape[1])
         input_size = None
     else:
@@ -341,7 +439,8 @@ def train_contrastive(
                               images=_RowPatches(patch_src, np.flatnonzero(tr)), image_encoder=encoder,
                               finetune=trained, augment=augment, preprocess=resize_preprocess(input_size, patch_px),
                               num_workers=num_workers, **val_kw, **common)
-    hist = to_jsonable(dict(fit.history), nonfinite="null")
+    public_sel = {k: v for k, v in selection.items() if not k.startswith("_")}
+    hist = to_jsonable(dict(fit.history) | ({"selection": public_sel} if public_sel else {}), nonfinite="null")
     n_x, n_y = fit.history.get("n_x"), fit.history.get("n_y")
     config = {
         "backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
@@ -351,14 +450,35 @@ def train_contrastive(
         "dropout": float(dropout), "spot_encoder": fit.spot_encoder.config(), "finetune": finetune,
         "patch_px": int(patch_px) if finetune != "none" else None, "input_size": input_size,
         "train_sections": train, "validation_sections": val, "history": hist,
-        "params": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "loss": loss,
-                   "temperature": temperature, "seed": seed, "patience": patience, "schedule": schedule,
-                   "features_key": fkey, "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
+        "keys": rc["keys"], "n_members": 1 + len(extra_members), "conformal": conformal,
+        "params": {"recipe": recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                   "weight_decay": weight_decay, "loss": loss, "temperature": temperature, "seed": seed,
+                   "n_seeds": rc["n_seeds"], "refit": do_refit, "select": rc["select"],
+                   "views": bool(finetune == "none" and train_feats.ndim == 3), "coverage": rc["coverage"],
+                   "patience": patience, "schedule": schedule,
+                   "features_key": fkey, "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None,
+                   "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
                    if finetune != "none" else None,
                    K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None) if finetune == "none" else None},
     }
-    model = MclSTExp(fit.image_head, fit.spot_encoder, config, image_encoder=fit.image_encoder)
+    model = MclSTExp(fit.image_head, fit.spot_encoder, config, image_encoder=fit.image_encoder,
+                     members=extra_members)
+    if finetune == "none" and rc["coverage"] is not None and selection:
+        # split-conformal: the validation run's ensemble (which never saw the held-out section)
+        # predicts it from the other training sections
+        sel_fits, sel_tr, sel_va = selection.pop("_fits"), selection.pop("_train"), selection.pop("_val")
+        calib = MclSTExp(sel_fits[0].image_head, sel_fits[0].spot_encoder, {**config, "n_members": len(sel_fits)},
+                         members=[(f.image_head, f.spot_encoder) for f in sel_fits[1:]])
+        ref_ctx = tile_ids(table, tile_size)[sel_tr] if context == "tile" else "self"
+        pred, sd = _retrieve(calib, feats[sel_va], gin[sel_tr], None if pos is None else pos[sel_tr], ref_ctx,
+                             feats[sel_tr], values[sel_tr], k=min(200, int(sel_tr.sum())),
+                             weighting="inverse_sq_l2", temperature=1.0)
+        model.config["conformal"] = conformal_calibration(
+            values[sel_va], pred, sd, coverage=rc["coverage"], sections=list(selection["validation_sections"]))
+    selection.pop("_fits", None)
+    selection.pop("_train", None)
+    selection.pop("_val", None)
     if finetune == "none":
         emb = model.embed_images(feats)
     else:
@@ -368,21 +488,282 @@ def train_contrastive(
     table.obsm[key_added] = emb
     table.uns[K.UNS.MCLSTEXP] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added, "sq_spade_version": __version__})
+    log_info("trained mclSTExp (%d panel genes): obsm[%r] and uns[%r] of table %r", len(genes_list), key_added,
+             K.UNS.MCLSTEXP, table_key)
     return model
+
+
+# --- the training recipe -------------------------------------------------------------------------------------
+#: The recipes' defaults: (epochs, epochs without validation, temperature, n_seeds, select, keys, views, coverage).
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "small_data": {"epochs": 40, "fixed_epochs": 12, "temperature": 32.0, "n_seeds": 5, "select": "acg",
+                   "keys": "both", "views": None, "coverage": 0.9},
+    "published": {"epochs": 90, "fixed_epochs": 90, "temperature": 1.0, "n_seeds": 1, "select": "loss",
+                  "keys": "spot", "views": False, "coverage": None},
+}
+
+
+def _recipe(recipe: str, *, finetune: str, epochs: int | None, temperature: float | None, n_seeds: int | None,
+            refit: bool | None, select: str | None, keys: str | None, views: bool | None,
+            coverage: float | None) -> dict[str, Any]:
+    """The recipe's defaults with the arguments given explicitly, checked."""
+    check_choice(recipe, "recipe", K.RECIPES)
+    frozen = finetune == "none"
+    # fine-tuning: the published settings (the small-data recipe is measured on frozen features)
+    d = RECIPE_DEFAULTS[recipe if frozen else "published"]
+    out = {
+        "epochs": d["epochs"] if epochs is None else epochs,
+        "fixed_epochs": d["fixed_epochs"] if epochs is None else epochs,
+        "temperature": d["temperature"] if temperature is None else temperature,
+        "n_seeds": (d["n_seeds"] if frozen else 1) if n_seeds is None else n_seeds,
+        "refit": refit,
+        "select": (d["select"] if frozen else "loss") if select is None else select,
+        "keys": (d["keys"] if frozen else "spot") if keys is None else keys,
+        "views": d["views"] if views is None else views,
+        "coverage": coverage if (recipe == "small_data" and frozen) else None,
+    }
+    check_positive(out["n_seeds"], "n_seeds", integer=True)
+    check_choice(out["select"], "select", K.SELECTS)
+    check_choice(out["keys"], "keys", K.KEYS)
+    if refit is not None and not isinstance(refit, bool):
+        raise TypeError(f"`refit` must be None, True or False, got {refit!r}.")
+    if views is not None and not isinstance(views, bool):
+        raise TypeError(f"`views` must be None, True or False, got {views!r}.")
+    if coverage is not None and not (isinstance(coverage, float | int) and 0 < coverage < 1):
+        raise ValueError(f"`coverage` must be None or a fraction in (0, 1), got {coverage!r}.")
+    if not frozen and (out["n_seeds"] != 1 or out["keys"] != "spot" or out["select"] != "loss" or views):
+        raise ValueError("A fine-tuned model trains one seed, retrieves with spot keys and selects by loss: "
+                         "`n_seeds`, `keys`, `select` and `views` apply to finetune='none'.")
+    return out
+
+
+def _fit_recipe(*, train_feats: np.ndarray, feats: np.ndarray, gin: np.ndarray, values: np.ndarray,
+                pos: np.ndarray | None, context: str, table: Any, train: list[str], val: list[str], refit: bool,
+                rc: dict[str, Any], common: dict[str, Any], opts: Any, tile_size: int, ctx_tr: Any, ctx_va: Any,
+                ) -> tuple[list[Any], dict[str, Any], None]:
+    """Train the recipe's seeds: epoch count chosen on validation, then (``refit``) retrained on all sections."""
+    from sq_spade.train import fit_contrastive
+
+    tr_all, va_all = rows_of(table, train), rows_of(table, val)
+    if refit:
+        sel_tr, sel_va = rows_of(table, train[:-1]), rows_of(table, train[-1:])
+        sel_secs = train[-1:]
+    else:
+        sel_tr, sel_va, sel_secs = tr_all, va_all, val
+    groups = tile_ids(table, tile_size) if context == "tile" else None
+    used = tr_all | va_all
+    # one position table for every member (they are saved under one config)
+    n_xy = {} if pos is None else {"n_x": int(pos[used, 0].max()) + 1, "n_y": int(pos[used, 1].max()) + 1}
+
+    def ctx(rows: np.ndarray) -> Any:
+        return groups[rows] if groups is not None else ("self" if context == "self" else None)
+
+    def run(rows_tr: np.ndarray, rows_va: np.ndarray | None, seed: int, epochs: int) -> Any:
+        kw = dict(common)
+        kw["options"] = opts.replace(seed=seed, epochs=epochs)
+        if rows_va is not None:
+            kw.update(val_features=feats[rows_va], val_expr=gin[rows_va],
+                      val_pos=None if pos is None else pos[rows_va],
+                      val_context=groups[rows_va] if groups is not None else None,
+                      select=rc["select"], keys=rc["keys"], values=values[rows_tr], val_values=values[rows_va])
+        return fit_contrastive(train_feats[rows_tr], gin[rows_tr], None if pos is None else pos[rows_tr],
+                               ctx(rows_tr), **n_xy, **kw)
+
+    seeds = [opts.seed + i for i in range(rc["n_seeds"])]
+    selection: dict[str, Any] = {}
+    if sel_va.any():
+        sel_fits = [run(sel_tr, sel_va, s, opts.epochs) for s in seeds]
+        best = [int(f.history["best_epoch"]) + 1 for f in sel_fits]
+        selection = {"validation_sections": list(sel_secs), "select": rc["select"], "best_epochs": best,
+                     "_fits": sel_fits, "_train": sel_tr, "_val": sel_va}
+        if rc["select"] == "acg":
+            selection["best_val_acg"] = [float(np.nanmax(f.history["val_acg"])) for f in sel_fits]
+        if refit:
+            n_ep = max(1, int(np.round(np.median(best))))
+            selection["refit_epochs"] = n_ep
+            fits = [run(tr_all, None, s, n_ep) for s in seeds]
+        else:
+            fits = sel_fits
+    else:
+        fits = [run(tr_all, None, s, rc["fixed_epochs"]) for s in seeds]
+    return fits, selection, None
+
+
+def _retrieve(model: MclSTExp, fq: np.ndarray | None, ref_gin: np.ndarray, ref_pos: np.ndarray | None, ref_ctx: Any,
+              ref_feats: np.ndarray | None, values: np.ndarray, *, k: int, weighting: str, temperature: float,
+              queries: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble retrieval: the mean of the members' predictions and the predictive standard deviation.
+
+    Each member retrieves with its own query embeddings (of ``fq``, or ``queries``) and keys;
+    the variance is the mean retrieval spread (weighted variance of the neighbours' values)
+    plus the spread of the members' predictions (the law of total variance).
+    """
+    from sq_spade.nn.retrieval import combine_keys, neighbor_variance, retrieve_predict
+
+    keys = model.config.keys
+    preds, spreads = [], []
+    for m in range(model.n_members):
+        q = queries[m] if queries is not None else model.embed_images(fq, member=m)
+        sk = model.embed_spots(ref_gin, ref_pos, ref_ctx, member=m) if keys != "image" else None
+        ik = model.embed_images(ref_feats, member=m) if keys != "spot" else None
+        qq, kk = combine_keys(q, spot_keys=sk, image_keys=ik, keys=keys)
+        p, idx, w = retrieve_predict(qq, kk, values, k=k, weighting=weighting, temperature=temperature,
+                                     return_neighbors=True)
+        preds.append(p)
+        spreads.append(neighbor_variance(values, idx, w, p))
+    P = np.stack(preds)
+    var = np.mean(spreads, axis=0) + P.var(axis=0)
+    return P.mean(axis=0).astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+# --- conformal intervals ------------------------------------------------------------------------------------
+#: Floor of the standard deviation in the conformal scores, as a fraction of each gene's mean ``sd``.
+SD_FLOOR = 0.1
+
+
+def conformal_calibration(observed: np.ndarray, predicted: np.ndarray, sd: np.ndarray, *, coverage: float,
+                          sections: list[str] | None = None) -> dict[str, Any]:
+    """Per-gene split-conformal quantiles of the normalised residuals ``|y - pred| / (sd + floor)``.
+
+    ``floor`` is :data:`SD_FLOOR` times the gene's mean ``sd`` on the calibration spots; the
+    quantile of level ``ceil((n + 1) coverage) / n`` (capped at 1) makes ``pred +- q (sd +
+    floor)`` cover each gene with probability at least ``coverage`` on spots exchangeable with
+    the calibration spots.
+    """
+    y, p, s = (np.asarray(a, dtype=np.float64) for a in (observed, predicted, sd))
+    n = y.shape[0]
+    if n < 1:
+        raise ValueError("The calibration section has no spots.")
+    floor = SD_FLOOR * s.mean(axis=0) + 1e-6
+    scores = np.abs(y - p) / (s + floor)
+    level = min(1.0, np.ceil((n + 1) * coverage) / n)
+    q = np.quantile(scores, level, axis=0, method="higher")
+    return {"coverage": float(coverage), "q": [float(v) for v in q], "sd_floor": [float(v) for v in floor],
+            "n_spots": int(n), "sections": sections, "score": "abs_residual / (sd + floor), per gene"}
+
+
+def conformal_interval(predicted: np.ndarray, sd: np.ndarray, conformal: Mapping[str, Any],
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper ends ``pred -+ q (sd + floor)`` of the calibrated intervals."""
+    q = np.asarray(conformal["q"], dtype=np.float32)
+    floor = np.asarray(conformal["sd_floor"], dtype=np.float32)
+    half = q * (np.asarray(sd, dtype=np.float32) + floor)
+    return (predicted - half).astype(np.float32), (predicted + half).astype(np.float32)
+
+
+@inject_docs
+def calibrate_conformal(
+    sdata: SpatialData | AnnData,
+    model: MclSTExp,
+    *,
+    calibration_sections: Sequence[str] | str,
+    reference_sections: Sequence[str] | str | None = None,
+    coverage: float = 0.9,
+    k: int = 200,
+    weighting: K.Weighting = "inverse_sq_l2",
+    features_key: str | None = None,
+    device: str | None = None,
+    table_key: str = K.TABLES.DEFAULT,
+) -> dict[str, Any]:
+    """Split-conformal calibration of an mclSTExp model on sections it was not trained on.
+
+    The ``calibration_sections`` are predicted by retrieval from the ``reference_sections``
+    (default: every other section of the table); for each gene, the ``coverage`` quantile of
+    the normalised residuals ``|observed - predicted| / (predicted_sd + floor)`` is stored in
+    ``model.config["conformal"]``. :func:`sq_spade.tl.predict_expression` then writes the
+    intervals ``predicted -+ q (predicted_sd + floor)`` as ``<key_added>_lower`` /
+    ``_upper``. The guarantee holds for spots exchangeable with the calibration spots: a
+    calibration section the model was trained on gives intervals that are too narrow, and a new
+    section differs from the calibration one (the realised coverage per held-out section is on
+    the results page). :func:`~sq_spade.tl.train_contrastive` calibrates on its validation
+    section by itself (``coverage``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData or AnnData holding the calibration and reference sections, with counts.
+    model
+        A frozen-feature :class:`~sq_spade.models.MclSTExp`.
+    calibration_sections, reference_sections
+        Sections predicted, and sections retrieved from.
+    coverage
+        Nominal coverage of the intervals, in (0, 1).
+    k, weighting
+        Retrieval, as in :func:`~sq_spade.tl.predict_expression`.
+    %(features_key)s
+    %(device)s
+    %(table_key)s
+
+    Returns
+    -------
+    The calibration (also stored in ``model.config["conformal"]``): ``coverage``, per-gene ``q``
+    and ``sd_floor``, ``n_spots``, ``sections``.
+
+    Examples
+    --------
+    >>> model = sqs.tl.train_contrastive(sd, train_sections=["C2", "C3"], coverage=None)  # doctest: +SKIP
+    >>> sqs.tl.calibrate_conformal(sd, model, calibration_sections="C4")  # doctest: +SKIP
+    """
+    if not isinstance(model, MclSTExp):
+        raise TypeError(f"`model` must be an MclSTExp, got {type(model).__name__}.")
+    if model.finetuned:
+        raise ValueError("`model` fine-tuned its image encoder; conformal calibration takes frozen-feature models.")
+    if not (isinstance(coverage, float | int) and 0 < coverage < 1):
+        raise ValueError(f"`coverage` must be a fraction in (0, 1), got {coverage!r}.")
+    check_choice(weighting, "weighting", K.WEIGHTINGS)
+    check_positive(k, "k", integer=True)
+    table = get_table(sdata, table_key)
+    cal = [calibration_sections] if isinstance(calibration_sections, str) else list(calibration_sections)
+    sections = list(dict.fromkeys(table.obs[K.OBS.SECTION].astype(str))) if K.OBS.SECTION in table.obs else []
+    ref = ([reference_sections] if isinstance(reference_sections, str) else list(reference_sections)
+           if reference_sections is not None else [s for s in sections if s not in cal])
+    for arg, secs in (("calibration_sections", cal), ("reference_sections", ref)):
+        missing = [s for s in secs if s not in sections]
+        if missing or not secs:
+            raise ValueError(f"`{arg}` must name sections of the table {sections}, got {secs}.")
+    if set(cal) & set(ref):
+        raise ValueError(f"`calibration_sections` and `reference_sections` overlap: {sorted(set(cal) & set(ref))}.")
+    ca, re_ = rows_of(table, cal), rows_of(table, ref)
+    _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                recipe=model.feature_recipe)
+    gin, ctx, pos, values = _reference_arrays(sdata, table, model, table_key)
+    if k > int(re_.sum()):
+        raise ValueError(f"`k={k}` exceeds the {int(re_.sum())} reference spots.")
+    pred, sd = _retrieve(model, feats[ca], gin[re_], None if pos is None else pos[re_],
+                         ctx if isinstance(ctx, str) else ctx[re_], feats[re_], values[re_], k=k,
+                         weighting=weighting, temperature=1.0)
+    out = conformal_calibration(values[ca], pred, sd, coverage=float(coverage), sections=cal)
+    model.config["conformal"] = out
+    return out
+
+
+def _reference_arrays(data: Any, table: Any, model: MclSTExp, table_key: str,
+                      ) -> tuple[np.ndarray, Any, np.ndarray | None, np.ndarray]:
+    """Spot-encoder input, key context, positions and log1p CP10k values of every spot of ``table``."""
+    gin, _ = panel_expression(table, model.panel, gene_input=model.config.gene_input)
+    values, _ = panel_expression(table, model.panel, gene_input="log1p_cp10k")
+    pos, _ = spot_positions(data, table, model.position, bin_um=model.config.position_bin_um, table_key=table_key)
+    if pos is not None:
+        pos = _clip_positions(pos, model)
+    ctx = tile_ids(table, int(model.config.tile_size or 4)) if model.context == "tile" else "self"
+    return gin, ctx, pos, values
 
 
 # --- prediction (tl.predict_expression dispatches MclSTExp models here) ------------------------------------
 def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, model: MclSTExp, k: int,
                      weighting: str, temperature: float, features_key: str | None, device: str | None,
-                     table_key: str, reference_table_key: str, **_: Any,
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+                     table_key: str, reference_table_key: str, reference_features_key: str | None = None,
+                     **_: Any,
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
     """MclSTExp's expression prediction: query image embeddings retrieve reference spots by their keys.
 
-    The keys are the reference spots' spot-encoder embeddings (:func:`spot_keys`); a fine-tuned
-    model embeds the query's patches, a frozen one its backbone features.
+    The keys are the reference spots' spot-encoder embeddings (:func:`spot_keys`), their image
+    embeddings, or both (``config["keys"]``); a fine-tuned model embeds the query's patches, a
+    frozen one its backbone features. Every member of an ensemble retrieves; the prediction is
+    their mean, ``"sd"`` the predictive standard deviation, and ``"lower"`` / ``"upper"`` the
+    conformal interval of a calibrated model.
     """
-    from sq_spade.nn.retrieval import retrieve_predict
-
     if reference is None:
         raise ValueError("`reference` is required for mclSTExp retrieval: the annotated spots (e.g. the training "
                          "SpatialData) whose expression is retrieved.")
@@ -395,16 +776,28 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
             raise ValueError(f"Only {len(src)} of the {q_table.n_obs} query spots have a patch.")
         q = np.empty((q_table.n_obs, int(model.config.out_dim)), np.float32)
         q[src.rows] = model.embed_patches(src, device=device)
+        fq, queries = None, [q]
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                                 expected=model_feature_provenance(model),
-                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key)
-        q = model.embed_images(fq)
-    keys = spot_keys(reference, model, table_key=reference_table_key)
-    values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
-    if k > len(keys):
-        raise ValueError(f"`k={k}` exceeds the {len(keys)} reference spots.")
-    pred = retrieve_predict(q, keys, values, k=k, weighting=weighting, temperature=temperature)
-    info = {"n_reference": int(len(keys)), "context": model.context, "key_context":
-            "tile" if model.context == "tile" else "self", "finetune": model.config.finetune}
-    return pred, {K.OBSM.MCLSTEXP: q}, info
+                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                 recipe=model.feature_recipe, expected=model_feature_provenance(model))
+        queries = [model.embed_images(fq, member=m) for m in range(model.n_members)]
+    gin, ctx, pos, values = _reference_arrays(reference, r_table, model, reference_table_key)
+    if k > len(gin):
+        raise ValueError(f"`k={k}` exceeds the {len(gin)} reference spots.")
+    ref_feats = None
+    if model.config.keys != "spot":
+        _, ref_feats = resolve_features(reference, r_table, features_key=reference_features_key,
+                                        backbone=model.backbone, weights_sha256=model.weights_sha256,
+                                        device=device, table_key=reference_table_key,
+                                        recipe=model.feature_recipe, expected=model_feature_provenance(model))
+    pred, sd = _retrieve(model, fq, gin, pos, ctx, ref_feats, values, k=k, weighting=weighting,
+                         temperature=temperature, queries=queries)
+    info = {"n_reference": int(len(gin)), "context": model.context, "key_context":
+            "tile" if model.context == "tile" else "self", "finetune": model.config.finetune,
+            "keys": model.config.keys, "n_members": model.n_members}
+    layers = {"sd": sd}
+    if model.config.conformal:
+        layers["lower"], layers["upper"] = conformal_interval(pred, sd, model.config.conformal)
+        info["conformal_coverage"] = float(model.config.conformal["coverage"])
+    return pred, {K.OBSM.MCLSTEXP: queries[0]}, info, layers

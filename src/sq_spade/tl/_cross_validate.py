@@ -11,6 +11,7 @@ import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._settings import settings
 from sq_spade._utils import progress as _progress
 from sq_spade._validation import (
     check_choice,
@@ -102,7 +103,7 @@ def cross_validate(
     weighting: K.Weighting = "inverse_sq_l2",
     features_key: str | None = None,
     backbone: str = "efficientnet_lite0",
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     progress: bool | None = None,
@@ -150,7 +151,7 @@ def cross_validate(
     features_key, backbone
         Frozen features (default ``"X_<backbone>"``), computed when missing.
     seed
-        Seed of every fold's training.
+        Seed of every fold's training (``None``: ``sqs.settings.seed``).
     %(device)s
     %(table_key)s
     progress
@@ -175,6 +176,7 @@ def cross_validate(
     >>> res = sqs.tl.cross_validate(sd, method="ridge", split="by_patient")  # doctest: +SKIP
     >>> res[["fold", "section", "ACG", "HEG"]]  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     table = get_table(sdata, table_key)
     check_choice(method, "method", K.METHODS)
     check_choice(split, "split", K.SPLITS)

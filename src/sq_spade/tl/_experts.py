@@ -12,11 +12,18 @@ import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import storable, to_jsonable
 from sq_spade._settings import settings
-from sq_spade._utils import progress
-from sq_spade._validation import check_choice, check_positive, get_table, section_labels
+from sq_spade._utils import copy_data, progress
+from sq_spade._validation import (
+    check_choice,
+    check_positive,
+    feature_recipe,
+    get_table,
+    section_labels,
+)
 from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
 from sq_spade.models._spade import Spade
 from sq_spade.pp._genes import check_panel_measured, panel_expression
@@ -26,6 +33,7 @@ from sq_spade.tl._common import (
     comparable_provenance,
     features_provenance,
     model_feature_provenance,
+    recipe_of,
     resolve_features,
     resolve_panel,
     rows_of,
@@ -105,11 +113,12 @@ def train_experts(
     train_sections: Sequence[str] | str | None = None,
     validation_sections: Sequence[str] | str | None = None,
     patience: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     key_added: str = K.OBSM.SPADE,
     reference_side: K.ReferenceSideChoice = "auto",
+    alignment: K.Alignment = "shared_genes",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool | str | os.PathLike = False,
@@ -155,6 +164,14 @@ def train_experts(
         the reference spots' gene-head embeddings (``"genes"``), their image embeddings
         (``"images"``), or ``"auto"``: the better of the two by validation ACG (``"genes"``
         without validation sections).
+    alignment
+        How the experts share one embedding space (so that the routed embedding, probes on it
+        and retrieval across experts mean something): ``"shared_genes"`` (default) trains one
+        gene head shared by all experts and one image head per expert against it;
+        ``"procrustes"`` trains independent experts (as published) and then rotates each onto a
+        common anchor (generalised orthogonal Procrustes on the training spots' image
+        embeddings); ``"none"``: the published independent experts, each in its own space.
+        Prediction retrieves within each expert's space whichever is chosen.
     %(checkpoints)s
 
     Returns
@@ -168,6 +185,7 @@ def train_experts(
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3")])  # doctest: +SKIP
     >>> model = sqs.tl.train_experts(sd, validation_sections=["C3"], n_experts=4)  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     import torch
 
     from sq_spade.train import fit_experts
@@ -178,6 +196,7 @@ def train_experts(
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     check_choice(gene_input, "gene_input", K.GENE_INPUTS)
     check_choice(reference_side, "reference_side", K.REFERENCE_SIDE_CHOICES)
+    check_choice(alignment, "alignment", K.ALIGNMENTS)
     check_positive(n_fine, "n_fine", integer=True)
     choose_n_experts(n_experts, 0)  # checks the argument before any feature is computed
     check_positive(routing_temperature, "routing_temperature")
@@ -207,13 +226,16 @@ def train_experts(
     img_heads, gene_heads, history = fit_experts(
         feats[tr], expr[tr], clus.expert, n_experts=clus.n_experts,
         val_features=feats[va] if va.any() else None, val_genes=expr[va] if va.any() else None,
-        val_expert=val_expert, dropout=dropout, options=opts,
+        val_expert=val_expert, dropout=dropout, options=opts, shared_gene_head=alignment == "shared_genes",
     )
+    rotation = _procrustes(img_heads, feats[tr], seed) if alignment == "procrustes" else None
     model = _assemble(img_heads, gene_heads, centroids, f2e, history, backbone=prov.get("backbone", backbone),
-                      weights_sha256=prov.get("weights_sha256"), panel=genes_list, gene_input=gene_input,
+                      weights_sha256=prov.get("weights_sha256"), feature_recipe=recipe_of(table, fkey),
+                      panel=genes_list, gene_input=gene_input,
                       n_fine=n_fine, dropout=dropout, routing_temperature=routing_temperature,
                       reference_side="genes" if reference_side == "auto" else reference_side,
-                      centroid_groups=clus.centroid_group, train=train, val=val,
+                      centroid_groups=clus.centroid_group, train=train, val=val, alignment=alignment,
+                      rotation=rotation,
                       params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                               "loss": loss, "temperature": temperature, "seed": seed,
                               "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
@@ -231,18 +253,22 @@ def train_experts(
     table.obs[K.OBS.SPADE_EXPERT] = pd.Categorical(model.assign(feats).astype(str))
     table.uns[K.UNS.SPADE] = storable({k: v for k, v in model.config.items() if k not in ("panel",)} | {
         "n_panel_genes": len(genes_list), "embedding_key": key_added})
+    log_info("trained SPADE (%d experts, %d panel genes) on %d spots of %s: obsm[%r], obs[%r] and uns[%r] of "
+             "table %r", model.n_experts, len(genes_list), int(tr.sum()), list(train), key_added,
+             K.OBS.SPADE_EXPERT, K.UNS.SPADE, table_key)
     return model
 
 
 def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history: dict, *, backbone: str,
               weights_sha256: str | None, panel: Sequence[str], gene_input: str, n_fine: int, dropout: float,
               routing_temperature: float, reference_side: str, centroid_groups: Any, train: list[str],
-              val: list[str], params: dict) -> Spade:
+              val: list[str], params: dict, alignment: str = "none", rotation: Any = None,
+              feature_recipe: dict[str, Any] | None = None) -> Spade:
     """The Spade model (module and config) from trained heads and the clustering."""
     from sq_spade.nn.experts import MixtureOfExperts
 
     module = MixtureOfExperts(img_heads.cpu(), gene_heads.cpu(), centroids, f2e,
-                              temperature=routing_temperature).eval()
+                              temperature=routing_temperature, rotation=rotation).eval()
     config = {
         "backbone": backbone, "weights_sha256": weights_sha256, "feature_dim": int(centroids.shape[1]),
         "panel": list(panel), "gene_input": gene_input, "n_experts": int(img_heads.n_experts),
@@ -250,7 +276,7 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
         "routing_temperature": float(routing_temperature), "reference_side": reference_side,
         "centroid_groups": [str(g) for g in centroid_groups], "train_sections": list(train),
         "validation_sections": list(val), "history": to_jsonable(dict(history), nonfinite="null"),
-        "params": params,
+        "params": {**params, "feature_recipe": feature_recipe}, "alignment": alignment,
     }
     return Spade(module, config)
 
@@ -271,9 +297,10 @@ def train_experts_from_store(
     temperature: float = 1.0,
     dropout: float = 0.1,
     routing_temperature: float = 0.1,
+    alignment: K.Alignment = "shared_genes",
     patience: int | None = None,
     memory_budget_bytes: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -298,6 +325,8 @@ def train_experts_from_store(
     train_sections, validation_sections
         Sections of the store to train on (default: all but validation) and to validate on.
     %(spade_training)s
+    alignment
+        How the experts share one space (see :func:`train_experts`; default ``"shared_genes"``).
     memory_budget_bytes
         Most bytes of training windows in memory (default ``settings.memory_budget_bytes``).
     %(seed)s
@@ -313,6 +342,7 @@ def train_experts_from_store(
     >>> sqs.pp.write_feature_store(sdata, "features.zarr", panel=panel)  # doctest: +SKIP
     >>> model = sqs.tl.train_experts_from_store("features.zarr", validation_sections=["C4"])  # doctest: +SKIP
     """
+    seed = settings.resolve_seed(seed)
     import torch
 
     from sq_spade.train import TrainingWindows, fit_experts
@@ -324,6 +354,7 @@ def train_experts_from_store(
     check_positive(n_fine, "n_fine", integer=True)
     choose_n_experts(n_experts, 0)
     check_positive(routing_temperature, "routing_temperature")
+    check_choice(alignment, "alignment", K.ALIGNMENTS)
     val = [validation_sections] if isinstance(validation_sections, str) else list(validation_sections or [])
     train = list(train_sections) if train_sections is not None else [s for s in fs.sections if s not in val]
     for arg, names in (("train_sections", train), ("validation_sections", val)):
@@ -356,18 +387,48 @@ def train_experts_from_store(
         val_kw = {"val_features": vf, "val_genes": np.concatenate([w.expression for w in parts]),
                   "val_expert": f2e[d.argmin(1).numpy()]}
     img_heads, gene_heads, history = fit_experts(windows, None, None, n_experts=n_eff, dropout=dropout, options=opts,
-                                                 **val_kw)
+                                                 shared_gene_head=alignment == "shared_genes", **val_kw)
+    rotation = None
+    if alignment == "procrustes":  # anchored on (up to 4,000) spots of the first training sections
+        sample, n = [], 0
+        for s in train:
+            sample.append(fs[s].load(0, 4000 - n).features)
+            n += len(sample[-1])
+            if n >= 4000:
+                break
+        rotation = _procrustes(img_heads, np.concatenate(sample), seed)
     model = _assemble(img_heads, gene_heads, torch.as_tensor(centroids), torch.as_tensor(f2e), history,
                      backbone=fs.backbone, weights_sha256=fs.weights_sha256, panel=fs.genes,
+                     feature_recipe=_store_recipe(fs, train),
                      gene_input=fs.attrs.get("gene_input", "log1p_cp10k"), n_fine=n_fine, dropout=dropout,
                      routing_temperature=routing_temperature, reference_side="genes",
-                     centroid_groups=np.asarray(groups, dtype=object), train=train, val=val,
+                     centroid_groups=np.asarray(groups, dtype=object), train=train, val=val, alignment=alignment,
+                     rotation=rotation,
                      params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                              "loss": loss, "temperature": temperature, "seed": seed,
                              "n_experts_requested": n_experts, "group_key": K.OBS.SECTION, "features_key": None,
                              "patience": patience, "store": str(fs.path)})
     model.config["selection"] = selection
     return model
+
+
+def _store_recipe(fs: Any, sections: Sequence[str]) -> dict[str, Any] | None:
+    """The feature recipe recorded with a store's sections (``None`` when it did not record features)."""
+    prov = fs[sections[0]].provenance.get("features") if sections else None
+    return feature_recipe(prov) if prov else None
+
+
+def _procrustes(img_heads: Any, features: np.ndarray, seed: int, n_max: int = 4000) -> Any:
+    """Rotations of each expert onto a common anchor, from every expert's embedding of (up to ``n_max``) training spots."""
+    import torch
+
+    from sq_spade.nn.experts import procrustes_rotations
+
+    rows = np.sort(np.random.default_rng(seed).permutation(len(features))[:n_max])
+    x = torch.as_tensor(np.ascontiguousarray(features[rows], dtype=np.float32))
+    with torch.inference_mode():
+        z = torch.stack([img_heads.forward_one(x, e) for e in range(img_heads.n_experts)])
+    return procrustes_rotations(z)
 
 
 def _choose_reference_side(model: Spade, f_ref: np.ndarray, g_ref: np.ndarray, v_ref: np.ndarray,
@@ -388,12 +449,14 @@ def embed(
     *,
     routing: K.Routing = "soft",
     temperature: float | None = None,
+    space: K.Space = "aligned",
     features_key: str | None = None,
     key_added: str = K.OBSM.SPADE,
     weights_key: str | None = None,
     table_key: str = K.TABLES.DEFAULT,
     device: str | None = None,
-) -> None:
+    copy: bool = False,
+) -> SpatialData | AnnData | None:
     """Embed any slide into the SPADE space: ``obsm[key_added]`` (and the routing).
 
     Distances of each spot's frozen features to every fine centroid, ``softmax(-d / T)``, weights
@@ -411,12 +474,24 @@ def embed(
         ``"soft"`` or ``"hard"``.
     temperature
         Soft-routing temperature (default: the model's, 0.1).
+    space
+        ``"aligned"`` (default): the routed sum in the experts' common space (model trained with
+        ``alignment="shared_genes"`` or ``"procrustes"``); ``"published"``: the routed sum of the
+        experts' unaligned image heads, as the published code computes it. For a model trained
+        with ``alignment="none"`` (or imported with :meth:`~sq_spade.models.Spade.from_original`)
+        there is no common space and both give the published sum.
     %(features_key)s
     %(key_added)s
     weights_key
         Also write the routing weights ``(n, n_experts)`` to ``obsm[weights_key]``.
     %(table_key)s
     %(device)s
+    copy
+        Embed into a copy of ``sdata`` (tables copied, images shared) and return the copy.
+
+    Returns
+    -------
+    The copy when ``copy=True``, else ``None``.
 
     Examples
     --------
@@ -427,13 +502,16 @@ def embed(
     if not isinstance(model, Spade):
         raise TypeError(f"`model` must be a sq_spade.models.Spade, got {type(model).__name__}.")
     check_choice(routing, "routing", K.ROUTINGS)
+    check_choice(space, "space", K.SPACES)
+    if copy:
+        sdata = copy_data(sdata)
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
-                                expected=model_feature_provenance(model),
-                                weights_sha256=model.weights_sha256, device=device, table_key=table_key)
+                                weights_sha256=model.weights_sha256, device=device, table_key=table_key,
+                                recipe=model.feature_recipe, expected=model_feature_provenance(model))
     if feats.shape[1] != model.config.feature_dim:
         raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config.feature_dim}.")
-    emb = model.embed_images(feats, routing=routing, temperature=temperature)
+    emb = model.embed_images(feats, routing=routing, temperature=temperature, space=space)
     weights = model.routing_weights(feats, temperature=temperature) if weights_key else None
     experts = model.assign(feats)
     table.obsm[key_added] = emb
@@ -441,9 +519,12 @@ def embed(
         table.obsm[weights_key] = weights
     table.obs[K.OBS.SPADE_EXPERT] = pd.Categorical(experts.astype(str))
     table.uns.setdefault(K.UNS.SPADE, {})["embedding"] = storable({
-        "key": key_added, "routing": routing,
+        "key": key_added, "routing": routing, "space": space, "alignment": model.config.alignment,
         "temperature": float(model.config.routing_temperature if temperature is None else temperature),
         "backbone": model.backbone, "sections": sorted(set(section_labels(table)))})
+    log_info("embedded %d spots with SPADE (%s routing): obsm[%r]%s and obs[%r] of table %r", table.n_obs, routing,
+             key_added, f", obsm[{weights_key!r}]" if weights_key else "", K.OBS.SPADE_EXPERT, table_key)
+    return sdata if copy else None
 
 
 # --- prediction (tl.predict_expression dispatches Spade models here) -------------------------------------------
@@ -459,14 +540,16 @@ def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, mod
     sha = model.weights_sha256
     expected = model_feature_provenance(model)
     qkey, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                                weights_sha256=sha, device=device, table_key=table_key, expected=expected)
+                                weights_sha256=sha, device=device, table_key=table_key, recipe=model.feature_recipe,
+                                expected=expected)
     rkey, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
-                                weights_sha256=sha, device=device, table_key=reference_table_key, expected=expected)
+                                weights_sha256=sha, device=device, table_key=reference_table_key,
+                                recipe=model.feature_recipe, expected=expected)
     check_same_provenance(q_table, qkey, r_table, rkey)
     check_panel_measured(r_table, model.panel, arg="reference")  # every reference spot measured the panel
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
     gin = None
-    if model.config.reference_side == "genes":
+    if model.config.reference_side != "images":
         gin, _ = panel_expression(r_table, model.panel, gene_input=model.config.gene_input)
     if k > len(values):
         raise ValueError(f"`k={k}` exceeds the {len(values)} reference spots.")
@@ -501,7 +584,7 @@ def spade_retrieve(model: Spade, query_features: np.ndarray, reference_features:
     reference_genes
         The reference spots' gene-head inputs (``side="genes"`` only).
     side
-        ``"genes"`` or ``"images"`` (default: the model's ``reference_side``).
+        ``"genes"``, ``"images"`` or ``"both"`` (default: the model's ``reference_side``).
     k, weighting, temperature
         As :func:`sq_spade.tl.predict_expression`.
     routing
@@ -522,21 +605,26 @@ def spade_retrieve(model: Spade, query_features: np.ndarray, reference_features:
     check_choice(side, "side", K.REFERENCE_SIDES)
     check_choice(routing, "routing", K.ROUTINGS)
     fq, fr = model._check_features(query_features), model._check_features(reference_features)
-    if side == "genes" and reference_genes is None:
-        raise ValueError("`reference_genes` is required with side='genes' (the reference spots' gene-head inputs).")
+    if side != "images" and reference_genes is None:
+        raise ValueError(f"`reference_genes` is required with side={side!r} (the reference spots' gene-head inputs).")
     weights = (model.routing_weights(fq) if routing == "soft"
                else np.eye(model.n_experts, dtype=np.float32)[model.assign(fq)])
     key_expert = model.assign(fr)
-    if side == "genes":
-        g = np.asarray(reference_genes, dtype=np.float32)
+    n_ref = len(fr)
+    g = None if side == "images" else np.asarray(reference_genes, dtype=np.float32)
 
-        def embed_keys(e: int, rows: np.ndarray) -> np.ndarray:
-            return model.embed_genes(g[rows], np.full(len(rows), e))
-    else:
+    def embed_keys(e: int, rows: np.ndarray) -> np.ndarray:
+        # rows < n_ref: the gene side (or the image side with side="images"); rows >= n_ref: the
+        # image side of side="both" (each reference spot twice, once per side)
+        gene_rows, img_rows = (rows[rows < n_ref], rows[rows >= n_ref] - n_ref) if side == "both" else (
+            (rows, rows[:0]) if side == "genes" else (rows[:0], rows))
+        parts = [model.embed_genes(g[gene_rows], np.full(len(gene_rows), e))] if len(gene_rows) else []
+        if len(img_rows):
+            parts.append(model.embed_images_by(fr[img_rows], e))
+        return np.concatenate(parts)
 
-        def embed_keys(e: int, rows: np.ndarray) -> np.ndarray:
-            return model.embed_images_by(fr[rows], e)
-
+    if side == "both":
+        key_expert, values = np.concatenate([key_expert, key_expert]), np.concatenate([values, values])
     pred, info = mixture_retrieve_predict(lambda e, rows: model.embed_images_by(fq[rows], e), weights, key_expert,
                                           embed_keys, values, k=k, weighting=weighting, temperature=temperature)
     return pred, {"reference_side": side, "routing": routing, "n_reference": int(len(values)), **info}

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_obs_column, check_obsm, get_table
 from sq_spade.tl._probes import few_shot_probe, summarize_few_shot
 
@@ -18,16 +20,17 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
+@renamed_arguments(data="sdata")
 @inject_docs
 def few_shot(
-    data: SpatialData | AnnData,
+    sdata: SpatialData | AnnData,
     *,
     label_key: str,
     embedding_keys: Sequence[str],
     shots: Sequence[int] = (1, 2, 4, 8, 16),
     n_repeats: int = 20,
     classifier: K.Classifier = "logistic",
-    seed: int = 0,
+    seed: int | None = None,
     table_key: str = K.TABLES.DEFAULT,
     summarize: bool = True,
 ) -> pd.DataFrame:
@@ -41,7 +44,7 @@ def few_shot(
 
     Parameters
     ----------
-    data
+    sdata
         SpatialData or AnnData.
     label_key
         ``obs`` column of labels.
@@ -54,7 +57,7 @@ def few_shot(
     classifier
         ``"logistic"`` (standardised features, C = 1), ``"knn"`` or ``"prototype"``.
     seed
-        Seed of the draws.
+        Seed of the draws (``None``: ``sqs.settings.seed``).
     %(table_key)s
     summarize
         Return mean and standard deviation over repeats (else one row per repeat).
@@ -68,7 +71,8 @@ def few_shot(
     --------
     >>> sqs.tl.few_shot(sdata_a1, label_key="label", embedding_keys=["X_spade", "X_efficientnet_lite0"])  # doctest: +SKIP
     """
-    table = get_table(data, table_key, arg="data")
+    seed = settings.resolve_seed(seed)
+    table = get_table(sdata, table_key)
     check_choice(classifier, "classifier", K.CLASSIFIERS)
     if isinstance(embedding_keys, str) or not len(embedding_keys):
         raise ValueError(f"`embedding_keys` must be a non-empty list of obsm keys, got {embedding_keys!r}.")

@@ -17,9 +17,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sq_spade import _constants as K
+from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
+from sq_spade._logging import info as log_info
 from sq_spade._metrics import expression_metrics
 from sq_spade._serialize import storable
+from sq_spade._utils import copy_data
 from sq_spade._validation import (
     check_choice,
     check_positive,
@@ -70,25 +73,36 @@ def _observed(q_table: Any, panel: list[str]) -> tuple[np.ndarray | None, np.nda
     return obs, mask
 
 
-def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, layer_added: str, table_added: str,
-           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str) -> AnnData:
+def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, key_added: str, predictions_key: str,
+           obsm: dict[str, np.ndarray], uns: dict[str, Any], observed_layer: str,
+           extra_layers: dict[str, np.ndarray] | None = None) -> AnnData:
     import anndata as ad
 
     obs_vals, mask = _observed(q_table, panel)
-    existing = query.tables.get(table_added) if is_spatialdata(query) else None
+    existing = query.tables.get(predictions_key) if is_spatialdata(query) else None
     fits = (existing is not None and list(existing.var_names) == list(panel)
             and list(existing.obs_names) == list(q_table.obs_names))
     if existing is not None and not fits:
-        warnings.warn(f"Table {table_added!r} exists with other spots or genes; it is replaced.", UserWarning, stacklevel=3)
+        warnings.warn(f"Table {predictions_key!r} holds predictions of other spots or genes; it is replaced by the "
+                      f"new predictions. To keep both, pass another `predictions_key`.", UserWarning, stacklevel=3)
+    pred = pred.astype(np.float32)
     if fits:
         out = existing
     else:
-        out = ad.AnnData(X=sp.csr_matrix(pred.shape, dtype=np.float32), obs=q_table.obs.copy(),
-                         var=pd.DataFrame(index=pd.Index(panel, name=None)))
+        out = ad.AnnData(X=pred.copy(), obs=q_table.obs.copy(), var=pd.DataFrame(index=pd.Index(panel, name=None)))
         out.var[K.VAR.OBSERVED] = mask
         if K.OBSM.SPATIAL in q_table.obsm:
             out.obsm[K.OBSM.SPATIAL] = np.asarray(q_table.obsm[K.OBSM.SPATIAL])
-    out.layers[layer_added] = pred.astype(np.float32)
+    out.layers[key_added] = pred
+    for suffix in K.UNCERTAINTY_SUFFIXES:  # none left over from an earlier model's prediction
+        if suffix not in (extra_layers or {}):
+            out.layers.pop(f"{key_added}_{suffix}", None)
+    for suffix, val in (extra_layers or {}).items():
+        out.layers[f"{key_added}_{suffix}"] = np.asarray(val, dtype=np.float32)
+    # X holds the latest prediction (dense), so scanpy, squidpy and spatialdata-plot read it
+    # without a layer argument; uns names the layer it copies
+    out.X = pred.copy()
+    out.uns[K.UNS.PREDICTION_X] = key_added
     if obs_vals is not None:  # refreshed every run: the query's counts may have changed
         out.layers[observed_layer] = obs_vals
         out.var[K.VAR.OBSERVED] = mask
@@ -97,7 +111,7 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, laye
         out.var[K.VAR.OBSERVED] = mask
     for key, val in obsm.items():
         out.obsm[key] = val
-    out.uns.setdefault(K.UNS.PREDICTION, {})[layer_added] = storable(uns)
+    out.uns.setdefault(K.UNS.PREDICTION, {})[key_added] = storable(uns)
     if is_spatialdata(query) and not fits:
         from spatialdata.models import TableModel
 
@@ -105,21 +119,22 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, laye
         out.uns.pop(K.UNS.SPATIALDATA_ATTRS, None)
         out = TableModel.parse(out, region=attrs.get("region"), region_key=attrs.get("region_key"),
                                instance_key=attrs.get("instance_key"))
-        query.tables[table_added] = out
+        query.tables[predictions_key] = out
     return out
 
 
+@renamed_arguments(query="sdata", layer_added="key_added", table_added="predictions_key")
 @inject_docs
 def predict_expression(
-    query: SpatialData | AnnData,
+    sdata: SpatialData | AnnData,
     model: Spade | MclSTExp | RidgeModel | KNNModel,
     *,
     reference: SpatialData | AnnData | None = None,
     k: int = 200,
     weighting: K.Weighting = "inverse_sq_l2",
     temperature: float = 1.0,
-    layer_added: str = K.LAYERS.PREDICTED,
-    table_added: str = K.TABLES.PREDICTED,
+    key_added: str = K.LAYERS.PREDICTED,
+    predictions_key: str = K.TABLES.PREDICTED,
     observed_layer: str = K.LAYERS.NORMALIZED,
     table_key: str = K.TABLES.DEFAULT,
     reference_table_key: str = K.TABLES.DEFAULT,
@@ -127,7 +142,8 @@ def predict_expression(
     reference_features_key: str | None = None,
     routing: K.Routing = "soft",
     device: str | None = None,
-) -> AnnData:
+    copy: bool = False,
+) -> AnnData | SpatialData:
     """Predict the model's gene panel for every spot of ``query`` from its H&E image alone.
 
     Retrieval models (SPADE, mclSTExp) embed the query spots' images, find the ``k`` most
@@ -136,19 +152,26 @@ def predict_expression(
     knn) predict from the query's frozen features directly. The query needs an image and spot
     positions, no counts.
 
-    Where predictions go: a table ``table_added`` (default ``"predicted"``) annotating the same
-    spots as the query table (same region and instance columns), with ``var`` = the panel,
-    ``layers[layer_added]`` = predictions, and, when the query has counts,
+    Where predictions go: a table ``predictions_key`` (default ``"predicted"``) annotating the
+    same spots as the query table (same region and instance columns), with ``var`` = the panel,
+    ``layers[key_added]`` = predictions (mclSTExp also writes ``layers[key_added + "_sd"]``,
+    the predictive standard deviation: the weighted spread of the retrieved neighbours' values
+    plus the spread of the ensemble's members, and, for a model calibrated by
+    :func:`~sq_spade.tl.calibrate_conformal` or ``train_contrastive(coverage=...)``,
+    ``_lower`` / ``_upper``: the conformal interval of that coverage), ``X`` = the latest
+    prediction (dense, so scanpy, squidpy and spatialdata-plot read it with no layer argument;
+    ``uns['sq_spade_prediction_x']`` names the layer it copies) and, when the query has counts,
     ``layers[observed_layer]`` = the observed log1p CP10k of the panel genes it measured
-    (``var['observed']`` flags them). Several models can write different ``layer_added`` into
+    (``var['observed']`` flags them). Several models can write different ``key_added`` into
     one predictions table. Query embeddings go to its ``obsm``, parameters and provenance to
-    ``uns['sq_spade_prediction'][layer_added]``. For an AnnData query, the new table is returned
+    ``uns['sq_spade_prediction'][key_added]``. For an AnnData query, the new table is returned
     without being attached anywhere.
 
     Parameters
     ----------
-    query
-        SpatialData (features computed when missing) or AnnData with features in ``obsm``.
+    sdata
+        The query: SpatialData (features computed when missing) or AnnData with features in
+        ``obsm``.
     model
         :class:`~sq_spade.models.Spade`, :class:`~sq_spade.models.MclSTExp` or a baseline
         (:class:`~sq_spade.models.RidgeModel`, :class:`~sq_spade.models.KNNModel`).
@@ -162,10 +185,14 @@ def predict_expression(
         (BLEEP).
     temperature
         Softmax temperature.
-    layer_added, table_added, observed_layer
-        Where predictions and observations are written.
+    key_added
+        Layer of the predictions table that receives the predictions (default ``"predicted"``).
+    predictions_key
+        Table of a SpatialData query that receives the predictions (default ``"predicted"``).
+    observed_layer
+        Layer of the observed values in the predictions table.
     table_key, reference_table_key
-        Tables of the query and the reference.
+        Tables of the query and the reference (default ``"table"``).
     features_key, reference_features_key
         ``obsm`` keys of frozen features (default ``"X_<backbone>"``), computed with the
         model's backbone when absent from a SpatialData.
@@ -175,10 +202,12 @@ def predict_expression(
         image head, with the reference spots of that expert only, embedded by its own heads (see
         :func:`sq_spade.tl.spade_retrieve`).
     %(device)s
+    copy
+        Predict into a copy of ``sdata`` (tables copied, images shared) and return the copy.
 
     Returns
     -------
-    The predictions table (AnnData).
+    The predictions table (AnnData), or the copy of ``sdata`` when ``copy=True``.
 
     Examples
     --------
@@ -186,19 +215,26 @@ def predict_expression(
     >>> sqs.tl.evaluate_expression(sdata_c4)  # doctest: +SKIP
     """
     predictor = predictor_of(model)
+    query = copy_data(sdata) if copy else sdata
     check_choice(weighting, "weighting", K.WEIGHTINGS)
     check_positive(k, "k", integer=True)
     check_positive(temperature, "temperature")
     check_choice(routing, "routing", K.ROUTINGS)
-    if layer_added == observed_layer:
-        raise ValueError(f"`layer_added` and `observed_layer` must differ, both are {layer_added!r}.")
-    q_table = get_table(query, table_key, arg="query")
+    if key_added == observed_layer:
+        raise ValueError(f"`key_added` and `observed_layer` must differ, both are {key_added!r}.")
+    q_table = get_table(query, table_key, arg="sdata")
     r_table = get_table(reference, reference_table_key, arg="reference") if reference is not None else None
-    pred, obsm, info = predictor(
+    out = predictor(
         query, q_table, reference, r_table, model=model, k=k, weighting=weighting, temperature=temperature,
         features_key=features_key, reference_features_key=reference_features_key, device=device,
         table_key=table_key, reference_table_key=reference_table_key,
         **({"routing": routing} if predictor is predict_spade else {}))
+    # a predictor returns (pred, obsm, info) or (pred, obsm, info, layers by suffix: "sd", "lower"...)
+    pred, obsm, info = out[:3]
+    extra = out[3] if len(out) > 3 else {}
+    for name in extra:
+        if f"{key_added}_{name}" == observed_layer:
+            raise ValueError(f"`observed_layer={observed_layer!r}` collides with the layer {key_added}_{name}.")
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
@@ -211,16 +247,21 @@ def predict_expression(
            "sq_spade_version": __version__, **info}
     for key, val in obsm.items():
         q_table.obsm[key] = val
-    return _store(query, q_table, pred, panel, layer_added=layer_added, table_added=table_added, obsm=obsm,
-                  uns=uns, observed_layer=observed_layer)
+    out = _store(query, q_table, pred, panel, key_added=key_added, predictions_key=predictions_key, obsm=obsm,
+                 uns=uns, observed_layer=observed_layer, extra_layers=extra)
+    where = f"table {predictions_key!r}" if is_spatialdata(query) else "the returned AnnData"
+    log_info("predicted %d genes for %d spots with %s: layers[%r] and X of %s", len(panel), q_table.n_obs,
+             type(model).__name__, key_added, where)
+    return query if copy else out
 
 
+@renamed_arguments(data="sdata", predicted_layer="layer", table_key="predictions_key")
 def evaluate_expression(
-    data: SpatialData | AnnData,
+    sdata: SpatialData | AnnData,
     *,
-    predicted_layer: str = K.LAYERS.PREDICTED,
+    layer: str = K.LAYERS.PREDICTED,
     observed_layer: str = K.LAYERS.NORMALIZED,
-    table_key: str = K.TABLES.PREDICTED,
+    predictions_key: str = K.TABLES.PREDICTED,
     by: str | None = "section",
     n_heg: int = 50,
     return_per_gene: bool = False,
@@ -234,12 +275,12 @@ def evaluate_expression(
 
     Parameters
     ----------
-    data
-        SpatialData (its table ``table_key``) or the predictions AnnData.
-    predicted_layer, observed_layer
-        Layers compared.
-    table_key
-        Predictions table (default ``"predicted"``).
+    sdata
+        SpatialData (its predictions table ``predictions_key``) or the predictions AnnData.
+    layer, observed_layer
+        Layers compared: predicted and observed.
+    predictions_key
+        Table of predictions written by :func:`predict_expression` (default ``"predicted"``).
     by
         ``obs`` column to group by (``None``: all spots together).
     n_heg
@@ -255,16 +296,18 @@ def evaluate_expression(
     --------
     >>> sqs.tl.evaluate_expression(sdata_c4)  # doctest: +SKIP
     """
-    table = get_table(data, table_key, arg="data")
-    for arg, layer in (("predicted_layer", predicted_layer), ("observed_layer", observed_layer)):
-        if layer not in table.layers:
-            raise KeyError(f"`{arg}={layer!r}` is not a layer of table {table_key!r}; available: {sorted(table.layers)}.")
+    table = get_table(sdata, predictions_key, arg="sdata", key_arg="predictions_key",
+                      hint=" Run sqs.tl.predict_expression first.")
+    for arg, name in (("layer", layer), ("observed_layer", observed_layer)):
+        if name not in table.layers:
+            raise KeyError(f"`{arg}={name!r}` is not a layer of table {predictions_key!r}; available: "
+                           f"{sorted(table.layers)}.")
     check_positive(n_heg, "n_heg", integer=True)
     genes = (table.var[K.VAR.OBSERVED].to_numpy(bool) if K.VAR.OBSERVED in table.var
              else np.ones(table.n_vars, bool))
     if not genes.any():
         raise ValueError("No predicted gene was observed in this table: nothing to evaluate.")
-    pred = _dense(table.layers[predicted_layer])[:, genes]
+    pred = _dense(table.layers[layer])[:, genes]
     obs = _dense(table.layers[observed_layer])[:, genes]
     names = table.var_names[genes].astype(str).to_numpy()
     if by is None:

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from sq_spade import _constants as K
+from sq_spade._metrics import gene_correlations
 from sq_spade._utils import progress, resolve_device
 from sq_spade._validation import check_choice, check_positive_int
 from sq_spade.nn.heads import ProjectionHead
 from sq_spade.nn.inference import encode_images
 from sq_spade.nn.losses import bleep_loss, clip_loss
+from sq_spade.nn.retrieval import combine_keys, retrieve_predict
 from sq_spade.nn.spot_encoder import SpotEncoder
 from sq_spade.train._checkpoint import (
     Checkpointer,
@@ -130,13 +132,18 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
                     mlp_dim: int | None = None, encoder_dropout: float = 0.0,
                     schedule: K.Schedule = "constant", num_workers: int = 0,
                     distributed: bool | str = "auto", options: FitOptions | None = None,
+                    select: K.Select = "loss", keys: K.Keys = "spot", k: int = 200,
+                    values: np.ndarray | None = None, val_values: np.ndarray | None = None,
                     **training: Any) -> ContrastiveFit:
     """Train mclSTExp: an image projection head and a :class:`SpotEncoder`, contrastively.
 
     Two ways to feed images:
 
     - **frozen backbone** (default): ``features`` are cached image features ``(N, D)``; only
-      the image head and the spot encoder train;
+      the image head and the spot encoder train. Features ``(N, V, D)`` hold ``V`` views of
+      each patch (e.g. the 8 dihedral views): each batch takes a random view of every spot
+      (augmentation on frozen features); validation features and retrieval keys are ``(N, D)``
+      (the mean over views of the training features);
     - **trainable encoder**: ``features=None``, ``images`` a dataset whose item ``i`` is the
       uint8 ``(H, W, C)`` patch of spot ``i``, and ``image_encoder`` a module mapping a float
       batch ``(B, 3, H, W)`` in ``[0, 1]`` (after ``preprocess``) to ``(B, D)`` (a 4-D output
@@ -147,7 +154,12 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     the mclSTExp way, lets the whole batch attend to each other). Adam (``lr``,
     ``weight_decay``), as mclSTExp. With validation data the loss on fixed validation batches is
     recorded each epoch, training stops after ``patience`` epochs without improvement, and the
-    weights of the best epoch are restored; without validation the last epoch is kept.
+    weights of the best epoch are restored; without validation the last epoch is kept. With
+    ``select="acg"`` (frozen features) the best epoch is the one whose validation ACG is
+    highest: the validation spots are predicted by retrieval (``keys``, ``k`` neighbours,
+    inverse squared L2 weights) from the training spots and their ``values``, and scored
+    against ``val_values`` (the mean Pearson r over genes). At small data the loss keeps
+    falling after retrieval has peaked, so the loss picks too late an epoch.
 
     Under ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel: each process
     encodes its contiguous part of every global batch of ``batch_size`` spots, the features are
@@ -200,6 +212,18 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         ``"auto"``: DistributedDataParallel when launched by ``torchrun`` with several
         processes (or within an initialised process group); ``True``: require it; ``False``:
         train alone (under ``torchrun`` every process then trains the same model on its own).
+    select
+        What picks the best epoch with validation data: ``"loss"`` (mclSTExp) or ``"acg"``.
+    keys
+        Retrieval keys of the validation ACG: ``"spot"`` (spot-encoder embeddings of the
+        training spots), ``"image"`` (their image embeddings) or ``"both"`` (see
+        :func:`~sq_spade.nn.retrieval.combine_keys`).
+    k
+        Neighbours retrieved for the validation ACG (at most the training spots).
+    values, val_values
+        Retrieval values of the training spots and observed values of the validation spots for
+        the validation ACG (default ``expr`` and ``val_expr``; pass log1p CP10k when ``expr``
+        is raw counts).
     options
         The training options (:class:`FitOptions`); default :meth:`FitOptions.contrastive`:
         mclSTExp's 90 epochs, batches of 128, Adam with ``lr`` 1e-4 and ``weight_decay`` 1e-3,
@@ -225,7 +249,8 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     -------
     :class:`ContrastiveFit` ``(image_head, spot_encoder, history, image_encoder)``, modules on
     the CPU in eval mode. ``history``: ``train_loss``, ``val_loss`` (NaN without validation),
-    ``lr`` per epoch, ``best_epoch`` (-1 without validation), ``best_val_loss``,
+    ``lr`` per epoch, ``val_acg`` per epoch (``select="acg"``), ``best_epoch`` (-1 without
+    validation), ``best_val_loss``,
     ``stopped_early``, ``n_epochs``, ``n_x``, ``n_y``, ``world_size`` (processes that trained).
 
     Examples
@@ -243,7 +268,13 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
     opts = resolve_options(options, _DEFAULTS, training)
     check_choice(schedule, "schedule", K.SCHEDULES)
     check_positive_int(num_workers, "num_workers", allow_zero=True)
+    check_choice(select, "select", K.SELECTS)
+    check_choice(keys, "keys", K.KEYS)
+    k = check_positive_int(k, "k")
     use_images = image_encoder is not None
+    if select == "acg" and (use_images or val_expr is None):
+        raise ValueError("`select='acg'` needs validation data (`val_expr`) and cached `features` "
+                         "(it retrieves with the frozen features' embeddings).")
     if use_images:
         if not isinstance(image_encoder, nn.Module):
             raise TypeError("`image_encoder` must be a torch.nn.Module.")
@@ -261,7 +292,8 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
 
     e_tr = as_float_array(expr, "expr")
     n = e_tr.shape[0]
-    f_tr = None if use_images else as_float_array(features, "features")
+    f_tr = None if use_images else as_float_array(
+        features, "features", ndim=3 if np.ndim(features) == 3 else 2)
     if f_tr is not None and f_tr.shape[0] != n:
         raise ValueError(f"`features` must have {n} rows (as `expr`), got {f_tr.shape[0]}.")
     if use_images and len(images) != n:  # type: ignore[arg-type]
@@ -284,8 +316,8 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
             if val_features is None:
                 raise ValueError("`val_features` is required with `val_expr`.")
             f_va = as_float_array(val_features, "val_features")
-            if f_va.shape != (nv, f_tr.shape[1]):  # type: ignore[union-attr]
-                raise ValueError(f"`val_features` must have shape {(nv, f_tr.shape[1])}, "
+            if f_va.shape != (nv, f_tr.shape[-1]):  # type: ignore[union-attr]
+                raise ValueError(f"`val_features` must have shape {(nv, f_tr.shape[-1])}, "
                                  f"got {f_va.shape}.")  # type: ignore[union-attr]
         if (pos is None) != (val_pos is None):
             raise ValueError("`val_pos` must be given exactly when `pos` is.")
@@ -297,6 +329,14 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         c_va = _check_context(context if val_context is None else val_context, "val_context", nv)
     elif any(v is not None for v in (val_features, val_pos, val_images)):
         raise ValueError("`val_expr` is required with `val_features`, `val_pos` or `val_images`.")
+    acg_data = None
+    if select == "acg":
+        v_tr = e_tr if values is None else as_float_array(values, "values")
+        v_va = e_va if val_values is None else as_float_array(val_values, "val_values")
+        if v_tr.shape[0] != n or v_va.shape[0] != nv or v_tr.shape[1] != v_va.shape[1]:
+            raise ValueError(f"`values` and `val_values` must have {n} and {nv} rows and the same columns, "
+                             f"got {v_tr.shape} and {v_va.shape}.")
+        acg_data = {"values": v_tr, "val_values": v_va, "keys": keys, "k": min(k, n)}
 
     if p_tr is not None:
         allpos = p_tr if not has_val else np.concatenate([p_tr, p_va])
@@ -312,9 +352,12 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
         {**opts.fingerprint(), "n_x": n_x, "n_y": n_y, "out_dim": out_dim, "dropout": dropout, "depth": depth,
          "heads": heads, "dim_head": dim_head, "mlp_dim": mlp_dim, "encoder_dropout": encoder_dropout,
          "schedule": schedule, "augment": augment, "preprocess": preprocess, "finetune": finetune,
-         "num_workers": num_workers},
+         "num_workers": num_workers,
+         # added later: only when not the defaults, so that older checkpoints still resume
+         **({"select": select, "keys": keys, "k": k} if select != "loss" else {})},
         {"features": f_tr, "expr": e_tr, "pos": p_tr, "context": c_tr,
          "images": len(images) if use_images else None,  # type: ignore[arg-type]
+         **({"values": acg_data["values"], "val_values": acg_data["val_values"]} if acg_data else {}),
          "image_encoder": encoder_fingerprint(image_encoder, select_finetune(
              image_encoder, finetune, quiet=True)[0]) if use_images else None,
          **({"val_features": f_va, "val_expr": e_va, "val_pos": p_va, "val_context": c_va,
@@ -330,6 +373,7 @@ def fit_contrastive(features: np.ndarray | None, expr: np.ndarray, pos: np.ndarr
             images=images, val_images=val_images, image_encoder=image_encoder,
             finetune=finetune, augment=augment, preprocess=preprocess, spot_args=spot_args,
             schedule=schedule, opts=opts, dev=dev, num_workers=num_workers, ckpt=ckpt, ddp=ddp,
+            acg_data=acg_data,
         )
 
 
@@ -338,7 +382,8 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
          image_encoder: nn.Module | None, finetune: str | Sequence[str],
          augment: bool | Callable, preprocess: Callable | None, spot_args: dict[str, Any],
          schedule: str, opts: FitOptions, dev: torch.device, num_workers: int,
-         ddp: DistributedContext, ckpt: Checkpointer | None = None) -> ContrastiveFit:
+         ddp: DistributedContext, ckpt: Checkpointer | None = None,
+         acg_data: dict[str, Any] | None = None) -> ContrastiveFit:
     epochs, batch_size, seed, temperature = opts.epochs, opts.batch_size, opts.seed, opts.temperature
     loss_fn = _LOSSES[opts.loss]
     n_x, n_y = spot_args["n_x"], spot_args["n_y"]
@@ -366,7 +411,7 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
             image_dim = encode_images(encoder, probe[None].to(dev), preprocess).shape[1]
     else:
         encoder = None
-        image_dim = f_tr.shape[1]  # type: ignore[union-attr]
+        image_dim = f_tr.shape[-1]  # type: ignore[union-attr]
     head = ProjectionHead(image_dim, spot_args["out_dim"], spot_args["head_dropout"]).to(dev)
     spot = SpotEncoder(n_genes, **spot_args).to(dev)
     params = list(head.parameters()) + list(spot.parameters()) + trainable_enc
@@ -381,6 +426,10 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
     ft = None if f_tr is None else torch.from_numpy(f_tr)
     pt = None if p_tr is None else torch.from_numpy(p_tr)
     ct = torch.from_numpy(c_tr) if isinstance(c_tr, np.ndarray) else c_tr
+    n_views = 1 if ft is None or ft.ndim == 2 else ft.shape[1]
+    view_gen = make_generator(seed + 3)
+    # retrieval keys of the validation ACG: the mean view of each training spot
+    f_keys = None if ft is None else (ft if ft.ndim == 2 else ft.mean(dim=1))
 
     if val is not None:
         f_va, e_va, p_va, c_va = val
@@ -455,6 +504,9 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
             if use_images:
                 with torch.set_grad_enabled(bool(trainable_enc)):
                     feats = ddp.gather(encode_images(encoder_t, imgs.to(dev), preprocess), len(idx))
+            elif ft is not None and ft.ndim == 3:  # a random view of each spot
+                view = torch.randint(n_views, (len(idx),), generator=view_gen)
+                feats = ft[idx, view].to(dev)  # type: ignore[index]
             else:
                 feats = ft[idx].to(dev)  # type: ignore[index]
             loss = batch_loss(feats, idx, train_t, (head_t, spot_t))
@@ -489,7 +541,12 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
         # rank 0's losses everywhere: early stopping decides the same on every process
         train_loss, val_loss = ddp.agree(train_loss, vtotal / len(val_order))
         history.append(train_loss, val_loss, cur_lr)
-        if stopper.step(val_loss):
+        score = val_loss
+        if acg_data is not None:
+            acg = ddp.agree(_validation_acg(head, spot, f_keys, vt["f"], et, pt, ct, acg_data, dev))[0]
+            history.extra.setdefault("val_acg", []).append(acg)
+            score = -acg  # early stopping minimises
+        if stopper.step(score):
             best_state = {"head": _clone_state(head), "spot": _clone_state(spot)}
             if encoder is not None:
                 best_state["encoder"] = _clone_state(encoder)
@@ -507,8 +564,11 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
     ddp.unwrap(head_t, spot_t, encoder_t)  # type: ignore[arg-type]
     ddp.broadcast(head, spot, encoder)  # every process returns rank 0's model
     history.best_epoch = stopper.best_epoch if val is not None else -1
+    best_loss = float(history.val_loss[stopper.best_epoch]) if best_state is not None else float("nan")
+    if "val_acg" in history.extra:
+        history.extra["val_acg"] = np.asarray(history.extra["val_acg"], dtype=np.float64)
     history.extra.update({
-        "best_val_loss": float(stopper.best) if best_state is not None else float("nan"),
+        "best_val_loss": best_loss,
         "stopped_early": stopped_early, "n_x": n_x, "n_y": n_y, "world_size": ddp.world_size,
     })
     if encoder is not None:
@@ -519,6 +579,49 @@ def _fit(f_tr: np.ndarray | None, e_tr: np.ndarray, p_tr: np.ndarray | None,
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _embed_spots(spot: nn.Module, e: Tensor, p: Tensor | None, c: Tensor | str | None, dev: torch.device,
+                 chunk: int = 4096) -> np.ndarray:
+    """Spot embeddings of every training spot: each alone, or within its group (chunks never split a group)."""
+    n = len(e)
+    if not isinstance(c, Tensor):  # "self" or the whole batch: the keys of each spot alone
+        bounds, order, ids = list(range(0, n, chunk)) + [n], torch.arange(n), None
+    else:
+        ids = torch.unique(c, return_inverse=True)[1]
+        order = torch.argsort(ids, stable=True)
+        starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool), ids[order][1:] != ids[order][:-1]]))
+        bounds, last = [0], 0
+        for st in starts.flatten().tolist()[1:]:
+            if st - last >= chunk:
+                bounds.append(st)
+                last = st
+        bounds.append(n)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        rows = order[a:b]
+        if len(rows):
+            parts.append((rows, spot(e[rows].to(dev), None if p is None else p[rows].to(dev),
+                                     "self" if ids is None else ids[rows].to(dev)).float().cpu()))
+    out = torch.empty((n, parts[0][1].shape[1]))
+    for rows, emb in parts:
+        out[rows] = emb
+    return out.numpy()
+
+
+def _validation_acg(head: nn.Module, spot: nn.Module, f_keys: Tensor, f_va: Tensor, e_tr: Tensor,
+                    p_tr: Tensor | None, c_tr: Tensor | str | None, data: dict[str, Any],
+                    dev: torch.device) -> float:
+    """Validation ACG of retrieval from the training spots (modules in eval mode)."""
+    keys = data["keys"]
+    with torch.no_grad():
+        q = head(f_va.to(dev)).float().cpu().numpy()
+        sk = _embed_spots(spot, e_tr, p_tr, c_tr, dev) if keys != "image" else None
+        ik = head(f_keys.to(dev)).float().cpu().numpy() if keys != "spot" else None
+    qq, kk = combine_keys(q, spot_keys=sk, image_keys=ik, keys=keys)
+    pred = retrieve_predict(qq, kk, data["values"], k=data["k"])
+    r = gene_correlations(pred, data["val_values"])
+    return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
+
+
 class _BatchList(torch.utils.data.Sampler):
     """Yields the batches (lists of indices) set before each epoch by the training loop."""
 

@@ -47,10 +47,15 @@ class StackedAdamW(torch.optim.Optimizer):
     :class:`torch.optim.AdamW` would give it if it were trained alone on its own batches with
     its own schedule.
 
+    A parameter group marked ``"shared": True`` holds parameters shared by all experts (leading
+    axis of length 1, e.g. SPADE's shared gene head): it steps whenever any expert is active, at
+    the learning rate ``shared_lr`` given to :meth:`step`.
+
     Parameters
     ----------
     params
-        Parameters whose first dimension is the expert axis (all of length ``n_experts``).
+        Parameters whose first dimension is the expert axis (all of length ``n_experts``), or
+        parameter groups (dicts) as for any torch optimizer.
     n_experts
         Number of experts.
     lr, betas, eps, weight_decay
@@ -73,13 +78,15 @@ class StackedAdamW(torch.optim.Optimizer):
                                   "weight_decay": weight_decay})
         self.n_experts = int(n_experts)
         for group in self.param_groups:
+            n = 1 if group.get("shared", False) else self.n_experts
             for p in group["params"]:
-                if p.ndim == 0 or p.shape[0] != self.n_experts:
+                if p.ndim == 0 or p.shape[0] != n:
                     raise ValueError(f"`params` must have a leading expert axis of length "
-                                     f"{self.n_experts}, got shape {tuple(p.shape)}.")
+                                     f"{n}, got shape {tuple(p.shape)}.")
 
     @torch.no_grad()
-    def step(self, active: Tensor | None = None, lr: Tensor | None = None) -> None:  # type: ignore[override]
+    def step(self, active: Tensor | None = None, lr: Tensor | None = None,  # type: ignore[override]
+             shared_lr: float | None = None) -> None:
         """Update the active experts.
 
         Parameters
@@ -88,14 +95,21 @@ class StackedAdamW(torch.optim.Optimizer):
             Boolean ``(E,)``; ``None``: all experts.
         lr
             Learning rate per expert, ``(E,)``; ``None``: the group's ``lr`` for all.
+        shared_lr
+            Learning rate of the shared groups (``None``: the group's ``lr``).
         """
-        e = self.n_experts
-        act = (np.ones(e, dtype=bool) if active is None
-               else np.asarray(torch.as_tensor(active).detach().cpu(), dtype=bool))
+        e_all = self.n_experts
+        act_all = (np.ones(e_all, dtype=bool) if active is None
+                   else np.asarray(torch.as_tensor(active).detach().cpu(), dtype=bool))
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lrs = (np.full(e, float(group["lr"])) if lr is None
-                   else np.asarray(torch.as_tensor(lr).detach().cpu(), dtype=np.float64))
+            if group.get("shared", False):
+                e, act = 1, np.array([act_all.any()])
+                lrs = np.full(1, float(group["lr"] if shared_lr is None else shared_lr))
+            else:
+                e, act = e_all, act_all
+                lrs = (np.full(e, float(group["lr"])) if lr is None
+                       else np.asarray(torch.as_tensor(lr).detach().cpu(), dtype=np.float64))
             # experts that share (step count, lr) are updated by one call of torch's AdamW
             # kernel on per-expert views of the stacked tensors (fused where torch has it:
             # several times faster on CPU than elementwise ops over the whole stack)
@@ -161,7 +175,7 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
                 n_experts: int, val_features: np.ndarray | None = None, val_genes: np.ndarray | None = None,
                 val_expert: np.ndarray | None = None, dropout: float = 0.1, out_dim: int = 256,
                 warmup_steps: int = 0, empty: str = "raise", init: tuple[ExpertHeads, ExpertHeads] | None = None,
-                options: FitOptions | None = None, **training: Any,
+                shared_gene_head: bool = False, options: FitOptions | None = None, **training: Any,
                 ) -> tuple[ExpertHeads, ExpertHeads, dict[str, Any]]:
     """Train SPADE's experts: one image head and one gene head per expert, on its own spots.
 
@@ -213,6 +227,13 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         ``"warn"`` and leave its heads at their initial weights (``history["trained"]``).
     init
         Initial ``(image_heads, gene_heads)`` to start from (copied; not modified).
+    shared_gene_head
+        One gene head shared by all experts (trained on every expert's batches, its own cosine
+        schedule over all steps) and one image head per expert, trained against it: every
+        expert then maps into the one space the gene head defines. The best validation epoch is
+        chosen by the validation loss summed over experts, for all experts together, so that
+        image heads and the gene head stay of one epoch. The returned gene heads hold ``E``
+        copies of the shared head (the saved format does not change).
     options
         The training options (:class:`FitOptions`); default :meth:`FitOptions.experts`: SPADE's
         100 epochs, batches of 128 per expert, AdamW with ``lr`` 1e-4 and ``weight_decay``
@@ -310,12 +331,15 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         ih, gh = init
         if not (isinstance(ih, ExpertHeads) and isinstance(gh, ExpertHeads)):
             raise TypeError("`init` must be a pair (image ExpertHeads, gene ExpertHeads).")
-        if (ih.n_experts, ih.in_dim, gh.n_experts, gh.in_dim) != (n_experts, dim, n_experts, n_genes):
+        n_gene_heads = 1 if shared_gene_head else n_experts
+        if (ih.n_experts, ih.in_dim, gh.n_experts, gh.in_dim) != (n_experts, dim, n_gene_heads, n_genes):
             raise ValueError("`init` heads do not match `n_experts` and the data's dimensions.")
 
     ckpt = Checkpointer.open(opts, kind="fit_experts", fingerprint=lambda: fingerprint(
         {**opts.fingerprint(), "n_experts": n_experts, "dropout": dropout, "out_dim": out_dim,
-         "warmup_steps": warmup_steps, "empty": empty},
+         "warmup_steps": warmup_steps, "empty": empty,
+         # only when set, so that checkpoints of runs before the option resume
+         **({"shared_gene_head": True} if shared_gene_head else {})},
         {**data_key, "val_features": vx if has_val else None,
          "val_genes": vg if has_val else None, "val_expert": vex if has_val else None,
          "init": None if init is None else digest_tensors(
@@ -325,25 +349,30 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         return _fit(source, vx if has_val else None, vg if has_val else None,
                     vex if has_val else None, n_experts=n_experts, opts=opts, dropout=dropout,
                     out_dim=out_dim, warmup_steps=warmup_steps, dev=dev, n_train=n_train, n_val=n_val,
-                    init=init, ckpt=ckpt)
+                    init=init, ckpt=ckpt, shared=bool(shared_gene_head))
 
 
 def _fit(source: TrainingWindows, vx: np.ndarray | None,
          vg: np.ndarray | None, vex: np.ndarray | None, *, n_experts: int, opts: FitOptions,
          dropout: float, out_dim: int, warmup_steps: int, dev: torch.device,
          n_train: np.ndarray, n_val: np.ndarray, init: tuple[ExpertHeads, ExpertHeads] | None,
-         ckpt: Checkpointer | None = None) -> tuple[ExpertHeads, ExpertHeads, dict]:
+         ckpt: Checkpointer | None = None, shared: bool = False) -> tuple[ExpertHeads, ExpertHeads, dict]:
     epochs, batch_size, lr, seed = opts.epochs, opts.batch_size, opts.lr, opts.seed
     loss_fn, temperature = _LOSSES[opts.loss], opts.temperature
     e_all = n_experts
     if init is None:
         img = ExpertHeads(e_all, source.dim, out_dim, dropout)
-        gen = ExpertHeads(e_all, source.n_genes, out_dim, dropout)
+        gen = ExpertHeads(1 if shared else e_all, source.n_genes, out_dim, dropout)
     else:
         img, gen = (_copy_heads(h) for h in init)
     img, gen = img.to(dev).train(), gen.to(dev).train()
-    params = list(img.parameters()) + list(gen.parameters())
-    opt = StackedAdamW(params, e_all, lr=lr, weight_decay=opts.weight_decay)
+    if shared:
+        opt = StackedAdamW([{"params": list(img.parameters())},
+                            {"params": list(gen.parameters()), "shared": True}],
+                           e_all, lr=lr, weight_decay=opts.weight_decay)
+    else:
+        opt = StackedAdamW(list(img.parameters()) + list(gen.parameters()), e_all, lr=lr,
+                           weight_decay=opts.weight_decay)
 
     def load(w: int) -> tuple[Tensor, Tensor, list[Tensor], torch.device]:
         x, g, ex = source.loaders[w]()
@@ -360,7 +389,10 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
     n_batches = np.ceil(counts / batch_size).astype(np.int64).sum(axis=0)
     total_steps = np.maximum(epochs * n_batches, 1)
     schedules = [CosineSchedule(int(t), warmup_steps) for t in total_steps]
-    steps = np.zeros(e_all, dtype=np.int64)
+    # the shared gene head steps whenever any expert does: once per step of each window's plan
+    shared_total = max(epochs * int(np.ceil(counts / batch_size).max(axis=1).sum()), 1)
+    schedules.append(CosineSchedule(shared_total, warmup_steps))
+    steps = np.zeros(e_all + 1, dtype=np.int64)  # the last: the shared gene head's
     shuffler = make_generator(seed)
 
     if vx is not None:
@@ -371,7 +403,8 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         # fixed validation batches: shuffled once (mixing slides), the same every epoch
         val_plan = _plan([m[torch.randperm(len(m), generator=val_gen)] for m in val_members],
                          batch_size)
-    has_val = n_val > 0
+    # with a shared gene head, all trained experts take the epoch of the best summed validation loss
+    has_val = (n_train > 0) & bool((n_val > 0).any()) if shared else n_val > 0
     stopper = EarlyStopping(opts.patience)
     stopped = np.zeros(e_all, dtype=bool)
     stopped_epoch = np.full(e_all, -1)
@@ -384,6 +417,8 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         start, stop = resumed.epoch, (resumed.epoch if resumed.finished else epochs)
         steps, stopped, stopped_epoch = (resumed.values[k]
                                          for k in ("steps", "stopped", "stopped_epoch"))
+        if len(steps) == e_all:  # checkpoints written before the shared gene head option
+            steps = np.append(steps, 0)
         if vx is not None:
             best = {k: resumed.tensors[f"best.{k}"].to(dev) for k in best}
 
@@ -402,22 +437,25 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
             plan = _plan([members[e][torch.randperm(len(members[e]), generator=shuffler)]
                           if runnable[e] else members[e][:0] for e in range(e_all)], batch_size)
             _train_window(plan, xt, gt, data_dev, img, gen, opt, schedules, steps, lr, loss_fn, temperature,
-                          dev, e_all, loss_sum, rows_sum, last_lr)
+                          dev, e_all, loss_sum, rows_sum, last_lr, shared)
             del xt, gt, members
         with np.errstate(invalid="ignore", divide="ignore"):
             train_loss = np.where(rows_sum > 0, loss_sum / rows_sum, np.nan)
         check_loss_finite(train_loss, epoch, lr, which=rows_sum > 0)
 
         if vx is not None:
-            val_loss = _evaluate(img, gen, val_plan, vxt, vgt, loss_fn, temperature, dev, e_all)
+            val_loss = _evaluate(img, gen, val_plan, vxt, vgt, loss_fn, temperature, dev, e_all, shared)
             # experts that stopped early keep their best; NaN leaves their record untouched
             val_loss = np.where(stopped, np.nan, val_loss)
-            improved = stopper.step(val_loss)
+            if shared:  # one criterion for all: the validation loss summed over experts
+                total = float(np.nansum(np.nan_to_num(val_loss) * n_val) / max(n_val.sum(), 1))
+                improved = stopper.step(np.where(has_val & ~stopped, total, np.nan))
+            else:
+                improved = stopper.step(val_loss)
             if improved.any():
                 imp = torch.from_numpy(improved).to(dev)
                 for k, v in _named(img, gen).items():
-                    shape = (e_all,) + (1,) * (v.ndim - 1)
-                    best[k] = torch.where(imp.view(shape), v.detach(), best[k])
+                    best[k] = torch.where(_expert_mask(imp, v), v.detach(), best[k])
             newly = stopper.stop & has_val & ~stopped
             stopped_epoch[newly] = epoch
             stopped |= newly
@@ -427,7 +465,7 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         done = bool((stopped | (n_train == 0)).all())
         if ckpt is not None:
             ckpt.end_epoch(epoch + 1, done or epoch + 1 == epochs,
-                           values={"steps": steps, "stopped": stopped,
+                           values={"steps": steps[:e_all] if not shared else steps, "stopped": stopped,
                                    "stopped_epoch": stopped_epoch},
                            tensors={f"best.{k}": v for k, v in best.items()}
                            if vx is not None else None)  # best weights serve validation only
@@ -439,8 +477,7 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
         keep = torch.from_numpy(has_val & (stopper.best_epoch >= 0)).to(dev)
         with torch.no_grad():
             for k, v in _named(img, gen).items():
-                shape = (e_all,) + (1,) * (v.ndim - 1)
-                v.copy_(torch.where(keep.view(shape), best[k], v))
+                v.copy_(torch.where(_expert_mask(keep, v), best[k], v))
     best_epoch = (np.asarray(stopper.best_epoch) if vx is not None
                   else np.full(e_all, -1))
     best_val = (np.where(best_epoch >= 0, stopper.best, np.nan) if vx is not None
@@ -448,16 +485,32 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
     history.best_epoch = best_epoch
     history.extra.update({
         "best_val_loss": best_val, "stopped_epoch": stopped_epoch, "n_train": n_train,
-        "n_val": n_val, "steps": steps, "trained": n_train > 0,
+        "n_val": n_val, "steps": steps[:e_all], "trained": n_train > 0,
     })
+    if shared:  # E copies of the shared head: the format of independent gene heads
+        gen = ExpertHeads.from_heads(gen.cpu().to_heads() * e_all)
     return img.cpu().eval(), gen.cpu().eval(), history.to_dict()
+
+
+def _expert_mask(mask: Tensor, v: Tensor) -> Tensor:
+    """A per-expert boolean ``(E,)`` shaped to broadcast over ``v``; a shared parameter (leading 1) takes any."""
+    m = mask if v.shape[0] == mask.shape[0] else mask.any().reshape(1)
+    return m.view((v.shape[0],) + (1,) * (v.ndim - 1))
+
+
+def _gene_forward(gen: ExpertHeads, gb: Tensor, which: Tensor | None, e_all: int) -> Tensor:
+    """The gene heads on per-expert batches; a shared head (one expert) serves every batch."""
+    if gen.n_experts == 1 and e_all > 1:
+        n = gb.shape[0]
+        return gen.forward_stacked(gb, torch.zeros(n, dtype=torch.long, device=gb.device))
+    return gen.forward_stacked(gb, which)
 
 
 
 def _train_window(plan: list[Tensor], xt: Tensor, gt: Tensor, data_dev: torch.device, img: ExpertHeads,
                   gen: ExpertHeads, opt: StackedAdamW, schedules: list[CosineSchedule], steps: np.ndarray,
                   lr: float, loss_fn: Any, temperature: float, dev: torch.device, e_all: int,
-                  loss_sum: np.ndarray, rows_sum: np.ndarray, last_lr: np.ndarray) -> None:
+                  loss_sum: np.ndarray, rows_sum: np.ndarray, last_lr: np.ndarray, shared: bool = False) -> None:
     """The optimisation steps over one window's plan (updates ``steps`` and the sums in place)."""
     for idx in plan:  # idx: (E, B) row indices of the window, -1 for padding
         active = (idx >= 0).any(dim=1)
@@ -472,15 +525,17 @@ def _train_window(plan: list[Tensor], xt: Tensor, gt: Tensor, data_dev: torch.de
         mask = mask.to(dev)
         which = None if len(act) == e_all else act.to(dev)
         zi = img.forward_stacked(xb, which)
-        zg = gen.forward_stacked(gb, which)
+        zg = _gene_forward(gen, gb, which, e_all)
         losses = loss_fn(zi, zg, temperature, mask)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         act_np = active.numpy()
         lrs = np.array([lr * schedules[e](int(steps[e])) for e in range(e_all)])
-        opt.step(active=active.to(dev), lr=torch.from_numpy(lrs))
+        shared_lr = lr * schedules[e_all](int(steps[e_all])) if shared else None
+        opt.step(active=active.to(dev), lr=torch.from_numpy(lrs), shared_lr=shared_lr)
         last_lr[act_np] = lrs[act_np]
-        steps[act_np] += 1
+        steps[:e_all][act_np] += 1
+        steps[e_all] += 1
         n_rows = mask.sum(dim=1).cpu().numpy()
         loss_sum[act_np] += losses.detach().cpu().numpy() * n_rows
         rows_sum[act_np] += n_rows
@@ -499,7 +554,8 @@ def _plan(orders: list[Tensor], batch_size: int) -> list[Tensor]:
 
 @torch.no_grad()
 def _evaluate(img: ExpertHeads, gen: ExpertHeads, plan: list[Tensor], xt: Tensor, gt: Tensor,
-              loss_fn: Any, temperature: float, dev: torch.device, e_all: int) -> np.ndarray:
+              loss_fn: Any, temperature: float, dev: torch.device, e_all: int,
+              shared: bool = False) -> np.ndarray:
     """Per-expert validation loss: row-weighted mean over the fixed validation batches."""
     img.eval()
     gen.eval()
@@ -512,7 +568,7 @@ def _evaluate(img: ExpertHeads, gen: ExpertHeads, plan: list[Tensor], xt: Tensor
         safe = sub.clamp_min(0).to(xt.device)
         which = None if len(act) == e_all else act.to(dev)
         losses = loss_fn(img.forward_stacked(xt[safe].to(dev), which),
-                         gen.forward_stacked(gt[safe].to(dev), which), temperature, mask)
+                         _gene_forward(gen, gt[safe].to(dev), which, e_all), temperature, mask)
         n_rows = mask.sum(dim=1).cpu().numpy()
         a = active.numpy()
         loss_sum[a] += losses.cpu().numpy() * n_rows

@@ -115,3 +115,40 @@ def test_tiny_forward_normalises_inside(name):
         assert (out[0] - out[1]).abs().max() > 0  # two images, two features
     assert tuple(out.shape) == (2, spec.dim) and out.dtype == torch.float32
     torch.testing.assert_close(seen, expected_in)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_offers_layers_final_last_and_defaults_among_them(name):
+    """Every backbone says which layers it offers; "final" is always one, last, and is the (B, dim) output."""
+    spec = get_backbone_spec(name)
+    assert isinstance(spec.layers, dict) and list(spec.layers)[-1] == "final" and spec.layers["final"] == spec.dim
+    assert all(isinstance(d, int) and d > 0 for d in spec.layers.values())
+    assert spec.default_layers and set(spec.default_layers) <= set(spec.layers)
+    assert spec.layer_dim(spec.default_layers) == sum(spec.layers[n] for n in spec.default_layers)
+    with pytest.raises(ValueError, match="layers backbone"):
+        spec.check_layers(["no_such_layer"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_offered_layer_has_its_dimension(name):
+    """Pooled outputs of all offered layers at once: each block has its declared width, final equals forward."""
+    spec = get_backbone_spec(name)
+    if len(spec.layers) == 1:  # final only: forward_layers is forward
+        bb = Backbone(spec, _Recorder(spec.dim), weights_sha256="random").eval()
+        assert tuple(bb.forward_layers(torch.rand(1, 3, 8, 8), "final").shape) == (1, spec.dim)
+        return
+    _, n_params = meta_build(name)
+    assert n_params <= MAX_CPU_PARAMS  # the intermediate layers of a giant would need a test of their own
+    bb = get_backbone(name, pretrained=False)
+    size = min(spec.input_size, 64)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        every = bb.forward_layers(x, list(spec.layers))
+        final = bb(x)
+        pieces = [bb.forward_layers(x, n) for n in spec.layers]
+    assert tuple(every.shape) == (2, sum(spec.layers.values()))
+    assert [p.shape[1] for p in pieces] == list(spec.layers.values())
+    torch.testing.assert_close(torch.cat(pieces, 1), every)  # each layer alone = its slice of all
+    torch.testing.assert_close(every[:, -spec.dim:], final)
+    # asked out of order: the backbone's order
+    torch.testing.assert_close(bb.forward_layers(x, list(spec.layers)[::-1]), every)

@@ -27,7 +27,8 @@ BUILTIN_DIMS = {"dummy": 64, "efficientnet_lite0": 1280, "efficientnet_lite2": 1
 
 def test_list_contains_builtins_with_dims():
     df = list_backbones()
-    assert list(df.columns) == ["name", "dim", "input_size", "weights_source", "license"]
+    assert list(df.columns) == ["name", "dim", "input_size", "weights_source", "license", "layers", "default_layers"]
+    assert dict(zip(df["name"], df["default_layers"], strict=True))["efficientnet_lite0"] == "blocks.3, blocks.4, blocks.5"
     dims = dict(zip(df["name"], df["dim"], strict=True))
     for name, dim in BUILTIN_DIMS.items():
         assert dims[name] == dim

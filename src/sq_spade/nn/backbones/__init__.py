@@ -28,6 +28,7 @@ module (and one row in ``docs/backbones.md``).
 
 from sq_spade.nn.backbones._registry import (
     BACKBONES,
+    FINAL_LAYER,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,
@@ -59,6 +60,7 @@ from sq_spade.nn.backbones.pathology import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, C
 
 __all__ = [
     "BACKBONES",
+    "FINAL_LAYER",
     "EFFICIENTNET_LITE_SHA256",
     "HALF",
     "IMAGENET_MEAN",

