@@ -14,6 +14,7 @@ from sq_spade import _constants as K
 from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
 from sq_spade._logging import info as log_info
+from sq_spade._serialize import to_jsonable
 from sq_spade._settings import settings
 from sq_spade._utils import atomic_path, copy_data, process_rank, resolve_device
 from sq_spade._validation import (
@@ -52,14 +53,11 @@ def comparable_provenance(prov: Any) -> dict[str, Any] | None:
     """
     if prov is None:
         return None
-    from collections.abc import Mapping
-
-    from sq_spade._serialize import to_jsonable
-
     out: dict[str, Any] = {}
     for k, default in K.FEATURE_PROVENANCE_DEFAULTS.items():
-        v = to_jsonable(prov.get(k, default))
-        if k == "patch_geometry" and isinstance(v, Mapping):
+        v = prov.get(k)
+        v = to_jsonable(default if v is None or (k == "zscore" and v in (False, "none")) else v)
+        if k == "patch_geometry" and isinstance(v, dict):
             v = {g: to_jsonable(v.get(g, d)) for g, d in K.PATCH_GEOMETRY_DEFAULTS.items()}
         out[k] = v
     return out
