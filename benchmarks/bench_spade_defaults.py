@@ -3,7 +3,7 @@
 For every fold of the splits (her2st ``loso``: B4, C2, C3, C4; ``mob``: MOB1-3), both methods
 train on *all* the fold's training sections with their defaults (no validation section, no
 tuning: what ``sqs.tl.train_experts(train)`` gives), and predict the held-out section from its
-image: SPADE by expert-consistent retrieval from the training spots (``k=50``), k-NN from the
+image: SPADE by expert-consistent retrieval from the training spots (``k=200``, the default), k-NN from the
 frozen Lite0 features. Optional: the A1 few-shot probe (``X_spade`` of a default model trained
 on B4, C2-C4 vs the raw Lite0 features), the published mixture (``n_experts=16``) as an extra,
 labelled row, and the speed of 16 experts x 100 epochs x 10,000 synthetic spots and of
@@ -43,8 +43,8 @@ def accuracy(split: str, seeds: list[int], published: bool, k: int) -> pd.DataFr
                 t0 = time.perf_counter()
                 trainer = sqs.tl.train_baseline if kind == "baseline" else sqs.tl.train_experts
                 model = trainer(train, panel=panel, seed=seed, **kw)
-                sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs))
-                res = sqs.tl.evaluate_expression(test, by=None)
+                pred = sqs.tl.predict_expression(test, model, reference=train, k=min(k, train.n_obs))
+                res = sqs.tl.evaluate_expression(pred, by=None)
                 extra = {}
                 if hasattr(model, "n_experts"):
                     extra = {"n_experts": model.n_experts, "reference_side": model.config["reference_side"]}
@@ -103,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--splits", nargs="*", default=["loso", "mob"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--k", type=int, default=200, help="neighbours retrieved (predict_expression's default)")
     ap.add_argument("--published", action="store_true", help="also the published 16-expert mixture (a labelled row)")
     ap.add_argument("--few-shot", action="store_true")
     ap.add_argument("--speed", action="store_true")

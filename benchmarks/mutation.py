@@ -104,7 +104,7 @@ MUTATIONS: list[Mutation] = [
              _node(PLUMB, "test_routing_temperature_of_the_config_is_the_default"),
              "Spade.routing_weights ignores the config's routing temperature by default"),
     Mutation("module_temperature_from_config", "routing temperature", "models/_spade.py",
-             'c, f2e, temperature=float(config["routing_temperature"]))', "c, f2e)",
+             'c, f2e, temperature=float(config["routing_temperature"]),', "c, f2e,",
              _node(PLUMB, "test_routing_temperature_of_the_config_is_the_default"),
              "a loaded model's module routes at the default temperature"),
     # --- validation routing

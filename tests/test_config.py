@@ -22,8 +22,8 @@ def test_round_trip_and_mapping_view():
     assert cfg.reference_side == "images"
     with pytest.raises(KeyError, match="no key 'bogus'"):
         cfg["bogus"] = 1
-    with pytest.raises(ValueError, match="'reference_side' has an invalid value 'both'"):
-        cfg["reference_side"] = "both"
+    with pytest.raises(ValueError, match="'reference_side' has an invalid value 'sideways'"):
+        cfg["reference_side"] = "sideways"
     assert cfg.reference_side == "images"  # a refused value leaves the config as it was
 
 

@@ -29,7 +29,7 @@ def fitted():
     sd = _data(size=6)
     model = sqs.tl.train_experts(sd, features_key="X_fake", backbone="fake", panel=GENES, n_fine=4, n_experts=2,
                                  epochs=2, batch_size=32, routing_temperature=2.0, train_sections=["s0", "s1"],
-                                 validation_sections=None)
+                                 validation_sections=None, reference_side="genes")
     return sd, model
 
 

@@ -133,7 +133,7 @@ def test_clean_reference_accuracy_beats_shuffled_control(n_experts):
             model = sqs.tl.train_experts(data, **kw)
         # an expert of ~100 spots is below the rule: warned, only when there are several
         assert any("fewer than" in str(w.message) for w in caught) == (n_experts > 1)
-        assert model.config["reference_side"] == "genes"  # no validation section: the gene side
+        assert model.config["reference_side"] == "images"  # no validation section: the image side
         assert model.config["selection"]["n_experts"] == n_experts
         for side in ("genes", "images"):
             model.config["reference_side"] = side
