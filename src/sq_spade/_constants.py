@@ -101,6 +101,21 @@ OBSM = _Obsm()
 LAYERS = _Layers()
 UNS = _Uns()
 
+#: Entries of a feature provenance record (``uns['sq_spade_features'][key]``) that must agree
+#: between features used together (training and prediction, reference and query), with the value
+#: an older record that lacks the entry is taken to have. Entries not listed (version, device,
+#: cache use) never change the features.
+FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {
+    "backbone": None, "weights_sha256": None, "dim": None, "input_size": None,
+    "patch_geometry": None, "tta": False, "layers": ("final",), "zscore": None,
+}
+#: Key of a model config's ``params`` holding the provenance of its training features.
+FEATURE_PROVENANCE_PARAM = "feature_provenance"
+#: Entries of a recorded patch geometry compared the same way (``sections`` says where, not how).
+PATCH_GEOMETRY_DEFAULTS: dict[str, object] = {
+    "patch_size_um": None, "mpp": None, "patch_px": None, "fill": 255, "mode": "physical",
+}
+
 #: Attribute of a feature store's root zarr group (``pp.write_feature_store``).
 FEATURE_STORE_ATTR = "sq_spade_feature_store"
 
@@ -239,6 +254,5 @@ ZSCORES: tuple[str, ...] = get_args(Zscore)
 #: Suffix of the ``obsm`` key holding the 8 dihedral views of features (``compute_features(keep_views=True)``).
 VIEWS_SUFFIX = "_views"
 
-#: Values of feature-provenance fields that earlier versions did not record: features computed
-#: before layers, TTA and z-scoring were recorded are the final layer, without TTA, raw.
-FEATURE_PROVENANCE_DEFAULTS: dict[str, object] = {"layers": ("final",), "tta": False, "zscore": None}
+# FEATURE_PROVENANCE_DEFAULTS (above): features computed before layers, TTA and z-scoring were
+# recorded are the final layer, without TTA, raw.

@@ -21,6 +21,48 @@ def is_spatialdata(obj: Any) -> bool:
     return type(obj).__name__ == "SpatialData" and hasattr(obj, "tables")
 
 
+def check_section_id(value: Any, arg: str = "section") -> str:
+    """A section id usable as an element name.
+
+    A non-empty string without slashes or backslashes, not ending in ``"_um"`` (the suffix of
+    the section's micrometre coordinate system).
+
+    Examples
+    --------
+    >>> check_section_id("A1")
+    'A1'
+    >>> check_section_id("A/1", "sample_id")
+    Traceback (most recent call last):
+    ...
+    ValueError: `sample_id` must be a section id without slashes or backslashes (it names zarr elements), got 'A/1'.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"`{arg}` must be a non-empty string, got {value!r}.")
+    if "/" in value or chr(92) in value:
+        raise ValueError(f"`{arg}` must be a section id without slashes or backslashes (it names zarr elements), "
+                         f"got {value!r}.")
+    if value.endswith(K.MICRONS_SUFFIX):
+        raise ValueError(f"`{arg}` must not end in {K.MICRONS_SUFFIX!r}, the suffix of a section's micrometre "
+                         f"coordinate system, got {value!r}.")
+    return value
+
+
+def check_positive_number(value: Any, what: str) -> float:
+    """``value`` as a finite positive float; a ValueError naming ``what`` (e.g. a file's key) otherwise.
+
+    Examples
+    --------
+    >>> check_positive_number("n/a", "'spot_diameter' in meta.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'spot_diameter' in meta.json must be a positive number, got 'n/a'.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"{what} must be a positive number, got {value!r}.")
+    return float(value)
+
+
 def get_table(data: AnnData | SpatialData, table_key: str | None = K.TABLES.DEFAULT, *,
               arg: str = "sdata", key_arg: str = "table_key", hint: str = "") -> AnnData:
     """Return the AnnData of ``data`` (itself, or ``data.tables[table_key]``).

@@ -96,6 +96,7 @@ def test_visium_fixture_spaceranger_layout():
 VISIUM_DIR = "scanpy/tests/_data/visium_data/1.0.0"
 
 
+@pytest.mark.realdata
 def test_read_visium_names_the_section_after_the_library_id():
     root = require_data(f"{VISIUM_DIR}/filtered_feature_bc_matrix.h5")
     sd = sqs.io.read_visium(root / VISIUM_DIR)
@@ -104,6 +105,7 @@ def test_read_visium_names_the_section_after_the_library_id():
     _check_layout(sd, "custom")
 
 
+@pytest.mark.realdata
 def test_from_spatialdata_adopts_a_spatialdata_io_visium_object(tmp_path):
     import shutil
 

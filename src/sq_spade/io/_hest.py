@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sq_spade import _constants as K
+from sq_spade._validation import check_positive_number, check_section_id
 from sq_spade.io._sections import section_from_arrays
 
 if TYPE_CHECKING:
@@ -33,6 +34,17 @@ def _lazy_tiff(path: Path):
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"`wsi` must be an RGB image (H, W, 3); {path.name!r} has shape {shape}.")
     return arr
+
+
+def _check_raw_counts(X: Any, where: str) -> None:
+    """Refuse an ``X`` that is not raw counts (non-integer values: log-normalised data)."""
+    import scipy.sparse as sp
+
+    data = X.data if sp.issparse(X) else np.asarray(X)
+    sample = np.asarray(data).ravel()[:1_000_000]
+    if sample.size and (not np.isfinite(sample).all() or (sample < 0).any() or (sample != np.round(sample)).any()):
+        raise ValueError(f"{where}: X must hold raw counts (non-negative integers), but it holds non-integer or "
+                         f"negative values (log-normalised data?). sq_spade normalises counts itself.")
 
 
 def read_hest(
@@ -70,6 +82,7 @@ def read_hest(
     """
     import anndata as ad
 
+    check_section_id(sample_id, "sample_id")
     if root is None and (h5ad is None or wsi is None or metadata is None):
         raise ValueError("Give `root` (the HEST folder) or all of `h5ad`, `wsi` and `metadata`.")
     root_p = Path(root) if root is not None else None
@@ -79,19 +92,39 @@ def read_hest(
     for arg, p in (("h5ad", h5ad), ("wsi", wsi), ("metadata", metadata)):
         if not p.is_file():
             raise FileNotFoundError(f"`{arg}`: no such file {str(p)!r}.")
-    meta = json.loads(metadata.read_text())
-    mpp = meta.get("pixel_size_um_estimated", meta.get("pixel_size_um_embedded"))
-    if mpp is None:
+    try:
+        meta = json.loads(metadata.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"`metadata` {metadata.name!r} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"`metadata` {metadata.name!r} must hold a JSON object.")
+    src = "pixel_size_um_estimated" if meta.get("pixel_size_um_estimated") is not None else "pixel_size_um_embedded"
+    if meta.get(src) is None:
         raise ValueError(f"`metadata` {metadata.name!r} has no 'pixel_size_um_estimated': the pixel size is unknown.")
+    mpp = check_positive_number(meta[src], f"`metadata` {metadata.name!r}: {src!r} (um per pixel)")
+    if spot_diameter_um is not None:
+        diameter = check_positive_number(spot_diameter_um, "`spot_diameter_um`")
+    elif meta.get("spot_diameter") is not None:
+        diameter = check_positive_number(meta["spot_diameter"], f"`metadata` {metadata.name!r}: 'spot_diameter' (um)")
+    else:
+        diameter = 55.0  # Visium
     adata = ad.read_h5ad(h5ad)
     if K.OBSM.SPATIAL not in adata.obsm:
         raise ValueError(f"`h5ad` {h5ad.name!r} has no obsm['spatial'] with the spot centres.")
+    _check_raw_counts(adata.X, f"`h5ad` {h5ad.name!r}")
+    xy = np.asarray(adata.obsm[K.OBSM.SPATIAL], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+        raise ValueError(f"`h5ad` {h5ad.name!r}: obsm['spatial'] must hold finite (x, y) pixel centres for every "
+                         f"spot; {int((~np.isfinite(xy).all(axis=1)).sum()) if xy.ndim == 2 else 'some'} rows do not.")
     img = _lazy_tiff(wsi)
-    diameter = spot_diameter_um or float(meta.get("spot_diameter", 55.0) or 55.0)
     obs = adata.obs.copy()
     array_coords = None
     if {"array_col", "array_row"} <= set(obs.columns):
-        array_coords = obs[["array_col", "array_row"]].to_numpy(int)
+        ac = obs[["array_col", "array_row"]].to_numpy(np.float64)
+        if not np.isfinite(ac).all() or (ac != np.round(ac)).any():
+            raise ValueError(f"`h5ad` {h5ad.name!r}: obs 'array_col'/'array_row' must be finite integers (the spots' "
+                             f"grid positions); {int((~np.isfinite(ac).all(axis=1)).sum())} rows are NaN or infinite.")
+        array_coords = ac.astype(int)
     in_tissue = obs["in_tissue"].to_numpy() == 1 if "in_tissue" in obs else None
     extra = obs.drop(columns=[c for c in ("array_col", "array_row", "in_tissue") if c in obs.columns])
     sd = section_from_arrays(

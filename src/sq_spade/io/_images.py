@@ -30,4 +30,10 @@ def read_rgb(path: str | os.PathLike, *, arg: str = "image") -> np.ndarray:
                 f"`{arg}` must be an 8-bit RGB image; {path.name!r} is {kind} (PIL mode {im.mode!r}). "
                 "Convert it to RGB first (for RGBA, drop the alpha channel)."
             )
+        bits = im.tag_v2.get(258) if im.format == "TIFF" else None  # BitsPerSample
+        bits = (bits,) if isinstance(bits, int) else tuple(bits or ())
+        if any(int(b) != 8 for b in bits):
+            raise ValueError(
+                f"`{arg}` must be an 8-bit RGB image; {path.name!r} has {max(int(b) for b in bits)}-bit samples "
+                "(PIL would keep only the high byte). Convert it to 8-bit RGB first.")
         return np.asarray(im)

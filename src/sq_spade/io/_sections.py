@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sq_spade import _constants as K
-from sq_spade._validation import check_positive, check_rgb_uint8, get_table
+from sq_spade._validation import check_positive, check_rgb_uint8, check_section_id, get_table
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -131,7 +131,7 @@ def section_from_arrays(
 
     check_positive(microns_per_pixel, "microns_per_pixel")
     check_positive(spot_diameter_um, "spot_diameter_um")
-    section = str(section)
+    section = check_section_id(str(section), "section")
     if counts is None:
         if genes is not None and len(genes):
             raise ValueError("`genes` were given without `counts`; pass both, or neither for an H&E-only section.")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sq_spade import _constants as K
-from sq_spade._validation import check_positive
+from sq_spade._validation import check_positive, check_section_id
 from sq_spade.io._images import read_rgb
 from sq_spade.io._sections import section_from_arrays
 
@@ -28,11 +28,43 @@ SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 def _read_counts(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"`counts`: no such file: {str(path)!r}.")
-    df = pd.read_csv(path, sep="\t", index_col=0)
+    try:  # compressed files are read whole by pandas; the header is checked on the parsed frame
+        header = pd.read_csv(path, sep="\t", index_col=0, nrows=0, encoding="utf-8")
+        df = pd.read_csv(path, sep="\t", index_col=0, encoding="utf-8")
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"`counts` file {path.name!r} is empty (expected spots x genes).") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"`counts` file {path.name!r} is not UTF-8 text (byte {e.start}: {e.reason}); expected a "
+                         f"tab-separated spots x genes table.") from e
+    except (pd.errors.ParserError, ValueError) as e:
+        raise ValueError(f"`counts` file {path.name!r} is not a tab-separated spots x genes table: {e}") from e
+    # pandas renames a repeated column "G" to "G.1": compare with the raw header line
+    raw = _header_fields(path)
+    if raw is not None and len(raw) - 1 == header.shape[1]:
+        cols = pd.Index(raw[1:])
+        if cols.has_duplicates:
+            dup = cols[cols.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"`counts` file {path.name!r} has duplicated gene columns: {dup}; each gene must "
+                             f"appear once.")
     if df.shape[0] == 0 or df.shape[1] == 0:
         raise ValueError(f"`counts` file {path.name!r} is empty (expected spots x genes).")
+    if df.index.has_duplicates:
+        dup = df.index[df.index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"`counts` file {path.name!r} has duplicated spot rows: {dup}.")
     df.index = df.index.astype(str)
     return df
+
+
+def _header_fields(path: Path) -> list[str] | None:
+    """The tab-separated fields of the first line (``None`` for a compressed file)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n").split("\t")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _read_spots(path: Path) -> pd.DataFrame:
@@ -136,8 +168,7 @@ def read_st(
     >>> sd = sqs.io.read_st("C2.tsv.gz", "C2_selection.tsv", "5714_HE_BT_C2.jpg", sample_id="C2")  # doctest: +SKIP
     """
     check_positive(image_scale, "image_scale")
-    if not isinstance(sample_id, str) or not sample_id:
-        raise ValueError(f"`sample_id` must be a non-empty string, got {sample_id!r}.")
+    check_section_id(sample_id, "sample_id")
     cnt = _read_counts(Path(counts))
     spot_tab = _read_spots(Path(spots))
     if spot_tab.index.has_duplicates:

@@ -12,7 +12,13 @@ import pandas as pd
 
 from sq_spade import _constants as K
 from sq_spade._docs import inject_docs
-from sq_spade._validation import check_positive, get_table, is_spatialdata
+from sq_spade._validation import (
+    check_positive,
+    check_positive_number,
+    check_section_id,
+    get_table,
+    is_spatialdata,
+)
 from sq_spade.io._sections import image_levels
 
 if TYPE_CHECKING:
@@ -117,11 +123,17 @@ def read_visium(
     sf_path = path / "spatial" / "scalefactors_json.json"
     if not sf_path.is_file():
         raise FileNotFoundError(f"`path` has no spatial/scalefactors_json.json: {str(sf_path)!r}.")
-    scalef = json.loads(sf_path.read_text())
-    if "spot_diameter_fullres" not in scalef:
+    try:
+        scalef = json.loads(sf_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"`path`: {str(sf_path)!r} is not valid JSON: {e}") from e
+    if not isinstance(scalef, dict) or "spot_diameter_fullres" not in scalef:
         raise ValueError(f"{str(sf_path)!r} lacks 'spot_diameter_fullres': the pixel size cannot be known.")
-    mpp = VISIUM_SPOT_DIAMETER_UM / float(scalef["spot_diameter_fullres"])
-    dataset_id = str(sample_id) if sample_id is not None else _library_id(path, counts_file)
+    diameter_px = check_positive_number(scalef["spot_diameter_fullres"],
+                                        f"'spot_diameter_fullres' in {str(sf_path)!r} (the spot diameter in pixels)")
+    mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
+    dataset_id = check_section_id(str(sample_id) if sample_id is not None else _library_id(path, counts_file),
+                                  "sample_id" if sample_id is not None else "sample_id (read from the files)")
     sd = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file,
                                fullres_image_file=fullres_image_file, **kwargs)
     return _adopt(sd, dataset_id, section=dataset_id, mpp=mpp, source="spot_diameter_fullres", patient=patient,

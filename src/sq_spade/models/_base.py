@@ -183,4 +183,9 @@ def run_batches(fn: Callable[[Any], Any], x: np.ndarray, out_dim: int, batch_siz
     with torch.inference_mode():
         for s in range(0, len(x), batch_size):
             out.append(fn(torch.from_numpy(np.ascontiguousarray(x[s: s + batch_size], dtype=np.float32))).numpy())
-    return np.concatenate(out) if out else np.zeros((0, int(out_dim)), np.float32)
+    y = np.concatenate(out) if out else np.zeros((0, int(out_dim)), np.float32)
+    finite_in = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if y.dtype.kind == "f" and not np.isfinite(y.reshape(len(y), -1)[finite_in]).all():
+        raise FloatingPointError("The model gave NaN or infinite outputs for finite inputs: its parameters hold "
+                                 "NaN or infinite values (a diverged or damaged model); nothing was written.")
+    return y

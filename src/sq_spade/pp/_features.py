@@ -14,6 +14,7 @@ from sq_spade import _constants as K
 from sq_spade._deprecate import renamed_arguments
 from sq_spade._docs import inject_docs
 from sq_spade._logging import info as log_info
+from sq_spade._serialize import to_jsonable
 from sq_spade._settings import settings
 from sq_spade._utils import atomic_path, copy_data, process_rank, resolve_device
 from sq_spade._validation import (
@@ -38,11 +39,83 @@ def feature_provenance(adata: Any, key: str) -> dict[str, Any] | None:
     return adata.uns.get(K.UNS.FEATURES, {}).get(key)
 
 
+def comparable_provenance(prov: Any) -> dict[str, Any] | None:
+    """The entries of a provenance record that decide what the features are, with defaults filled in.
+
+    ``None`` when there is no record. Values are plain JSON (an ``h5ad``/``zarr`` round trip
+    gives numpy scalars and drops ``None``; both compare equal to what was written).
+
+    Examples
+    --------
+    >>> p = comparable_provenance({"backbone": "uni", "dim": 1024, "device": "cuda"})
+    >>> p["backbone"], p["tta"], "device" in p
+    ('uni', False, False)
+    """
+    if prov is None:
+        return None
+    out: dict[str, Any] = {}
+    for k, default in K.FEATURE_PROVENANCE_DEFAULTS.items():
+        v = prov.get(k)
+        v = to_jsonable(default if v is None or (k == "zscore" and v in (False, "none")) else v)
+        if k == "patch_geometry" and isinstance(v, dict):
+            v = {g: to_jsonable(v.get(g, d)) for g, d in K.PATCH_GEOMETRY_DEFAULTS.items()}
+        out[k] = v
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(b, float) and isinstance(a, int) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def provenance_differences(a: Any, b: Any) -> list[str]:
+    """What differs between two provenance records, as ``"entry: a vs b"`` (entries as compared).
+
+    Examples
+    --------
+    >>> provenance_differences({"backbone": "uni", "tta": True}, {"backbone": "uni"})
+    ['tta: True vs False']
+    """
+    pa, pb = comparable_provenance(a), comparable_provenance(b)
+    if pa is None or pb is None:
+        return [] if pa is pb else ["provenance: recorded vs missing" if pb is None else "provenance: missing vs recorded"]
+    out = []
+    for k in pa:
+        if k == "patch_geometry" and isinstance(pa[k], dict) and isinstance(pb[k], dict):
+            out += [f"patch_geometry.{g}: {pa[k][g]!r} vs {pb[k][g]!r}" for g in pa[k] if not _same(pa[k][g], pb[k][g])]
+        elif not _same(pa[k], pb[k]):
+            out.append(f"{k}: {pa[k]!r} vs {pb[k]!r}")
+    return out
+
+
 def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256: str | None = None,
-                            recipe: Any = None) -> None:
-    """Refuse features computed with another backbone, other weights or (``recipe``) other layers than a model expects."""
+                            recipe: Any = None, *, expected: Any = None, expected_from: str = "the model") -> None:
+    """Refuse features computed otherwise than a model (or the other side of a comparison) expects.
+
+    ``backbone`` and ``weights_sha256`` are checked whenever ``obsm[key]`` has a provenance record.
+    ``expected`` (a provenance record, e.g. the one a model was trained on) is compared in full
+    (:data:`~sq_spade._constants.FEATURE_PROVENANCE_DEFAULTS`: backbone, weights, patch geometry,
+    TTA, layers, normalisation): features made differently, or without a record to compare
+    (``anndata.concat`` drops ``uns``), are refused with a message naming what differs.
+    ``recipe`` (a model's layers, TTA and z-score) is checked as well.
+    """
     prov = feature_provenance(adata, key)
     if prov is None:
+        if expected is not None:
+            raise ValueError(
+                f"`obsm[{key!r}]` has no provenance record (uns[{K.UNS.FEATURES!r}][{key!r}]; anndata.concat "
+                f"drops `uns`), so it cannot be checked against {expected_from}, whose features were made with "
+                f"backbone {expected.get('backbone')!r}: recompute them with sqs.pp.compute_features, or copy the "
+                f"record back into `uns`.")
         return
     if recipe is not None:
         have, want = feature_recipe(prov), feature_recipe(recipe)
@@ -63,6 +136,13 @@ def check_features_backbone(adata: Any, key: str, backbone: str, weights_sha256:
             f"`obsm[{key!r}]` was computed with other weights of {backbone!r} (sha256 "
             f"{str(prov.get('weights_sha256'))[:12]}...) than the model's ({weights_sha256[:12]}...)."
         )
+    if expected is not None:
+        diffs = provenance_differences(prov, expected)
+        if diffs:
+            raise ValueError(
+                f"`obsm[{key!r}]` was computed differently from {expected_from}'s features ({'; '.join(diffs)}; "
+                f"this table's value first). Features made differently are not comparable: recompute them "
+                f"with the same settings.")
 
 
 @renamed_arguments(mpp="microns_per_pixel")
@@ -227,6 +307,10 @@ def compute_features(
     p = _build_patches(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key,
                        patch_size_um=patch_size_um, mpp=microns_per_pixel, patch_px=patch_px, fill=DEFAULT_FILL, level=None,
                        load=not distributed)
+    record = {"backbone": model.name, "weights_sha256": model.weights_sha256, "dim": int(dim),
+              "layers": list(names), "input_size": int(model.input_size),
+              "patch_geometry": dict(p.geometry.to_dict()), "tta": bool(tta), "zscore": zscore}
+    kept = _rows_kept(table, key, p.rows, dim, record)  # checked before any pixel is embedded
     job = _Job(batch_size=batch_size, num_workers=num_workers, tta=tta, layers=names, views=keep_views,
                cache_dir=settings.cache_dir if cache else None, memory_budget_bytes=settings.memory_budget_bytes,
                progress=settings.progress)
@@ -260,6 +344,9 @@ def compute_features(
     views_key = key + K.VIEWS_SUFFIX
     out_views = None if views is None else _merged(table, views_key, (8, dim), p.rows, views)
     geometry = {k: v for k, v in p.geometry.to_dict().items()}
+    if kept is not None:  # the rows kept were made the same way: one record lists every section
+        old_sections = dict((kept.get("patch_geometry") or {}).get("sections") or {})
+        geometry["sections"] = {**old_sections, **geometry["sections"]}
     table.obsm[key] = out
     if out_views is not None:
         table.obsm[views_key] = out_views
@@ -302,22 +389,106 @@ def _section_standardisation(feats: np.ndarray, sections: np.ndarray) -> tuple[n
     return shift, scale
 
 
+def _rows_kept(table: Any, key: str, rows: np.ndarray, dim: int, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance of ``obsm[key]`` when its rows outside ``rows`` are kept, ``None`` when it is rebuilt.
+
+    Rows this call does not compute keep their features only when these were made the same way
+    (one provenance record describes every row); features made otherwise in those rows are
+    refused, so ``obsm[key]`` never mixes two geometries or backbones.
+    """
+    if key not in table.obsm or np.shape(table.obsm[key]) != (table.n_obs, dim):
+        return None
+    others = np.ones(table.n_obs, dtype=bool)
+    others[rows] = False
+    old = np.asarray(table.obsm[key])[others]
+    if not others.any() or not np.isfinite(old).any():
+        return None  # nothing of value outside the rows recomputed
+    prov = feature_provenance(table, key)
+    diffs = provenance_differences(record, prov)
+    if diffs:
+        raise ValueError(
+            f"`key_added`: obsm[{key!r}] holds features made otherwise ({'; '.join(diffs)}; this call's value "
+            f"first) in {int(others.sum())} rows this call does not compute (`shapes_key` covers "
+            f"{len(rows)} of {table.n_obs}). One key would then mix two kinds of features: pass another "
+            f"`key_added`, or compute every row with the same settings.")
+    return prov
+
+
 def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+def _weights_digest(model: Any) -> str:
+    """blake2b of every tensor the backbone holds now (a fine-tuned copy differs from its pretrained sha)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    # parameters and every buffer (non-persistent ones too: they are not in the state dict)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for name in ("mean", "std"):  # normalisation buffers (not in the state dict)
+        v = getattr(model, name, None)
+        if v is not None:
+            h.update(f"{name}={[float(x) for x in torch.as_tensor(v).flatten()]}".encode())
+    return h.hexdigest()
+
+
 def _cache_path(patches: Any, model: Any, job: _Job, cache_dir: Any) -> Any:
-    """Cache file of these exact patches through this exact backbone and layers (hash of the pixels)."""
+    """Cache file of these exact patches through this exact backbone (hash of the pixels).
+
+    The key covers the backbone's name, declared weights sha256, input size, dimension and
+    normalisation (mean/std), a digest of the weights it holds now, TTA, the layers and views, and
+    every patch's pixels.
+    """
     import hashlib
     from pathlib import Path
 
+    spec = getattr(model, "spec", None)
+    norm = (tuple(getattr(spec, "mean", ())), tuple(getattr(spec, "std", ())))
     h = hashlib.sha256()
-    h.update(f"{model.name}|{model.weights_sha256}|{model.input_size}|{model.dim}|tta={job.tta}|v1".encode())
-    if job.layers != (FINAL_LAYER,) or job.views:  # the final layer alone keeps the keys of earlier versions
-        h.update(f"|layers={','.join(job.layers)}|views={job.views}".encode())
+    h.update(f"{model.name}|{model.weights_sha256}|{model.input_size}|{model.dim}|norm={norm}|"
+             f"weights={_weights_digest(model)}|tta={job.tta}|layers={','.join(job.layers)}|views={job.views}|v2".encode())
     for batch in patches.iter_batches(256):
         h.update(batch.tobytes())
     return Path(cache_dir) / f"features_{model.name}_{h.hexdigest()[:32]}.npy"
+
+
+def _read_cache(path: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached features, or ``None`` (with a warning naming the file) when the entry is unusable."""
+    import warnings
+
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        reason = f"it cannot be read ({type(e).__name__}: {e})"
+    else:
+        if feats.shape != shape or feats.dtype != np.float32:
+            reason = f"it holds {feats.dtype} {feats.shape}, not float32 {shape}"
+        elif not np.isfinite(feats).all():
+            reason = "it holds NaN or infinite values"
+        else:
+            return feats
+    warnings.warn(f"Feature cache entry {str(path)!r} is unusable ({reason}); recomputing the features and "
+                  f"replacing it.", UserWarning, stacklevel=3)
+    return None
+
+
+def _write_cache(path: Any, feats: np.ndarray) -> None:
+    """Store features in the cache; a failure (full disk, read-only folder) warns and is otherwise ignored."""
+    import warnings
+
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, feats, allow_pickle=False)
+    except OSError as e:
+        warnings.warn(f"Could not write the feature cache entry {str(path)!r} ({type(e).__name__}: {e}); the "
+                      f"features are returned but not cached.", UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -343,10 +514,12 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
     # only weights identified by their sha256 can key a cache entry (a name alone can be re-registered)
     cacheable = job.cache_dir is not None and _is_sha256(model.weights_sha256)
     cache_path = _cache_path(p, model, job, job.cache_dir) if cacheable else None
+    expected = (len(p), *_shape(model.spec.layer_dim(job.layers), job.views))
+    feats = None
     if cache_path is not None and cache_path.is_file():
-        feats = np.load(cache_path, allow_pickle=False)
-        from_cache = True
-    else:
+        feats = _read_cache(cache_path, expected)
+    from_cache = feats is not None
+    if feats is None:
         loader = torch.utils.data.DataLoader(
             p, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False,
@@ -356,12 +529,12 @@ def _embed(p: Any, model: Any, dev: Any, job: _Job) -> tuple[np.ndarray, bool]:
                               total=len(loader),
                               desc=f"features ({model.name})", progress=job.progress)
         feats = np.asarray(feats, dtype=np.float32)
-        from_cache = False
+        if not np.isfinite(feats).all():
+            bad = int((~np.isfinite(feats).reshape(len(feats), -1).all(axis=1)).sum())
+            raise FloatingPointError(f"Backbone {model.name!r} returned NaN or infinite features for {bad} of "
+                                     f"{len(feats)} patches (broken or diverged weights?); nothing was written.")
         if cache_path is not None and process_rank() == 0:  # one writer under torchrun
-            with atomic_path(cache_path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, feats, allow_pickle=False)
-    expected = (len(p), *_shape(model.spec.layer_dim(job.layers), job.views))
+            _write_cache(cache_path, feats)
     if feats.shape != expected:
         raise RuntimeError(f"backbone returned {feats.shape}, expected {expected}")
     return feats, from_cache

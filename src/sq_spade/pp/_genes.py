@@ -212,6 +212,46 @@ def panel_genes(adata: AnnData, panel: str | Sequence[str] | None = None) -> lis
     return genes
 
 
+def check_panel_measured(table: AnnData, genes: Sequence[str], sections: Sequence[str] | None = None, *,
+                         arg: str = "panel") -> list[str]:
+    """``genes`` as a list, once each, all in the table and measured in every one of ``sections``.
+
+    Genes that a section did not measure were zero-filled when sections with different gene
+    sets were combined (``varm['genes_present']``); used as data they would be measured zeros.
+    Raises a ValueError (a KeyError for genes absent from the table) naming ``arg``.
+
+    Examples
+    --------
+    >>> t = sqs.datasets.synthetic_section().tables["table"]
+    >>> check_panel_measured(t, ["gene0", "gene0"])
+    Traceback (most recent call last):
+    ...
+    ValueError: `panel` lists genes more than once: ['gene0'].
+    """
+    from collections import Counter
+
+    genes = [str(g) for g in genes]
+    dup = sorted(g for g, c in Counter(genes).items() if c > 1)
+    if dup:
+        raise ValueError(f"`{arg}` lists genes more than once: {dup[:5]}.")
+    cols = table.var_names.get_indexer(genes)
+    if (cols < 0).any():
+        missing = [g for g, c in zip(genes, cols, strict=True) if c < 0]
+        raise KeyError(f"`{arg}`: {len(missing)} panel genes are absent from the table (e.g. {missing[:5]}).")
+    if K.VARM.GENES_PRESENT in table.varm:
+        m = table.varm[K.VARM.GENES_PRESENT]
+        secs = [str(s) for s in (m.columns if sections is None else sections) if s in m.columns]
+        unmeasured = {s: [genes[i] for i in np.flatnonzero(~np.asarray(m[s], bool)[cols])] for s in secs}
+        unmeasured = {s: g for s, g in unmeasured.items() if g}
+        if unmeasured:
+            s0, g0 = next(iter(unmeasured.items()))
+            raise ValueError(
+                f"`{arg}`: genes not measured in section(s) {sorted(unmeasured)[:5]} (e.g. {g0[:5]} in {s0!r}; "
+                f"varm[{K.VARM.GENES_PRESENT!r}]). They were zero-filled when the sections were combined and "
+                f"would be used as measured zeros: leave them out of the panel, or leave those sections out.")
+    return genes
+
+
 def panel_expression(table: AnnData, panel: Sequence[str], *, gene_input: K.GeneInput = "log1p_cp10k",
                      counts_layer: str | None = None, allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Expression of ``panel`` genes ``(N, G)`` float32 and a mask of the genes present.

@@ -344,6 +344,15 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
     mode, size_um, target_mpp, out = _resolve_geometry(patch_size_um, mpp, patch_px)
     if not (isinstance(fill, (int, np.integer)) and 0 <= fill <= 255):
         raise ValueError(f"`fill` must be an integer in 0..255, got {fill!r}.")
+    # a batch of 64 patches (3 x out x out bytes each) must fit the memory budget (at least 1 GiB:
+    # the budget bounds resident image levels, and may be set tiny to force window reads)
+    budget = max(int(settings.memory_budget_bytes), 2**30)
+    if 3 * out * out * 64 > budget:
+        arg = "patch_px" if patch_px is not None else "patch_size_um"
+        raise ValueError(f"`{arg}` gives patches of {out} x {out} px ({3 * out * out / 2**20:.3g} MiB each); a batch "
+                         f"of 64 exceeds the memory budget ({budget / 2**30:.3g} GiB, "
+                         f"sqs.settings.memory_budget_bytes). Patches are a few hundred um: check the units "
+                         f"(`patch_size_um` is in micrometres, `mpp` in um per pixel).")
     if level is not None:
         check_positive(level, "level", integer=True, allow_zero=True)
     sections = get_sections(sdata, table_key=table_key, image_key=image_key, shapes_key=shapes_key)
@@ -380,6 +389,11 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
         lazy = _Level(data, isinstance(data, np.ndarray))
         levels.append(lazy.resolved(settings.memory_budget_bytes) if load else lazy)
         lmpp = level_mpps[chosen]
+        side_um = max(int(arrays[0].sizes["x"]), int(arrays[0].sizes["y"])) * level_mpps[0]
+        if sec_size > side_um:
+            raise ValueError(f"`patch_size_um` ({sec_size:g} um) exceeds image {sec.image_key!r} of section "
+                             f"{sec.section!r} ({side_um:.6g} um across): a patch must fit in the image "
+                             f"(`patch_size_um` is in micrometres).")
         xy_um, _ = spot_centers_um(sdata, sec, table_key=table_key)
         inv = np.linalg.inv(img_aff)
         xy0 = xy_um @ inv[:2, :2].T + inv[:2, 2]  # level-0 pixels (continuous)

@@ -18,7 +18,9 @@ from sq_spade.models._baselines import KNNModel, RidgeModel, _BaselineModel
 from sq_spade.models._regressors import KNNRegressor, RidgeRegressor
 from sq_spade.pp._genes import panel_expression
 from sq_spade.tl._common import (
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     recipe_of,
     resolve_features,
     resolve_panel,
@@ -123,7 +125,8 @@ def train_baseline(
     prov = features_provenance(table, fkey)
     reg.fit(feats[tr], values[tr], groups=section_labels(table)[tr])
     params: dict[str, Any] = {"method": method, "features_key": fkey, "seed": seed, "n_top": n_top,
-                              "regressor_kwargs": to_jsonable(kw), "feature_recipe": recipe_of(table, fkey)}
+                              "regressor_kwargs": to_jsonable(kw), "feature_recipe": recipe_of(table, fkey),
+                              K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)}
     config = {"backbone": prov.get("backbone", backbone), "weights_sha256": prov.get("weights_sha256"),
               "feature_dim": int(feats.shape[1]), "panel": list(panel), "regressor": reg.to_state()[1],
               "train_sections": train, "validation_sections": val, "params": params}
@@ -143,5 +146,5 @@ def predict_baseline(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
     """A baseline's prediction from the query's frozen features alone (a reference is not used)."""
     _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
                              weights_sha256=model.weights_sha256, device=device, table_key=table_key,
-                                 recipe=model.feature_recipe)
+                             recipe=model.feature_recipe, expected=model_feature_provenance(model))
     return model.predict(fq), {}, {"reference_used": False}

@@ -16,19 +16,28 @@ from sq_spade._validation import (
     section_ids,
     section_labels,
 )
-from sq_spade.pp._features import check_features_backbone, compute_features
-from sq_spade.pp._genes import panel_genes, select_genes
+from sq_spade.pp._features import (
+    check_features_backbone,
+    comparable_provenance,
+    compute_features,
+    feature_provenance,
+    provenance_differences,
+)
+from sq_spade.pp._genes import check_panel_measured, panel_genes, select_genes
 
 
 def resolve_features(data: Any, table: Any, *, features_key: str | None, backbone: str,
                      weights_sha256: str | None = None, weights: str | None = None,
                      device: str | None = None, table_key: str = K.TABLES.DEFAULT,
-                     recipe: Any = None) -> tuple[str, np.ndarray]:
+                     recipe: Any = None, expected: Any = None,
+                     expected_from: str = "the model") -> tuple[str, np.ndarray]:
     """Features of every row: ``obsm[features_key]``, computed with ``backbone`` when absent.
 
     ``recipe`` (a model's :attr:`~sq_spade.models.Model.feature_recipe`: layers, TTA, z-score)
     says how to compute them and is checked against the provenance of existing ones; ``None``
     (training) computes them with :func:`~sq_spade.pp.compute_features`'s defaults.
+    ``expected``: the provenance record the features must match in full (the model's, or the
+    other side's); see :func:`~sq_spade.pp._features.check_features_backbone`.
     """
     key = features_key or K.features_key(backbone)
     if key not in table.obsm:
@@ -37,11 +46,36 @@ def resolve_features(data: Any, table: Any, *, features_key: str | None, backbon
         if not is_spatialdata(data):
             raise KeyError(f"`obsm[{key!r}]` is missing and an AnnData has no image to compute it from; "
                            "pass a SpatialData or run sqs.pp.compute_features first.")
+        # made as the expected ones were (the model's training features), so they compare equal
         how = {} if recipe is None else feature_recipe(recipe)
+        geo = (expected or {}).get("patch_geometry") or {}
+        if geo.get("mode") == "native":
+            how["patch_px"] = geo.get("patch_px")
+        elif geo.get("patch_size_um") is not None:
+            how.update(patch_size_um=geo["patch_size_um"], microns_per_pixel=geo.get("mpp"))
+        if recipe is None and expected is not None:
+            how["tta"] = bool(expected.get("tta", False))
         compute_features(data, backbone=backbone, weights=weights, device=device, table_key=table_key, key_added=key,
                          **how)
-    check_features_backbone(table, key, backbone, weights_sha256, recipe=recipe)
+    check_features_backbone(table, key, backbone, weights_sha256, recipe=recipe, expected=expected,
+                            expected_from=expected_from)
     return key, check_obsm(table, key, arg="features_key")
+
+
+def model_feature_provenance(model: Any) -> dict[str, Any] | None:
+    """The provenance of the features a model was trained on (``None``: unknown, e.g. a 0.1 model)."""
+    return comparable_provenance((model.config.get("params") or {}).get(K.FEATURE_PROVENANCE_PARAM))
+
+
+def check_same_provenance(q_table: Any, q_key: str, r_table: Any, r_key: str) -> None:
+    """Refuse query and reference features made differently (or one of them without a record)."""
+    diffs = provenance_differences(feature_provenance(q_table, q_key), feature_provenance(r_table, r_key))
+    if diffs:
+        raise ValueError(
+            f"`reference_features_key`: the reference's obsm[{r_key!r}] and the query's obsm[{q_key!r}] "
+            f"(`features_key`) were not made the same way ({'; '.join(diffs)}; query first; a missing "
+            f"record means uns[{K.UNS.FEATURES!r}] was dropped, e.g. by anndata.concat). Retrieval compares "
+            f"them directly: compute both with the same backbone, weights, patch geometry and TTA.")
 
 
 def features_provenance(table: Any, key: str | None) -> dict[str, Any]:
@@ -68,10 +102,10 @@ def resolve_panel(table: Any, panel: str | Sequence[str] | None, n_top: int, tra
             if chosen_on is not None and set(chosen_on) - set(train):
                 raise ValueError(f"The table's panel was chosen on sections {list(chosen_on)}, which include sections "
                                  f"outside training {train}: that would leak. Pass `panel=` explicitly.")
-            return panel_genes(table, K.VAR.PANEL)
+            return check_panel_measured(table, panel_genes(table, K.VAR.PANEL), train)
     if isinstance(panel, str) and panel in K.PANEL_METHODS:
         return select_genes(table, panel, n_top=n_top, train_sections=train, inplace=False)
-    return panel_genes(table, panel)
+    return check_panel_measured(table, panel_genes(table, panel), train)
 
 
 def split_sections(table: Any, train_sections: Sequence[str] | str | None,

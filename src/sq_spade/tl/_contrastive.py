@@ -26,7 +26,9 @@ from sq_spade.pp._patches import patches as make_patches
 from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     recipe_of,
     resolve_features,
     resolve_panel,
@@ -457,7 +459,8 @@ def train_contrastive(
                    "features_key": fkey, "feature_recipe": recipe_of(table, fkey) if finetune == "none" else None,
                    "n_top": n_top, "augment": bool(augment) if finetune != "none" else None,
                    "finetuned_parameters": (trained if isinstance(trained, list) else finetune)
-                   if finetune != "none" else None},
+                   if finetune != "none" else None,
+                   K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None) if finetune == "none" else None},
     }
     model = MclSTExp(fit.image_head, fit.spot_encoder, config, image_encoder=fit.image_encoder,
                      members=extra_members)
@@ -777,7 +780,7 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
     else:
         _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
                                  weights_sha256=model.weights_sha256, device=device, table_key=table_key,
-                                 recipe=model.feature_recipe)
+                                 recipe=model.feature_recipe, expected=model_feature_provenance(model))
         queries = [model.embed_images(fq, member=m) for m in range(model.n_members)]
     gin, ctx, pos, values = _reference_arrays(reference, r_table, model, reference_table_key)
     if k > len(gin):
@@ -787,7 +790,7 @@ def predict_mclstexp(query: Any, q_table: Any, reference: Any, r_table: Any, *, 
         _, ref_feats = resolve_features(reference, r_table, features_key=reference_features_key,
                                         backbone=model.backbone, weights_sha256=model.weights_sha256,
                                         device=device, table_key=reference_table_key,
-                                        recipe=model.feature_recipe)
+                                        recipe=model.feature_recipe, expected=model_feature_provenance(model))
     pred, sd = _retrieve(model, fq, gin, pos, ctx, ref_feats, values, k=k, weighting=weighting,
                          temperature=temperature, queries=queries)
     info = {"n_reference": int(len(gin)), "context": model.context, "key_context":

@@ -26,10 +26,13 @@ from sq_spade._validation import (
 )
 from sq_spade.models._clustering import fine_centroids, pool_centroids, two_stage_clustering
 from sq_spade.models._spade import Spade
-from sq_spade.pp._genes import panel_expression
+from sq_spade.pp._genes import check_panel_measured, panel_expression
 from sq_spade.pp._store import FeatureStore
 from sq_spade.tl._common import (
+    check_same_provenance,
+    comparable_provenance,
     features_provenance,
+    model_feature_provenance,
     recipe_of,
     resolve_features,
     resolve_panel,
@@ -203,11 +206,11 @@ def train_experts(
     choose_n_experts(n_experts, 0)  # checks the argument before any feature is computed
     check_positive(routing_temperature, "routing_temperature")
     train, val = split_sections(table, train_sections, validation_sections)
+    genes_list = resolve_panel(table, panel, n_top, train)  # cheap checks before any feature is computed
+    expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
     fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
                                    device=device, table_key=table_key)
     prov = features_provenance(table, fkey)
-    genes_list = resolve_panel(table, panel, n_top, train)
-    expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
     tr, va = rows_of(table, train), rows_of(table, val)
     if tr.sum() < 2:
         raise ValueError(f"Training sections {train} have {int(tr.sum())} spots; at least 2 are needed.")
@@ -241,7 +244,7 @@ def train_experts(
                       params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                               "loss": loss, "temperature": temperature, "seed": seed,
                               "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
-                              "patience": patience})
+                              "patience": patience, K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)})
     if reference_side == "auto" and va.any():
         values = (expr if gene_input == "log1p_cp10k"
                   else panel_expression(table, genes_list, gene_input="log1p_cp10k")[0])
@@ -510,7 +513,7 @@ def embed(
     table = get_table(sdata, table_key)
     _, feats = resolve_features(sdata, table, features_key=features_key, backbone=model.backbone,
                                 weights_sha256=model.weights_sha256, device=device, table_key=table_key,
-                                 recipe=model.feature_recipe)
+                                recipe=model.feature_recipe, expected=model_feature_provenance(model))
     if feats.shape[1] != model.config.feature_dim:
         raise ValueError(f"Features have {feats.shape[1]} dimensions; the model expects {model.config.feature_dim}.")
     emb = model.embed_images(feats, routing=routing, temperature=temperature, space=space)
@@ -540,11 +543,15 @@ def predict_spade(query: Any, q_table: Any, reference: Any, r_table: Any, *, mod
                          "SpatialData) whose expression is retrieved.")
     check_choice(routing, "routing", K.ROUTINGS)
     sha = model.weights_sha256
-    _, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=table_key, recipe=model.feature_recipe)
-    _, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
-                             weights_sha256=sha, device=device, table_key=reference_table_key,
-                             recipe=model.feature_recipe)
+    expected = model_feature_provenance(model)
+    qkey, fq = resolve_features(query, q_table, features_key=features_key, backbone=model.backbone,
+                                weights_sha256=sha, device=device, table_key=table_key, recipe=model.feature_recipe,
+                                expected=expected)
+    rkey, fr = resolve_features(reference, r_table, features_key=reference_features_key, backbone=model.backbone,
+                                weights_sha256=sha, device=device, table_key=reference_table_key,
+                                recipe=model.feature_recipe, expected=expected)
+    check_same_provenance(q_table, qkey, r_table, rkey)
+    check_panel_measured(r_table, model.panel, arg="reference")  # every reference spot measured the panel
     values, _ = panel_expression(r_table, model.panel, gene_input="log1p_cp10k")
     gin = None
     if model.config.reference_side != "images":

@@ -103,8 +103,11 @@ def _store(query: Any, q_table: Any, pred: np.ndarray, panel: list[str], *, key_
     # without a layer argument; uns names the layer it copies
     out.X = pred.copy()
     out.uns[K.UNS.PREDICTION_X] = key_added
-    if obs_vals is not None and observed_layer not in out.layers:
+    if obs_vals is not None:  # refreshed every run: the query's counts may have changed
         out.layers[observed_layer] = obs_vals
+        out.var[K.VAR.OBSERVED] = mask
+    elif fits and observed_layer in out.layers:  # the query no longer measures the panel
+        del out.layers[observed_layer]
         out.var[K.VAR.OBSERVED] = mask
     for key, val in obsm.items():
         out.obsm[key] = val
@@ -235,6 +238,10 @@ def predict_expression(
     panel = list(model.panel)
     if pred.shape != (q_table.n_obs, len(panel)):
         raise RuntimeError(f"predictor returned {pred.shape}, expected {(q_table.n_obs, len(panel))}")
+    for what, val in {"predictions": pred, **{f"obsm[{k!r}]": v for k, v in obsm.items()}}.items():
+        if not np.isfinite(np.asarray(val, dtype=np.float64)).all():  # nothing non-finite is ever written
+            raise FloatingPointError(f"The model gave NaN or infinite {what} for this query (a model with "
+                                     f"broken parameters, or extreme features); nothing was written.")
     uns = {"model": type(model).__name__, "backbone": getattr(model, "backbone", None), "k": int(k), "weighting": weighting,
            "temperature": float(temperature), "sections": sorted(set(section_labels(q_table))),
            "sq_spade_version": __version__, **info}
