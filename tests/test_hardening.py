@@ -298,3 +298,31 @@ def test_the_observed_layer_is_refreshed_on_rerun(spade_setup):
         warnings.simplefilter("error")
         sqs.tl.predict_expression(q, model, reference=sd, features_key="X_dummy", k=3)
     assert not np.allclose(q.tables[K.TABLES.PREDICTED].layers[K.LAYERS.NORMALIZED], first)
+
+
+@pytest.mark.parametrize("n_measured", [1, 3, 7])
+def test_a_perfect_predictor_scores_perfectly_when_the_query_measured_part_of_the_panel(n_measured):
+    """The observed layer is normalised over the measured genes only; evaluation must not turn
+    that library difference into error (it gave MSE > 0 and r < 1 for an exact prediction)."""
+    import anndata as ad
+
+    rng = np.random.default_rng(n_measured)
+    counts = rng.poisson(rng.uniform(1, 30, size=8), size=(40, 8)).astype(float) + 1
+    whole = np.log1p(1e4 * counts / counts.sum(1, keepdims=True))  # the model's scale: the whole panel
+    measured = np.zeros(8, bool)
+    measured[rng.choice(8, n_measured, replace=False)] = True
+    sub = counts[:, measured]
+    observed = np.zeros_like(whole)
+    observed[:, measured] = np.log1p(1e4 * sub / sub.sum(1, keepdims=True))
+    table = ad.AnnData(X=whole.astype(np.float32), var={"observed": measured})
+    table.var_names = GENES
+    table.layers[K.LAYERS.PREDICTED] = whole.astype(np.float32)
+    table.layers[K.LAYERS.NORMALIZED] = observed.astype(np.float32)
+    metrics, per_gene = sqs.tl.evaluate_expression(table, by=None, return_per_gene=True)
+    assert len(per_gene) == n_measured  # unmeasured genes are not scored
+    assert metrics["MSE"].iloc[0] == pytest.approx(0.0, abs=1e-8)
+    if n_measured > 1:  # one measured gene is constant (log1p 1e4) after closing: no correlation defined
+        assert metrics["ACG"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    # the whole-panel prediction compared as it is would not match
+    raw_mse = float(((whole[:, measured] - observed[:, measured]) ** 2).mean())
+    assert raw_mse > 0.01

@@ -271,7 +271,9 @@ def evaluate_expression(
     ACG is the mean over genes of the Pearson r across spots; HEG the same over the ``n_heg``
     genes with the highest observed mean in the section; genes constant in the prediction or
     the observation are skipped and counted (``n_skipped_constant``). Only genes the query
-    measured (``var['observed']``) are scored.
+    measured (``var['observed']``) are scored. When it measured only part of the panel, its
+    observed log1p CP10k is normalised over those genes, so the predictions are renormalised over
+    the same genes before scoring (``observed_layer="log1p_cp10k"``): both sides on one scale.
 
     Parameters
     ----------
@@ -307,8 +309,12 @@ def evaluate_expression(
              else np.ones(table.n_vars, bool))
     if not genes.any():
         raise ValueError("No predicted gene was observed in this table: nothing to evaluate.")
-    pred = _dense(table.layers[layer])[:, genes]
+    pred = _dense(table.layers[layer])
     obs = _dense(table.layers[observed_layer])[:, genes]
+    if observed_layer == K.LAYERS.NORMALIZED and not genes.all():
+        pred = _reclose(pred, genes)
+    else:
+        pred = pred[:, genes]
     names = table.var_names[genes].astype(str).to_numpy()
     if by is None:
         groups = np.full(table.n_obs, "all", dtype=object)
@@ -325,6 +331,22 @@ def evaluate_expression(
         per_gene.append(pg)
     df = pd.DataFrame(rows)
     return (df, pd.concat(per_gene, ignore_index=True)) if return_per_gene else df
+
+
+def _reclose(pred: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """Log1p CP10k predictions of the whole panel, renormalised over the measured ``genes`` only.
+
+    The observed layer of a query that measured part of the panel is normalised over the genes
+    it measured (the other genes' counts are unknown), so each spot's library is smaller than the
+    panel's. Closing the prediction over the same genes puts both on one scale: a perfect
+    predictor then scores MSE 0 rather than a spot-dependent offset.
+    """
+    cp = np.clip(np.expm1(pred), 0.0, None)
+    sub = cp[:, genes]
+    total = sub.sum(axis=1, keepdims=True)
+    out = np.zeros_like(sub)
+    np.divide(sub * 1e4, total, out=out, where=total > 0)
+    return np.log1p(out)
 
 
 def _dense(x: Any) -> np.ndarray:
