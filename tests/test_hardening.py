@@ -261,6 +261,15 @@ def test_a_panel_measured_in_the_training_sections_is_accepted(outer_joined):
         sqs.tl.predict_expression(outer_joined, full, reference=outer_joined, features_key="X_fake", k=3)
 
 
+def test_an_mclstexp_reference_with_unmeasured_panel_genes_is_refused(outer_joined):
+    model = sqs.tl.train_contrastive(outer_joined, features_key="X_fake", backbone="fake", panel=GENES,
+                                     train_sections=["s0"], epochs=1, n_seeds=1, refit=False, batch_size=8)
+    before = _snapshot(outer_joined)
+    with pytest.raises(ValueError, match="`reference`.*gene3"):
+        sqs.tl.predict_expression(outer_joined, model, reference=outer_joined, features_key="X_fake", k=3)
+    assert _snapshot(outer_joined) == before
+
+
 def test_ridge_panels_are_checked_too(outer_joined):
     with pytest.raises(ValueError, match="`panel`.*gene3"):
         sqs.tl.train_baseline(outer_joined, features_key="X_fake", backbone="fake", panel=GENES,

@@ -21,7 +21,7 @@ from sq_spade._settings import settings
 from sq_spade._validation import check_choice, check_positive, get_table, is_spatialdata
 from sq_spade._version import __version__
 from sq_spade.models._mclstexp import MclSTExp
-from sq_spade.pp._genes import panel_expression
+from sq_spade.pp._genes import check_panel_measured, panel_expression
 from sq_spade.pp._patches import patches as make_patches
 from sq_spade.pp._positions import spot_positions, tile_ids
 from sq_spade.tl._baselines import train_baseline
@@ -741,6 +741,7 @@ def calibrate_conformal(
 def _reference_arrays(data: Any, table: Any, model: MclSTExp, table_key: str,
                       ) -> tuple[np.ndarray, Any, np.ndarray | None, np.ndarray]:
     """Spot-encoder input, key context, positions and log1p CP10k values of every spot of ``table``."""
+    check_panel_measured(table, model.panel, arg="reference")  # zero-filled genes are not measured zeros
     gin, _ = panel_expression(table, model.panel, gene_input=model.config.gene_input)
     values, _ = panel_expression(table, model.panel, gene_input="log1p_cp10k")
     pos, _ = spot_positions(data, table, model.position, bin_um=model.config.position_bin_um, table_key=table_key)
