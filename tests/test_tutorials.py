@@ -176,7 +176,7 @@ print({MARK!r} + _json.dumps({{
     assert {"tiles", "predicted"} <= set(out["slide_tables"])  # no spots table: the slide had none
     assert _finite(out["r_spots"]) and _finite(out["r_tiles"]) and out["r_tiles"] > 0
     assert set(out["scores"]) == {"predicted", "observed"} and all(_finite(v["ari"]) for v in out["scores"].values())
-    assert out["vec"] == [1, 1280]
+    assert out["vec"] == [1, 384]  # one vector per slide, of the default Lite0 features (blocks 3-5)
     assert _images(nb) >= 4  # mask, two maps, domains
 
 
