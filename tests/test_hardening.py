@@ -270,6 +270,18 @@ def test_an_mclstexp_reference_with_unmeasured_panel_genes_is_refused(outer_join
     assert _snapshot(outer_joined) == before
 
 
+def test_a_reference_is_checked_only_on_the_sections_it_holds(outer_joined):
+    """A row subset keeps varm's columns of every section: only the sections of its spots count."""
+    from sq_spade.pp._genes import check_panel_measured
+
+    t = outer_joined.tables["table"]
+    s0_only = t[t.obs["section"].astype(str) == "s0"].copy()
+    assert "s1" in s0_only.varm[K.VARM.GENES_PRESENT].columns
+    assert check_panel_measured(s0_only, GENES, arg="reference") == GENES  # gene3 is measured in s0
+    with pytest.raises(ValueError, match="`reference`.*s1.*gene3"):
+        check_panel_measured(t, GENES, arg="reference")
+
+
 def test_ridge_panels_are_checked_too(outer_joined):
     with pytest.raises(ValueError, match="`panel`.*gene3"):
         sqs.tl.train_baseline(outer_joined, features_key="X_fake", backbone="fake", panel=GENES,

@@ -216,6 +216,8 @@ def check_panel_measured(table: AnnData, genes: Sequence[str], sections: Sequenc
                          arg: str = "panel") -> list[str]:
     """``genes`` as a list, once each, all in the table and measured in every one of ``sections``.
 
+    ``sections=None`` means the sections whose spots the table holds (``obs['section']``).
+
     Genes that a section did not measure were zero-filled when sections with different gene
     sets were combined (``varm['genes_present']``); used as data they would be measured zeros.
     Raises a ValueError (a KeyError for genes absent from the table) naming ``arg``.
@@ -240,7 +242,10 @@ def check_panel_measured(table: AnnData, genes: Sequence[str], sections: Sequenc
         raise KeyError(f"`{arg}`: {len(missing)} panel genes are absent from the table (e.g. {missing[:5]}).")
     if K.VARM.GENES_PRESENT in table.varm:
         m = table.varm[K.VARM.GENES_PRESENT]
-        secs = [str(s) for s in (m.columns if sections is None else sections) if s in m.columns]
+        if sections is None:  # the sections whose spots the table holds (a subset keeps varm's other columns)
+            sections = (table.obs[K.OBS.SECTION].astype(str).unique() if K.OBS.SECTION in table.obs
+                        else m.columns)
+        secs = [str(s) for s in sections if s in m.columns]
         unmeasured = {s: [genes[i] for i in np.flatnonzero(~np.asarray(m[s], bool)[cols])] for s in secs}
         unmeasured = {s: g for s, g in unmeasured.items() if g}
         if unmeasured:
