@@ -17,6 +17,7 @@ import sq_spade as sqs
 from sq_spade import _constants as K
 from sq_spade._validation import section_labels
 from sq_spade.tl._common import rows_of
+from tests.conftest import colour_feature_sections
 
 GENES = [f"gene{i}" for i in range(12)]
 #: what a clean prediction of the held-out section must beat its shuffled control by (ACG)
@@ -25,14 +26,7 @@ MARGIN = 0.2
 
 def _data(n=3, size=10):
     """Sections whose images (mean patch colour, the fake features) and counts share a hidden tissue type."""
-    sd = sqs.io.combine_sections([sqs.datasets.synthetic_section(section=f"s{i}", seed=i, n_rows=size, n_cols=size,
-                                                                  patient=f"p{i}") for i in range(n)])
-    t = sd.tables["table"]
-    p = sqs.pp.patches(sd, patch_size_um=30, microns_per_pixel=1.0)
-    rng = np.random.default_rng(0)
-    colour = np.stack([p[i].reshape(-1, 3).mean(0) for i in range(len(p))]) / 255
-    t.obsm["X_fake"] = np.hstack([colour, rng.normal(0, 0.05, (len(p), 5))]).astype(np.float32)
-    return sd
+    return colour_feature_sections(n, size)
 
 
 def _split(sd, test="s2"):

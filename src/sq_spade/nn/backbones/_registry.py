@@ -216,14 +216,19 @@ class Backbone(nn.Module):
         """Side in pixels of the square input."""
         return self.spec.input_size
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Features ``(B, D)`` of images ``x`` ``(B, 3, H, W)`` with values in ``[0, 1]``."""
+    def _normalise(self, x: Tensor) -> Tensor:
+        """``x`` checked as ``(B, 3, H, W)`` floats in ``[0, 1]`` and normalised by the backbone's mean/std."""
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"`x` must be a (B, 3, H, W) tensor, got {shape}.")
         if not x.is_floating_point():
             raise TypeError(f"`x` must be float in [0, 1] (divide uint8 by 255), got {x.dtype}.")
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(B, D)`` of images ``x`` ``(B, 3, H, W)`` with values in ``[0, 1]``."""
+        x = self._normalise(x)
         out = self.model(x)
         if not isinstance(out, Tensor) or tuple(out.shape) != (x.shape[0], self.dim):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -251,12 +256,7 @@ class Backbone(nn.Module):
         names = self.spec.check_layers(layers)
         if names == (FINAL_LAYER,):
             return self.forward(x)
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"`x` must be a (B, 3, H, W) tensor, got {shape}.")
-        if not x.is_floating_point():
-            raise TypeError(f"`x` must be float in [0, 1] (divide uint8 by 255), got {x.dtype}.")
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = self._normalise(x)
         assert self.spec.forward_layers is not None  # checked by BackboneSpec
         pooled = self.spec.forward_layers(self.model, x, names)
         dims = self.layers
