@@ -30,7 +30,7 @@ def sdata():
 
 @pytest.fixture(scope="module")
 def recipe_model(sdata):
-    # the default recipe on three sections without validation_sections: s2 validates, then refit on s0-s2
+    # the default recipe on three sections without validation_sections: s2 then s1 validate, then refit on s0-s2
     return train_contrastive(sdata, n_seeds=2, epochs=6, patience=3, **FAST)
 
 
@@ -91,7 +91,7 @@ def test_combine_keys_and_retrieval_spread():
     assert np.allclose(var, brute, atol=1e-5)
 
 
-def test_default_recipe_chooses_epochs_on_the_last_section_then_refits_every_seed(recipe_model, sdata):
+def test_default_recipe_chooses_epochs_on_rotated_held_out_sections_then_refits_every_seed(recipe_model, sdata):
     m = recipe_model
     sel = m.history["selection"]
     # the held-out section rotates: seed 0 holds out s2, seed 1 s1
