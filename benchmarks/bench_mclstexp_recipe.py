@@ -7,8 +7,9 @@ sections (all of them):
 - ``ridge``, ``knn``: :func:`sq_spade.tl.train_baseline` (penalty / k chosen by
   cross-validation over the training sections);
 - ``mclstexp``: :func:`sq_spade.tl.train_contrastive` with its defaults (``recipe="small_data"``:
-  the last training section chooses the epoch count by validation ACG, then every seed is
-  refit on all training sections; 5 seeds; conformal intervals calibrated on that section);
+  the held-out training section rotates over the 5 seeds, the median of their best epochs by
+  validation ACG is the epoch count every seed is refit for on all training sections; the
+  conformal intervals are calibrated on the held-out sections, pooled);
 - ``mclstexp (published)``: ``recipe="published"`` (temperature 1, early stopping on the
   validation loss of the last training section, trained on the others, one seed);
 - ``mclstexp (shuffled)``: the defaults on a copy of the training sections whose expression
@@ -92,7 +93,7 @@ def run_fold(split, train_secs, test_secs, *, seed, control, published, methods=
         m = sqs.tl.train_contrastive(train, panel=panel, train_sections=train_secs, seed=seed)
         sel = m.history.get("selection", {})
         record("mclstexp", m, train, t0, refit_epochs=sel.get("refit_epochs"), best_epochs=sel.get("best_epochs"),
-               best_val_acg=sel.get("best_val_acg"))
+               best_val_acg=sel.get("best_val_acg"), held_out=sel.get("held_out_sections"))
     if published and "published" in methods:
         t0 = time.perf_counter()
         m = sqs.tl.train_contrastive(train, panel=panel, recipe="published", train_sections=train_secs[:-1],

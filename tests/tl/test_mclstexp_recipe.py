@@ -8,8 +8,15 @@ from sq_spade import _constants as K
 from sq_spade.models._mclstexp import MclSTExp
 from sq_spade.nn.retrieval import combine_keys, neighbor_variance, retrieve_predict
 from sq_spade.pp._genes import panel_expression
+from sq_spade.tl import _contrastive
 from sq_spade.tl._common import rows_of
-from sq_spade.tl._contrastive import calibrate_conformal, spot_keys, train_contrastive
+from sq_spade.tl._contrastive import (
+    calibrate_conformal,
+    conformal_calibration,
+    held_out_sections,
+    spot_keys,
+    train_contrastive,
+)
 from sq_spade.train import fit_contrastive
 from tests.tl.test_contrastive import GENES, SMALL, _data
 
@@ -23,7 +30,7 @@ def sdata():
 
 @pytest.fixture(scope="module")
 def recipe_model(sdata):
-    # the default recipe on three sections without validation_sections: s2 validates, then refit on s0-s2
+    # the default recipe on three sections without validation_sections: s2 then s1 validate, then refit on s0-s2
     return train_contrastive(sdata, n_seeds=2, epochs=6, patience=3, **FAST)
 
 
@@ -84,10 +91,12 @@ def test_combine_keys_and_retrieval_spread():
     assert np.allclose(var, brute, atol=1e-5)
 
 
-def test_default_recipe_chooses_epochs_on_the_last_section_then_refits_every_seed(recipe_model, sdata):
+def test_default_recipe_chooses_epochs_on_rotated_held_out_sections_then_refits_every_seed(recipe_model, sdata):
     m = recipe_model
     sel = m.history["selection"]
-    assert sel["validation_sections"] == ["s2"] and sel["select"] == "acg" and len(sel["best_epochs"]) == 2
+    # the held-out section rotates: seed 0 holds out s2, seed 1 s1
+    assert sel["held_out_sections"] == ["s2", "s1"] and sel["validation_sections"] == ["s2", "s1"]
+    assert sel["select"] == "acg" and len(sel["best_epochs"]) == 2
     assert sel["refit_epochs"] == max(1, int(np.round(np.median(sel["best_epochs"]))))
     assert len(m.history["train_loss"]) == sel["refit_epochs"]  # the refit ran that many epochs, no validation
     assert m.config["train_sections"] == ["s0", "s1", "s2"] and m.config["validation_sections"] == []
@@ -95,10 +104,61 @@ def test_default_recipe_chooses_epochs_on_the_last_section_then_refits_every_see
     assert p["recipe"] == "small_data" and p["refit"] and p["temperature"] == 32.0 and p["n_seeds"] == 2
     assert m.n_members == 2 and m.config["keys"] == "both"
     conf = m.config["conformal"]
-    assert conf["coverage"] == 0.9 and conf["sections"] == ["s2"] and len(conf["q"]) == len(GENES)
+    assert conf["coverage"] == 0.9 and conf["sections"] == ["s2", "s1"] and len(conf["q"]) == len(GENES)
     # the members are different seeds
     f = sdata.tables["table"].obsm["X_fake"][:5]
     assert not np.allclose(m.embed_images(f, member=0), m.embed_images(f, member=1))
+
+
+def test_held_out_section_rotates_from_the_last_training_section():
+    assert held_out_sections(["a", "b", "c"], 1) == ["c"]
+    assert held_out_sections(["a", "b", "c"], 5) == ["c", "b", "a", "c", "b"]
+    assert held_out_sections(["a", "b"], 2) == ["b", "a"]
+
+
+def test_refit_selects_and_calibrates_on_every_training_section_in_turn(sdata, monkeypatch):
+    calls = []
+    retrieve = _contrastive._retrieve
+
+    def spy(model, fq, ref_gin, *args, **kw):
+        out = retrieve(model, fq, ref_gin, *args, **kw)
+        calls.append((len(fq), len(ref_gin), model.n_members, out))
+        return out
+
+    monkeypatch.setattr(_contrastive, "_retrieve", spy)
+    m = train_contrastive(sdata, n_seeds=4, epochs=2, patience=None, **FAST)
+    t = sdata.tables["table"]
+    n = {s: int(rows_of(t, [s]).sum()) for s in ("s0", "s1", "s2")}
+    sel = m.history["selection"]
+    assert sel["held_out_sections"] == ["s2", "s1", "s0", "s2"] and len(sel["best_epochs"]) == 4
+    assert sel["refit_epochs"] == max(1, int(np.round(np.median(sel["best_epochs"]))))
+    conf = m.config["conformal"]
+    assert conf["sections"] == ["s2", "s1", "s0"] and conf["held_out_sections"] == sel["held_out_sections"]
+    assert conf["n_spots"] == sum(n.values()) and conf["n_spots_per_section"] == n
+    # each held-out section predicted from the two others by the ensemble of the runs that held it out
+    assert [(q, r, k) for q, r, k, _ in calls] == [(n["s2"], n["s0"] + n["s1"], 2), (n["s1"], n["s0"] + n["s2"], 1),
+                                                  (n["s0"], n["s1"] + n["s2"], 1)]
+    # one quantile per gene over the pooled normalised residuals
+    y = np.concatenate([panel_expression(t[rows_of(t, [s])], GENES)[0] for s in conf["sections"]])
+    pooled = conformal_calibration(y, np.concatenate([c[3][0] for c in calls]),
+                                   np.concatenate([c[3][1] for c in calls]), coverage=0.9)
+    assert np.allclose(conf["q"], pooled["q"]) and np.allclose(conf["sd_floor"], pooled["sd_floor"])
+
+
+def test_one_seed_holds_out_the_last_training_section(sdata):
+    m = train_contrastive(sdata, n_seeds=1, epochs=2, patience=None, **FAST)
+    assert m.history["selection"]["held_out_sections"] == ["s2"]
+    conf = m.config["conformal"]
+    assert conf["sections"] == ["s2"] and conf["n_spots"] == int(rows_of(sdata.tables["table"], ["s2"]).sum())
+
+
+def test_given_validation_sections_validate_every_seed_without_rotation(sdata):
+    m = train_contrastive(sdata, train_sections=["s0", "s1"], validation_sections=["s2"], n_seeds=2, epochs=2,
+                          patience=None, **FAST)
+    sel = m.history["selection"]
+    assert sel["validation_sections"] == ["s2"] and "held_out_sections" not in sel and not m.config["params"]["refit"]
+    conf = m.config["conformal"]
+    assert conf["sections"] == ["s2"] and conf["n_spots"] == int(rows_of(sdata.tables["table"], ["s2"]).sum())
 
 
 def test_ensemble_saves_in_one_folder_and_predicts_identically(recipe_model, sdata, tmp_path):

@@ -40,7 +40,8 @@ class MclSTExpConfig(ModelConfig):
     ``finetune`` with ``patch_px`` and ``input_size`` (fine-tuned image encoders),
     ``history`` (losses), ``keys`` (retrieval keys: ``"spot"``, ``"image"`` or ``"both"``),
     ``n_members`` (seeds of the ensemble, each an image head and a spot encoder) and
-    ``conformal`` (the calibration of :func:`sq_spade.tl.calibrate_conformal`, or ``None``).
+    ``conformal`` (the calibration of :func:`sq_spade.tl.calibrate_conformal` or of
+    ``train_contrastive(coverage=...)``'s held-out sections, or ``None``).
     Folders saved before ``keys`` / ``n_members`` existed read as ``"spot"`` / 1.
     """
 

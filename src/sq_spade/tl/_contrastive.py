@@ -172,19 +172,29 @@ def train_contrastive(
     - the epoch count is chosen on a validation section by validation ACG (``select="acg"``:
       retrieval of the validation spots from the training spots), at most ``epochs`` = 40 with
       ``patience``; with ``refit`` (default when no ``validation_sections`` are given and there
-      are at least 2 training sections) the last training section validates, and every seed is
-      then retrained on all training sections for the median chosen epoch count. Without any
-      validation section the model trains 12 epochs;
+      are at least 2 training sections) the held-out section rotates over the seeds: seed ``i``
+      of ``n`` training sections holds out ``train[-(1 + i % n)]`` (the last section, then the
+      one before...) and trains on the others, so that with ``n_seeds >= n`` every training
+      section validates once (with fewer seeds, only the last ``n_seeds`` sections). Every seed
+      is then retrained on all training sections for the median of the seeds' best epochs.
+      ``history["selection"]`` records the section each seed held out
+      (``held_out_sections``). Given ``validation_sections`` validate every seed, without
+      rotation. Without any validation section the model trains 12 epochs;
     - ``n_seeds`` = 5 seeds are trained and saved together; predictions average over them;
     - retrieval keys from both sides (``keys="both"``: the reference spots' spot-encoder and
       image embeddings, the mean of the two cosine similarities);
     - with ``obsm[features_key + "_views"]`` (``(N, V, D)`` views of each patch, e.g. the 8
       dihedral views of :func:`sq_spade.pp.compute_features`), each batch takes a random view
       of each spot (``views``); prediction uses ``obsm[features_key]`` (their mean);
-    - ``coverage``: the held-out validation section calibrates split-conformal intervals
-      (:func:`calibrate_conformal`), predicted by the validation run's ensemble, which never
-      saw it; :func:`sq_spade.tl.predict_expression` then writes ``predicted_lower`` /
-      ``predicted_upper`` beside ``predicted`` and ``predicted_sd``.
+    - ``coverage``: the held-out sections calibrate split-conformal intervals (the score of
+      :func:`calibrate_conformal`): each is predicted, by retrieval from the other training
+      sections, by the ensemble of the selection runs that held it out (and so never saw it),
+      and the normalised residuals of all held-out spots are pooled into one quantile per gene
+      (cross-conformal over the training sections; a section weighs by its number of spots).
+      ``config["conformal"]`` records the sections, the spots of each and the section each
+      seed held out. With ``validation_sections`` given, those sections calibrate, predicted by
+      every seed's run. :func:`sq_spade.tl.predict_expression` then writes ``predicted_lower``
+      / ``predicted_upper`` beside ``predicted`` and ``predicted_sd``.
 
     ``"published"`` is mclSTExp's own setting: temperature 1, 90 epochs with early stopping on
     the validation loss, one seed, spot keys, no refit, no views, no calibration. Every
@@ -257,9 +267,9 @@ def train_contrastive(
         Seeds trained (``seed``, ``seed + 1``...) and averaged at prediction (``None``: 5 in
         ``"small_data"`` with frozen features, else 1).
     refit
-        Choose the epoch count with the last training section as validation, then retrain on all
-        training sections (``None``: in ``"small_data"``, when no ``validation_sections`` are
-        given and there are at least 2 training sections).
+        Choose the epoch count on held-out training sections (rotated over the seeds, see
+        above), then retrain on all training sections (``None``: in ``"small_data"``, when no
+        ``validation_sections`` are given and there are at least 2 training sections).
     select
         What picks the best epoch on validation: ``"acg"`` (``"small_data"``) or ``"loss"``.
     keys
@@ -268,8 +278,8 @@ def train_contrastive(
         Train on random views from ``obsm[features_key + "_views"]`` when present (``None``:
         in ``"small_data"``).
     coverage
-        Nominal coverage of the conformal intervals calibrated on the validation section
-        (``None``: none; ``"published"``: none).
+        Nominal coverage of the conformal intervals calibrated on the held-out or validation
+        sections (``None``: none; ``"published"``: none).
     position
         ``"grid"``, ``"pixel"`` or ``None`` (see above).
     context
@@ -326,7 +336,7 @@ def train_contrastive(
     --------
     >>> sd = sqs.io.combine_sections([sqs.datasets.her2st(s) for s in ("C2", "C3", "C4")])  # doctest: +SKIP
     >>> model = sqs.tl.train_contrastive(sd, train_sections=["C2", "C3"], validation_sections=["C4"])  # doctest: +SKIP
-    >>> model = sqs.tl.train_contrastive(sd)  # small-data recipe: C4 validates, then refit on C2-C4  # doctest: +SKIP
+    >>> model = sqs.tl.train_contrastive(sd)  # small-data recipe: C4, C3, C2 validate in turn, then refit  # doctest: +SKIP
     >>> published = sqs.tl.train_contrastive(sd, recipe="published", validation_sections=["C4"])  # doctest: +SKIP
     """
     seed = settings.resolve_seed(seed)
@@ -373,7 +383,7 @@ def train_contrastive(
     do_refit = rc["refit"] if rc["refit"] is not None else (recipe == "small_data" and not val and len(train) >= 2)
     if do_refit:
         if val:
-            raise ValueError("`refit=True` chooses the epoch count on the last training section: leave "
+            raise ValueError("`refit=True` chooses the epoch count on held-out training sections: leave "
                              "`validation_sections` empty.")
         if len(train) < 2:
             raise ValueError(f"`refit=True` needs at least 2 training sections, got {train}.")
@@ -465,20 +475,12 @@ def train_contrastive(
     model = MclSTExp(fit.image_head, fit.spot_encoder, config, image_encoder=fit.image_encoder,
                      members=extra_members)
     if finetune == "none" and rc["coverage"] is not None and selection:
-        # split-conformal: the validation run's ensemble (which never saw the held-out section)
-        # predicts it from the other training sections
-        sel_fits, sel_tr, sel_va = selection.pop("_fits"), selection.pop("_train"), selection.pop("_val")
-        calib = MclSTExp(sel_fits[0].image_head, sel_fits[0].spot_encoder, {**config, "n_members": len(sel_fits)},
-                         members=[(f.image_head, f.spot_encoder) for f in sel_fits[1:]])
-        ref_ctx = tile_ids(table, tile_size)[sel_tr] if context == "tile" else "self"
-        pred, sd = _retrieve(calib, feats[sel_va], gin[sel_tr], None if pos is None else pos[sel_tr], ref_ctx,
-                             feats[sel_tr], values[sel_tr], k=min(200, int(sel_tr.sum())),
-                             weighting="inverse_sq_l2", temperature=1.0)
-        model.config["conformal"] = conformal_calibration(
-            values[sel_va], pred, sd, coverage=rc["coverage"], sections=list(selection["validation_sections"]))
-    selection.pop("_fits", None)
-    selection.pop("_train", None)
-    selection.pop("_val", None)
+        model.config["conformal"] = _cross_conformal(selection["_groups"], config, feats=feats, gin=gin, pos=pos,
+                                                     values=values, table=table, context=context,
+                                                     tile_size=tile_size, coverage=rc["coverage"],
+                                                     held_out=selection.get("held_out_sections"))
+    for key in [k for k in selection if k.startswith("_")]:
+        del selection[key]
     if finetune == "none":
         emb = model.embed_images(feats)
     else:
@@ -537,19 +539,38 @@ def _recipe(recipe: str, *, finetune: str, epochs: int | None, temperature: floa
     return out
 
 
+def held_out_sections(train: Sequence[str], n_seeds: int) -> list[str]:
+    """The training section each seed holds out with ``refit``: seed ``i`` holds out ``train[-(1 + i % n)]``.
+
+    The held-out section rotates from the last training section backwards, so that with at
+    least as many seeds as training sections every section is held out once (one seed: the
+    last section). With fewer seeds, only the last ``n_seeds`` sections are held out.
+    """
+    n = len(train)
+    return [train[-(1 + i % n)] for i in range(n_seeds)]
+
+
 def _fit_recipe(*, train_feats: np.ndarray, feats: np.ndarray, gin: np.ndarray, values: np.ndarray,
                 pos: np.ndarray | None, context: str, table: Any, train: list[str], val: list[str], refit: bool,
                 rc: dict[str, Any], common: dict[str, Any], opts: Any, tile_size: int, ctx_tr: Any, ctx_va: Any,
                 ) -> tuple[list[Any], dict[str, Any], None]:
-    """Train the recipe's seeds: epoch count chosen on validation, then (``refit``) retrained on all sections."""
+    """Train the recipe's seeds: epoch count chosen on validation, then (``refit``) retrained on all sections.
+
+    With ``refit`` the held-out section rotates over the seeds (:func:`held_out_sections`); each
+    selection run trains on the other training sections. ``selection["_groups"]`` holds, per
+    held-out section, the selection runs that never saw it and their training / held-out rows
+    (for the conformal calibration).
+    """
     from sq_spade.train import fit_contrastive
 
     tr_all, va_all = rows_of(table, train), rows_of(table, val)
+    seeds = [opts.seed + i for i in range(rc["n_seeds"])]
     if refit:
-        sel_tr, sel_va = rows_of(table, train[:-1]), rows_of(table, train[-1:])
-        sel_secs = train[-1:]
+        held = held_out_sections(train, len(seeds))
+        splits = [(rows_of(table, [s for s in train if s != h]), rows_of(table, [h])) for h in held]
     else:
-        sel_tr, sel_va, sel_secs = tr_all, va_all, val
+        held = None
+        splits = [(tr_all, va_all)] * len(seeds)
     groups = tile_ids(table, tile_size) if context == "tile" else None
     used = tr_all | va_all
     # one position table for every member (they are saved under one config)
@@ -569,13 +590,22 @@ def _fit_recipe(*, train_feats: np.ndarray, feats: np.ndarray, gin: np.ndarray, 
         return fit_contrastive(train_feats[rows_tr], gin[rows_tr], None if pos is None else pos[rows_tr],
                                ctx(rows_tr), **n_xy, **kw)
 
-    seeds = [opts.seed + i for i in range(rc["n_seeds"])]
     selection: dict[str, Any] = {}
-    if sel_va.any():
-        sel_fits = [run(sel_tr, sel_va, s, opts.epochs) for s in seeds]
+    if splits[0][1].any():
+        sel_fits = [run(rtr, rva, s, opts.epochs) for (rtr, rva), s in zip(splits, seeds, strict=True)]
         best = [int(f.history["best_epoch"]) + 1 for f in sel_fits]
-        selection = {"validation_sections": list(sel_secs), "select": rc["select"], "best_epochs": best,
-                     "_fits": sel_fits, "_train": sel_tr, "_val": sel_va}
+        # per validation set (a rotated held-out section, or the given validation sections): the
+        # selection runs that never saw it
+        vsets = held if held is not None else [tuple(val)] * len(seeds)
+        by_set: dict[Any, list[int]] = {}
+        for i, v in enumerate(vsets):
+            by_set.setdefault(v, []).append(i)
+        cal_groups = [([vsets[ix[0]]] if held is not None else list(val), [sel_fits[i] for i in ix], *splits[ix[0]])
+                      for ix in by_set.values()]
+        selection = {"validation_sections": list(dict.fromkeys(held)) if held is not None else list(val),
+                     "select": rc["select"], "best_epochs": best, "_fits": sel_fits, "_groups": cal_groups}
+        if held is not None:
+            selection["held_out_sections"] = list(held)  # seed by seed
         if rc["select"] == "acg":
             selection["best_val_acg"] = [float(np.nanmax(f.history["val_acg"])) for f in sel_fits]
         if refit:
@@ -651,6 +681,39 @@ def conformal_interval(predicted: np.ndarray, sd: np.ndarray, conformal: Mapping
     return (predicted - half).astype(np.float32), (predicted + half).astype(np.float32)
 
 
+def _cross_conformal(cal_groups: list[Any], config: dict[str, Any], *, feats: np.ndarray, gin: np.ndarray,
+                     pos: np.ndarray | None, values: np.ndarray, table: Any, context: str, tile_size: int,
+                     coverage: float, held_out: list[str] | None) -> dict[str, Any]:
+    """Conformal calibration on the selection runs' held-out sections, pooled.
+
+    Each held-out section is predicted, by retrieval from the training sections of its
+    selection runs, by the ensemble of the runs that never saw it; the normalised residuals of
+    every held-out spot are pooled into one per-gene quantile (:func:`conformal_calibration`).
+    Pooling spots weighs each section by its number of spots.
+    """
+    obs, preds, sds, n_per = [], [], [], {}
+    tiles = tile_ids(table, tile_size) if context == "tile" else None
+    for secs, fits, rows_tr, rows_va in cal_groups:
+        ens = MclSTExp(fits[0].image_head, fits[0].spot_encoder, {**config, "n_members": len(fits)},
+                       members=[(f.image_head, f.spot_encoder) for f in fits[1:]])
+        ref_ctx = tiles[rows_tr] if tiles is not None else "self"
+        pred, sd = _retrieve(ens, feats[rows_va], gin[rows_tr], None if pos is None else pos[rows_tr], ref_ctx,
+                             feats[rows_tr], values[rows_tr], k=min(200, int(rows_tr.sum())),
+                             weighting="inverse_sq_l2", temperature=1.0)
+        obs.append(values[rows_va])
+        preds.append(pred)
+        sds.append(sd)
+        n_per[secs[0]] = int(rows_va.sum())
+    sections = [s for secs, *_ in cal_groups for s in secs]
+    out = conformal_calibration(np.concatenate(obs), np.concatenate(preds), np.concatenate(sds),
+                                coverage=coverage, sections=sections)
+    if held_out is not None:
+        out["n_spots_per_section"] = n_per
+        out["held_out_sections"] = list(held_out)  # seed by seed: the selection run that predicted each section
+        out["pooling"] = "spots of every held-out section (a section weighs by its number of spots)"
+    return out
+
+
 @inject_docs
 def calibrate_conformal(
     sdata: SpatialData | AnnData,
@@ -675,8 +738,8 @@ def calibrate_conformal(
     ``_upper``. The guarantee holds for spots exchangeable with the calibration spots: a
     calibration section the model was trained on gives intervals that are too narrow, and a new
     section differs from the calibration one (the realised coverage per held-out section is on
-    the results page). :func:`~sq_spade.tl.train_contrastive` calibrates on its validation
-    section by itself (``coverage``).
+    the results page). :func:`~sq_spade.tl.train_contrastive` calibrates by itself
+    (``coverage``), on the training sections its selection runs held out in turn, pooled.
 
     Parameters
     ----------
