@@ -63,14 +63,19 @@ def _section_table(section: str, backbone: str, layers, tta: bool, zscore):
         key = f"X_{backbone}"
         path = CACHE / f"{section}_{backbone}_{_recipe_tag(layers, tta)}_z{zscore}.npy"
         meta = path.with_suffix(".json")
-        if path.exists() and meta.exists():
+        prov = json.loads(meta.read_text()) if path.exists() and meta.exists() else None
+        # the patch geometry is part of what the features are: features computed later on the same
+        # sections' tiles (bench_virtual_map.py) are checked against it; older entries lack it
+        if prov is not None and "patch_geometry" in prov:
             t.obsm[key] = np.load(path, allow_pickle=False)
-            t.uns["sq_spade_features"] = {key: json.loads(meta.read_text())}
+            t.uns["sq_spade_features"] = {key: prov}
         else:
             sqs.pp.compute_features(sd, backbone=backbone, layers=layers, tta=tta, zscore=zscore)
             CACHE.mkdir(parents=True, exist_ok=True)
             np.save(path, t.obsm[key])
-            prov = {k: v for k, v in t.uns["sq_spade_features"][key].items() if k != "patch_geometry"}
+            prov = dict(t.uns["sq_spade_features"][key])
+            # `sections` says where (this section's image and level), not how: tables() concatenates
+            prov["patch_geometry"] = {k: v for k, v in prov["patch_geometry"].items() if k != "sections"}
             meta.write_text(json.dumps(prov, default=str))
             t.uns["sq_spade_features"] = {key: prov}
     t = t.copy()

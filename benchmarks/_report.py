@@ -20,8 +20,8 @@ import pandas as pd
 from _data import SPLIT_TITLES
 
 METHODS = ["ridge", "knn", "mclstexp", "spade"]
-LABELS = {"ridge": "ridge (PCA features)", "knn": "kNN (features)", "mclstexp": "mclSTExp (frozen Lite0)",
-          "spade": "SPADE (16 experts)"}
+LABELS = {"ridge": "ridge (PCA features)", "knn": "kNN (features)", "mclstexp": "mclSTExp (defaults, frozen Lite0)",
+          "spade": "SPADE (defaults)"}
 PACKAGES = ["sq_spade", "torch", "numpy", "scikit-learn", "anndata", "spatialdata", "scanpy", "matplotlib", "dask"]
 REL = "_static/results"  # figures, relative to docs/
 
@@ -407,7 +407,8 @@ def render(data: Path, out: Path, runs: dict, seeds: list[int]) -> str:
         "patient split is the honest one, and there A1/A2 images are 3.2 µm/px downscaled copies (patches are "
         "upsampled to 0.5 µm/px), which costs every image-based method.")
     add("- mclSTExp's published figures fine-tune the image encoder on a GPU; the rows here are the frozen-feature "
-        "variant (no GPU was available), SPADE's 16 experts are trained on a few hundred spots each.")
+        "variant (no GPU was available); SPADE's default mixture has one expert per 2,000 training spots, so one "
+        "expert on these few hundred spots (the published 16 are one argument away: `n_experts=16`).")
     add("- Seeds change only the learned methods (ridge and kNN are deterministic given the data).\n")
 
     add("## How each part was produced\n")

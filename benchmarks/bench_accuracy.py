@@ -4,9 +4,9 @@ Splits (panels chosen on each fold's training sections only; nothing tuned on a 
 
 - ``loso``: B4, C2, C3, C4; each held out in turn, trained on the other three. Every method
   trains on all three: ridge and kNN choose their penalty / ``k`` by cross-validation over
-  them, mclSTExp's default recipe chooses its epoch count on the last one and then refits on
-  all three, SPADE trains on all three for ``--epochs-spade`` epochs (no validation section, so
-  its reference side is the genes); all three form the retrieval reference;
+  them; mclSTExp and SPADE run with the defaults a user gets (``train_contrastive(train)``,
+  ``train_experts(train)``: their small-data recipes choose the epoch count on held-out training
+  sections and then refit on all three); all three form the retrieval reference;
 - ``patient``: each patient held out in turn (A: A1+A2, downscaled images; B: B4; C: C2-C4),
   trained on the other patients' sections (the last one validates);
 - ``a_heldout``: the first fold of ``patient`` alone (train B4, C2, C3, C4; test A1, A2);
@@ -28,7 +28,7 @@ sections in every mode.
 
 Prints per-section ACG / HEG / MSE / MAE and the mean per method. Run:
 ``.venv/bin/python benchmarks/bench_accuracy.py [--split loso patient mob] [--panel spade|histogene]
-[--seeds 0 1 2] [--control] [--epochs-spade 100] [--epochs-mcl N] [--threads 1] [--tune [--refit]
+[--seeds 0 1 2] [--control] [--epochs-spade N] [--epochs-mcl N] [--threads 1] [--tune [--refit]
 [--tune-out scores.csv]] [--out results.csv]``.
 """
 
@@ -112,8 +112,9 @@ def run_fold(train_secs, test_secs, *, methods, panel_mode, seed, epochs_spade, 
             continue
         # every method trains on the same sections: all the training sections of the fold
         if method == "spade":
-            model = sqs.tl.train_experts(train, panel=panel, epochs=epochs_spade, train_sections=train_secs,
-                                         seed=seed, n_fine=16, n_experts=16)
+            # what a user gets: train_experts' defaults (its recipe); --epochs-spade overrides the recipe's epochs
+            model = sqs.tl.train_experts(train, panel=panel, train_sections=train_secs, seed=seed,
+                                         **({} if epochs_spade is None else {"epochs": epochs_spade}))
         elif method == "mclstexp":
             # the default recipe: epochs chosen on the last training section, then refit on all of them
             model = sqs.tl.train_contrastive(train, method="mclstexp", panel=panel, train_sections=train_secs,
@@ -134,7 +135,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ridge", "knn", "mclstexp", "spade"])
     ap.add_argument("--panel", default="spade", choices=["spade", "histogene"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--epochs-spade", type=int, default=100)
+    ap.add_argument("--epochs-spade", type=int, default=None,
+                    help="SPADE's epochs (default: the recipe's, as train_experts(sdata) gives)")
     ap.add_argument("--epochs-mcl", type=int, default=None,
                     help="mclSTExp's most epochs (default: the recipe's)")
     ap.add_argument("--k", type=int, default=200)

@@ -198,6 +198,37 @@ def test_windowed_reads_equal_whole_level_reads(tmp_path, monkeypatch, geometry)
     assert (whole.padded_fraction() > 0).any() and (whole.padded_fraction() == 0).any()
 
 
+def test_level_is_loaded_only_where_patches_fall(tmp_path, monkeypatch):
+    """A level that fits the budget is read only in the storage blocks that some patch touches."""
+    import dask.array as da
+
+    sd = _chunked_section()  # 24 px blocks; spots on a 4 x 5 grid, 37 px apart
+    t = sd.tables["table"]
+    xy = t.obsm["spatial"]
+    keep = np.flatnonzero(xy[:, 1] <= xy[:, 1].min())  # the first row of spots only
+    sd.tables["table"] = t[keep].copy()
+    sd.write(tmp_path / "s.zarr")
+    back = sd_mod.read_zarr(tmp_path / "s.zarr")
+    img = _image(sd)
+    p = sqs.pp.patches(back, patch_px=33)
+    level = p._levels[0]
+    assert level.in_memory and level._loaded is not None
+    assert level._loaded.any() and not level._loaded.all()  # the lower rows of blocks were never read
+    ys, xs = level._bounds
+    r = int(np.flatnonzero(~level._loaded.any(axis=1))[0])
+    assert not level.data[:, ys[r]: ys[r + 1]].any()  # unread blocks hold no pixels (zero pages)
+    padded = np.pad(img, ((40, 40), (40, 40), (0, 0)), constant_values=255)  # the fill outside the image
+    for i in range(len(p)):  # the patches are the image's own pixels
+        x, y = (int(np.floor(v - 16.5 + 0.5)) + 40 for v in xy[keep[i]])
+        assert np.array_equal(p[i], padded[y: y + 33, x: x + 33]), i
+    # a window outside the loaded blocks is read from storage, not served as zeros
+    y1 = int(ys[r])
+    assert np.array_equal(level.read(y1, y1 + 10, 0, 10, 255), img[y1: y1 + 10, :10])
+    # loading reads the zarr store directly: no dask computation (whose first call imports `distributed`)
+    monkeypatch.setattr(da.Array, "compute", lambda *a, **k: pytest.fail("dask compute"))
+    assert np.array_equal(sqs.pp.patches(back, patch_px=33)[0], p[0])
+
+
 def test_lazy_patches_resolve_and_split_by_section(monkeypatch):
     a = sqs.datasets.synthetic_section(section="a", n_rows=2, n_cols=3, seed=0)
     b = sqs.datasets.synthetic_section(section="b", n_rows=3, n_cols=2, seed=1)

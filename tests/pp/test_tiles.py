@@ -50,6 +50,38 @@ def test_detect_tissue_writes_a_labels_element_in_microns():
     assert meta["level"] == 1 and meta["microns_per_pixel"] == pytest.approx(4.0)
 
 
+def test_detect_tissue_and_tiles_read_a_stored_slide_without_dask_lookups(tmp_path, monkeypatch):
+    """On a zarr-backed slide the coarse level is read from storage directly, and any dask
+    computation gets the synchronous scheduler as a function.
+
+    Given no scheduler, or one named by a string, dask's first computation in a process imports
+    ``distributed`` to look for a client (about half a second, longer than the detection itself).
+    """
+    import dask.array as da
+    import spatialdata
+
+    sd = _slide(h=1100, w=1600, box=(200, 800, 300, 1300))
+    sqs.pp.detect_tissue(sd, microns_per_pixel=4.0)
+    want = read_tissue_mask(sd, "slide")[0]
+    del sd.labels["slide_tissue"]
+    sd.write(tmp_path / "slide.zarr")
+    back = spatialdata.read_zarr(tmp_path / "slide.zarr")
+    computed = []
+    compute = da.Array.compute
+
+    def checked(self, **kw):
+        assert callable(kw.get("scheduler")), kw  # a string or nothing looks for a distributed client
+        computed.append(self.shape)
+        return compute(self, **kw)
+
+    monkeypatch.setattr(da.Array, "compute", checked)
+    sqs.pp.detect_tissue(back, microns_per_pixel=4.0)
+    assert computed == []  # the image's coarse level came straight from the zarr store
+    # the stored level 1 (spatialdata's downsampling) vs level 0 read with a stride: the same mask but for edge pixels
+    assert (read_tissue_mask(back, "slide")[0] == want).mean() > 0.99 and want.mean() > 0.25
+    assert sqs.pp.tile_tissue(back, tile_um=200) > 0
+
+
 def test_detect_tissue_errors_name_the_argument():
     sd = _slide()
     with pytest.raises(KeyError, match="image_key"):

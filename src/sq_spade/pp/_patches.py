@@ -14,8 +14,9 @@ directly, with workers (numpy levels are shared copy-on-write; dask reads use th
 scheduler inside workers, which avoids the fork deadlock of threaded dask).
 
 Memory bound, whatever the slide's size: a section's level of at most
-``settings.memory_budget_bytes`` is held whole (one copy, filled chunk by chunk); a larger one
-is never loaded: each patch reads its window (plus the storage chunks it touches, while they are
+``settings.memory_budget_bytes`` is held in memory (one copy, filled block by block, and only in
+the storage blocks that some patch touches: a slide's glass is never read); a larger one is
+never loaded: each patch reads its window (plus the storage chunks it touches, while they are
 decoded). So patch reading holds at most ``settings.memory_budget_bytes`` of image per section
 kept in memory plus one window and its chunks, independent of the slide's side. For zarr-backed
 images windows come straight from the zarr array (no dask graph work per patch, which would grow
@@ -110,21 +111,49 @@ class _Level:
         self.height, self.width = int(data.shape[1]), int(data.shape[2])
         self.nbytes = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
         self._source = None if in_memory else _source_array(data)
+        # a level loaded only where patches fall (see `resolved`): the lazy array, and which of
+        # its storage blocks (row bounds, column bounds) hold pixels in `data`
+        self._lazy: Any = None
+        self._loaded: np.ndarray | None = None
+        self._bounds: tuple[np.ndarray, np.ndarray] | None = None
 
-    def resolved(self, memory_budget_bytes: int) -> _Level:
-        """The level held whole when it fits ``memory_budget_bytes``, else as it is (windowed)."""
+    def resolved(self, memory_budget_bytes: int, windows: np.ndarray | None = None) -> _Level:
+        """The level held in memory when it fits ``memory_budget_bytes``, else as it is (windowed).
+
+        With ``windows`` (``(n, 4)`` boxes ``y0, y1, x0, x1`` in this level's pixels: the windows
+        the patches will read), only the storage blocks that some window touches are read, so a
+        slide's glass, which tiles and spots leave out, is never decoded; the other pixels stay
+        unallocated (zero pages) and a window reaching them is read from storage.
+        """
         if self.in_memory or self.nbytes > memory_budget_bytes:
             return self
-        return _Level(_materialise(self.data), True)
+        bounds = _block_bounds(self.data)
+        if windows is None or bounds is None:
+            return _Level(_materialise(self.data), True)
+        ys, xs = bounds
+        needed = _blocks_touched(np.asarray(windows, np.int64).reshape(-1, 4), ys, xs)
+        out = _Level(np.zeros(self.data.shape, self.data.dtype), True)  # calloc: untouched pages cost nothing
+        for r in np.flatnonzero(needed.any(axis=1)):
+            cols = np.flatnonzero(needed[r])
+            # runs of consecutive blocks of this block row: one read each (zarr decodes its chunks in one call)
+            for run in np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1):
+                y0, y1, x0, x1 = int(ys[r]), int(ys[r + 1]), int(xs[run[0]]), int(xs[run[-1] + 1])
+                out.data[:, y0:y1, x0:x1] = self._fetch(y0, y1, x0, x1)
+        out._lazy, out._loaded, out._bounds = self, needed, (ys, xs)
+        return out
+
+    def _covered(self, y0: int, y1: int, x0: int, x1: int) -> bool:
+        """Whether an in-bounds region lies in loaded blocks (always, for a level loaded whole)."""
+        if self._loaded is None or self._bounds is None:
+            return True
+        ys, xs = self._bounds
+        r0, r1 = np.searchsorted(ys, y0, "right") - 1, np.searchsorted(ys, y1 - 1, "right") - 1
+        c0, c1 = np.searchsorted(xs, x0, "right") - 1, np.searchsorted(xs, x1 - 1, "right") - 1
+        return bool(self._loaded[r0: r1 + 1, c0: c1 + 1].all())
 
     def _fetch(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """(c, h, w) pixels of an in-bounds region of a lazy level, read from storage."""
-        if self._source is not None:
-            return np.asarray(self._source[:, y0:y1, x0:x1])
-        import dask
-
-        with dask.config.set(scheduler="synchronous"):
-            return np.asarray(self.data[:, y0:y1, x0:x1].compute())
+        return _read_array(self.data, (slice(None), slice(y0, y1), slice(x0, x1)), self._source)
 
     def read(self, y0: int, y1: int, x0: int, x1: int, fill: int) -> np.ndarray:
         """Window [y0, y1) x [x0, x1) as (h, w, 3) uint8, padded with ``fill`` outside the level."""
@@ -133,7 +162,12 @@ class _Level:
         cx0, cx1 = max(x0, 0), min(x1, self.width)
         if cy0 >= cy1 or cx0 >= cx1:
             return np.full((h, w, 3), fill, np.uint8)
-        win = self.data[:, cy0:cy1, cx0:cx1] if self.in_memory else self._fetch(cy0, cy1, cx0, cx1)
+        if not self.in_memory:
+            win = self._fetch(cy0, cy1, cx0, cx1)
+        elif self._lazy is not None and not self._covered(cy0, cy1, cx0, cx1):
+            win = self._lazy._fetch(cy0, cy1, cx0, cx1)  # outside the blocks loaded for the patches
+        else:
+            win = self.data[:, cy0:cy1, cx0:cx1]
         win = np.moveaxis(np.asarray(win), 0, -1)
         if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
             return np.ascontiguousarray(win)
@@ -214,7 +248,8 @@ class Patches:
         are read window by window.
         """
         budget = settings.memory_budget_bytes if memory_budget_bytes is None else int(memory_budget_bytes)
-        levels = [lv.resolved(budget) for lv in self._levels]
+        boxes = _window_boxes(self._centers, self._windows)
+        levels = [lv.resolved(budget, boxes[self._level_of_row == j]) for j, lv in enumerate(self._levels)]
         return Patches(levels, self._level_of_row, self._centers, self._windows, self.patch_px, self.fill,
                        self.geometry, self.obs_names, self.rows)
 
@@ -253,14 +288,65 @@ def _materialise(arr: Any) -> np.ndarray:
     """Load a level into one preallocated array: chunk by chunk, never two copies at once."""
     if isinstance(arr, np.ndarray):
         return arr
-    import dask
     import dask.array as da
+    from dask.local import get_sync
 
     out = np.empty(arr.shape, dtype=arr.dtype)
     # synchronous: threads would keep several source blocks alive at once and raise the peak
-    with dask.config.set(scheduler="synchronous"):
-        da.store(arr, out, lock=False)
+    da.store(arr, out, lock=False, scheduler=get_sync)
     return out
+
+
+def _read_array(arr: Any, index: tuple[slice, ...], source: Any = None) -> np.ndarray:
+    """``arr[index]`` as a numpy array: from the stored array under a plain dask array, else a synchronous compute.
+
+    ``source`` is ``_source_array(arr)`` when already known. The synchronous scheduler is passed
+    as a function: named by a string (even ``"synchronous"``), dask's first compute in a process
+    imports ``distributed`` to look for a client (half a second).
+    """
+    if isinstance(arr, np.ndarray):
+        return arr[index]
+    src = _source_array(arr) if source is None else source
+    if src is not None:
+        return np.asarray(src[index])
+    from dask.local import get_sync
+
+    return np.asarray(arr[index].compute(scheduler=get_sync))
+
+
+def _window_boxes(centers: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` int64 boxes ``y0, y1, x0, x1`` holding every pixel that :meth:`Patches.__getitem__` reads."""
+    half = np.asarray(windows, float) / 2
+    cx, cy = np.asarray(centers, float).reshape(-1, 2).T
+    return np.column_stack([np.floor(cy - half) - 1, np.ceil(cy + half) + 1,
+                            np.floor(cx - half) - 1, np.ceil(cx + half) + 1]).astype(np.int64)
+
+
+def _block_bounds(arr: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row and column bounds of a lazy ``(c, y, x)`` array's storage blocks (``None`` when unknown)."""
+    chunks = getattr(arr, "chunks", None)
+    if not isinstance(chunks, tuple) or len(chunks) != 3:
+        return None
+    return (np.concatenate([[0], np.cumsum(chunks[1])]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(chunks[2])]).astype(np.int64))
+
+
+def _blocks_touched(boxes: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Boolean grid of the blocks (bounds ``ys``, ``xs``) that boxes ``y0, y1, x0, x1`` overlap (clipped)."""
+    ny, nx = len(ys) - 1, len(xs) - 1
+    h, w = int(ys[-1]), int(xs[-1])
+    y0, y1 = np.clip(boxes[:, 0], 0, h), np.clip(boxes[:, 1], 0, h)
+    x0, x1 = np.clip(boxes[:, 2], 0, w), np.clip(boxes[:, 3], 0, w)
+    ok = (y1 > y0) & (x1 > x0)  # boxes wholly outside the level read only fill
+    r0, r1 = np.searchsorted(ys, y0[ok], "right") - 1, np.searchsorted(ys, y1[ok] - 1, "right") - 1
+    c0, c1 = np.searchsorted(xs, x0[ok], "right") - 1, np.searchsorted(xs, x1[ok] - 1, "right") - 1
+    # 2-d difference array: +1 / -1 at each box's corners, summed up = boxes over each block
+    diff = np.zeros((ny + 1, nx + 1), np.int64)
+    np.add.at(diff, (r0, c0), 1)
+    np.add.at(diff, (r0, c1 + 1), -1)
+    np.add.at(diff, (r1 + 1, c0), -1)
+    np.add.at(diff, (r1 + 1, c1 + 1), 1)
+    return diff.cumsum(0).cumsum(1)[:ny, :nx] > 0
 
 
 def _source_array(arr: Any) -> Any:
@@ -386,8 +472,6 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
                 raise ValueError(f"`level={level}` but image {sec.image_key!r} has {len(arrays)} levels.")
             chosen = level
         data = arrays[chosen].data
-        lazy = _Level(data, isinstance(data, np.ndarray))
-        levels.append(lazy.resolved(settings.memory_budget_bytes) if load else lazy)
         lmpp = level_mpps[chosen]
         side_um = max(int(arrays[0].sizes["x"]), int(arrays[0].sizes["y"])) * level_mpps[0]
         if sec_size > side_um:
@@ -398,9 +482,13 @@ def _build_patches(sdata: SpatialData, *, table_key: str, image_key: str | None,
         inv = np.linalg.inv(img_aff)
         xy0 = xy_um @ inv[:2, :2].T + inv[:2, 2]  # level-0 pixels (continuous)
         factor = level_mpps[chosen] / level_mpps[0]
-        level_of_row[sec.rows] = len(levels) - 1
+        level_of_row[sec.rows] = len(levels)
         centers[sec.rows] = xy0 / factor
         windows[sec.rows] = sec_size / lmpp
+        lazy = _Level(data, isinstance(data, np.ndarray))
+        # loaded where this section's patches fall only (a slide's glass is never read)
+        levels.append(lazy.resolved(settings.memory_budget_bytes, _window_boxes(centers[sec.rows], windows[sec.rows]))
+                      if load else lazy)
         geometry.sections[sec.section] = {
             "image_key": sec.image_key, "shapes_key": sec.shapes_key, "level": int(chosen),
             "level_microns_per_pixel": float(lmpp), "patch_microns_per_pixel": float(sec_mpp) if mode == "physical" else float(lmpp),

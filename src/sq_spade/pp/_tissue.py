@@ -26,7 +26,7 @@ from sq_spade._settings import settings
 from sq_spade._validation import check_positive, is_spatialdata
 from sq_spade.io._sections import affine_to, image_levels
 from sq_spade.io._sections import microns_per_pixel as _affine_mpp
-from sq_spade.pp._patches import _source_array
+from sq_spade.pp._patches import _read_array, _source_array
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -100,19 +100,10 @@ def _coarse_level(sdata: SpatialData, img: ImageOfSection,
     lv0 = levels[0]
     small0 = int(np.prod(lv0.shape)) * lv0.dtype.itemsize <= settings.memory_budget_bytes
     if idx > 0 and not isinstance(data, np.ndarray) and _source_array(data) is None and small0:
-        import dask
-
         step = max(int(np.floor(w0 / levels[idx].sizes["x"])), 1)
-        with dask.config.set(scheduler="synchronous"):
-            sub = lv0.data[:, ::step, ::step]
-            sub = sub if isinstance(sub, np.ndarray) else sub.compute()
+        sub = _read_array(lv0.data, (slice(None), slice(None, None, step), slice(None, None, step)))
         return idx, np.moveaxis(np.asarray(sub), 0, -1), img.mpp * step, (float(step), float(step))
-    if not isinstance(data, np.ndarray):
-        import dask
-
-        with dask.config.set(scheduler="synchronous"):
-            data = data.compute()
-    arr = np.moveaxis(np.asarray(data), 0, -1)
+    arr = np.moveaxis(_read_array(data, (slice(None),) * 3), 0, -1)
     return idx, arr, mpps[idx], (w0 / arr.shape[1], h0 / arr.shape[0])
 
 
@@ -254,7 +245,4 @@ def read_tissue_mask(sdata: SpatialData, section: str, key: str | None = None) -
         raise KeyError(f"No tissue mask {key!r} in `sdata.labels`; run sqs.pp.detect_tissue first.")
     el = sdata.labels[key]
     lv = image_levels(el)[0]
-    data = lv.data
-    if not isinstance(data, np.ndarray):
-        data = data.compute()
-    return np.asarray(data) > 0, affine_to(el, K.microns_cs(section))
+    return _read_array(lv.data, (slice(None),) * lv.ndim) > 0, affine_to(el, K.microns_cs(section))
