@@ -56,6 +56,7 @@ def test_spade_v1_loads_and_embeds_as_saved():
     same(model.embed_genes(e["genes"], e["assign"]), e["embed_genes"])
     cfg = saved_config("spade")
     assert model.panel == GENES and model.backbone == "fake" and model.n_experts == 2
+    assert model.n_members == 1 and "n_members" not in cfg  # saved before ensembles: one member
     for key in ("reference_side", "routing_temperature", "gene_input", "selection", "centroid_groups", "params"):
         assert model.config[key] == cfg[key]
     assert model.history["train_loss"] == cfg["history"]["train_loss"]

@@ -101,7 +101,8 @@ def test_query_features_made_otherwise_are_refused(spade_setup, how, use):
 
 def test_reference_and_query_are_compared_when_the_model_has_no_record(spade_setup):
     sd, model = spade_setup
-    old = sqs.models.Spade(model.module, {**model.config.to_json(), "params": {}})  # e.g. a 0.1 model
+    old = sqs.models.Spade(model.module, {**model.config.to_json(), "params": {}},  # e.g. a 0.1 model
+                           members=model.members[1:])
     q = _query("tta")
     with pytest.raises(ValueError, match="tta"):  # (the recipe check of a model without a record sees it first)
         sqs.tl.predict_expression(q, old, reference=sd, features_key="X_dummy", k=3)
@@ -291,7 +292,7 @@ def test_ridge_panels_are_checked_too(outer_joined):
 # --- no NaN written ----------------------------------------------------------------------------------------
 def test_a_model_giving_nan_writes_nothing(spade_setup):
     sd, model = spade_setup
-    broken = sqs.models.Spade(model.module, model.config.to_json())
+    broken = sqs.models.Spade(model.module, model.config.to_json(), members=model.members[1:])
     import copy
 
     broken.module = copy.deepcopy(model.module)

@@ -62,12 +62,17 @@ n_fine, n_experts
     spots than ``n_fine`` get one centroid per spot; ``n_experts`` above the number of fine
     centroids is clamped (each centroid its own expert) with a warning, and an expert that
     trains on fewer spots than the rule allows is warned about.
+recipe
+    ``"small_data"`` (default) or ``"published"``: the defaults of ``epochs``,
+    ``temperature`` and ``n_seeds`` (see :func:`sq_spade.tl.train_experts`); arguments given
+    explicitly override them.
 epochs, batch_size, lr, weight_decay
-    Training settings (100, 128, 1e-3, 1e-2; the published code uses ``lr=1e-4``).
+    Training settings: epochs (``None``: the recipe's; ``"published"``: 100), 128, 1e-3, 1e-2
+    (the published code uses ``lr=1e-4``).
 loss
     ``"bleep"`` (soft targets, SPADE's) or ``"clip"``.
 temperature
-    Loss temperature.
+    Loss temperature (``None``: 32 in ``"small_data"``, 1 in ``"published"``).
 dropout
     Dropout of the heads.
 routing_temperature

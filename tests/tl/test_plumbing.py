@@ -112,7 +112,8 @@ def test_gene_input_raw_feeds_raw_counts_to_the_gene_heads(fitted, monkeypatch):
     assert model.config.reference_side == "genes"
     fed = []
     real = model.embed_genes
-    monkeypatch.setattr(model, "embed_genes", lambda genes, expert: fed.append(np.asarray(genes)) or real(genes, expert))
+    monkeypatch.setattr(model, "embed_genes", lambda genes, expert, **kw: fed.append(np.asarray(genes))
+                        or real(genes, expert, **kw))
     preds = {}
     for gin in ("raw", "log1p_cp10k"):
         model.config["gene_input"] = gin

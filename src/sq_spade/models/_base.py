@@ -22,6 +22,11 @@ from sq_spade._files import ModelFileError, load_model_files, save_model_files
 from sq_spade._validation import feature_recipe
 
 
+def member_prefix(i: int) -> str:
+    """Prefix of ensemble member ``i``'s tensors: ``""`` for the first (as in single models), ``"member<i>."``."""
+    return "" if i == 0 else f"member{i}."
+
+
 def _is_panel(genes: list) -> bool:
     return len(genes) > 0 and all(isinstance(g, str) for g in genes)
 

@@ -13,15 +13,10 @@ from sq_spade import _constants as K
 from sq_spade._config import check
 from sq_spade._files import ModelFileError
 from sq_spade._utils import resolve_device
-from sq_spade.models._base import Model, ModelConfig, run_batches
+from sq_spade.models._base import Model, ModelConfig, member_prefix, run_batches
 
 #: Prefixes of the three modules' tensors inside the tensors file.
 IMAGE_HEAD, SPOT_ENCODER, IMAGE_ENCODER = "image_head.", "spot_encoder.", "image_encoder."
-
-
-def member_prefix(i: int) -> str:
-    """Prefix of ensemble member ``i``'s tensors: ``""`` for the first (as in single models), ``"member<i>."``."""
-    return "" if i == 0 else f"member{i}."
 
 
 def _positive(v: Any) -> bool:

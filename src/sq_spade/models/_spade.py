@@ -13,7 +13,11 @@ from sq_spade import _constants as K
 from sq_spade._config import check
 from sq_spade._files import ModelFileError
 from sq_spade._validation import check_choice, check_positive_float
-from sq_spade.models._base import Model, ModelConfig, run_batches
+from sq_spade.models._base import Model, ModelConfig, member_prefix, run_batches
+
+#: The tensors of one ensemble member (its heads and rotations); the routing (fine centroids and
+#: their experts) is shared by every member and stored once.
+MEMBER_PARTS = ("image_heads.", "gene_heads.", "rotation")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -27,7 +31,9 @@ class SpadeConfig(ModelConfig):
     each fine centroid), ``history`` (losses), ``selection`` (the number of experts and how it
     was chosen, validation scores of the reference sides) and ``alignment`` (how the experts
     share one space: ``"shared_genes"``, ``"procrustes"`` or ``"none"``, the published
-    independent experts and the value of models saved before the option).
+    independent experts and the value of models saved before the option), ``n_members``
+    (seeds of the ensemble: sets of heads trained on the same experts; folders saved before
+    the key read as 1).
     """
 
     gene_input: K.GeneInput
@@ -41,6 +47,12 @@ class SpadeConfig(ModelConfig):
     history: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     alignment: K.Alignment = field(default="none", metadata=check(lambda v: v in K.ALIGNMENTS))
+    n_members: int = field(default=1, metadata=check(lambda v: v > 0))
+
+    def __post_init__(self) -> None:
+        if self.n_members is None:  # folders saved before ensembles: one member
+            object.__setattr__(self, "n_members", 1)
+        super().__post_init__()
 
 
 class Spade(Model):
@@ -51,10 +63,17 @@ class Spade(Model):
     :class:`sq_spade.nn.experts.MixtureOfExperts`) holds the stacked image and gene heads, the
     fine centroids and the fine-to-expert map.
 
+    An ensemble (``train_experts(n_seeds=...)``) holds several sets of heads trained on the same
+    experts (the same fine centroids and routing): ``members``. Predictions average over them;
+    embeddings (:meth:`embed_images`, :func:`sq_spade.tl.embed`) are member 0's by default,
+    each member living in its own space.
+
     Attributes
     ----------
     module
-        The :class:`~sq_spade.nn.experts.MixtureOfExperts`.
+        The :class:`~sq_spade.nn.experts.MixtureOfExperts` (member 0).
+    members
+        ``[module, ...]``, one MixtureOfExperts per seed of the ensemble, sharing the routing.
     config
         Backbone, panel, sizes and provenance (a :class:`SpadeConfig`, read like a dict).
     history
@@ -70,9 +89,41 @@ class Spade(Model):
     config_class = SpadeConfig
     file_class = "Spade"
 
-    def __init__(self, module: Any, config: Mapping[str, Any]):
+    def __init__(self, module: Any, config: Mapping[str, Any], members: Any = None):
+        extra = [m.eval() for m in (members or [])]
+        given = config.get("n_members")
         super().__init__(config)
-        self.module = module.eval()
+        if given is None:
+            self.config["n_members"] = 1 + len(extra)
+        self.members = [module.eval(), *extra]
+        if int(self.config.n_members) != len(self.members):
+            raise ValueError(f"config['n_members'] is {self.config.n_members} but {len(self.members)} members "
+                             f"(MixtureOfExperts) were given.")
+        for m in extra:
+            if (m.n_experts, m.image_heads.out_dim) != (module.n_experts, module.image_heads.out_dim) or not (
+                    m.centroids.shape == module.centroids.shape and bool((m.centroids == module.centroids).all())
+                    and bool((m.fine_to_expert == module.fine_to_expert).all())):
+                raise ValueError("Every member must share the first's experts: the same fine centroids, "
+                                 "fine-to-expert map, number of experts and out_dim.")
+
+    @property
+    def module(self) -> Any:
+        """Member 0's :class:`~sq_spade.nn.experts.MixtureOfExperts` (that of a single model)."""
+        return self.members[0]
+
+    @module.setter
+    def module(self, value: Any) -> None:
+        self.members[0] = value
+
+    @property
+    def n_members(self) -> int:
+        """Seeds in the ensemble (1: a single model)."""
+        return len(self.members)
+
+    def _member(self, member: int) -> Any:
+        if not isinstance(member, (int, np.integer)) or not 0 <= member < len(self.members):
+            raise ValueError(f"`member` must be an integer in [0, {len(self.members)}), got {member!r}.")
+        return self.members[int(member)]
 
     @property
     def n_experts(self) -> int:
@@ -81,31 +132,35 @@ class Spade(Model):
 
     def __repr__(self) -> str:
         return (f"Spade(backbone={self.backbone!r}, experts={self.n_experts}, fine centroids="
-                f"{int(self.module.centroids.shape[0])}, panel={len(self.panel)} genes)")
+                f"{int(self.module.centroids.shape[0])}, n_members={self.n_members}, panel={len(self.panel)} genes)")
 
     # --- maths ------------------------------------------------------------------------------------
     def _run(self, fn: Any, x: np.ndarray) -> np.ndarray:
         return run_batches(fn, x, self.config.out_dim)
 
     def embed_images(self, features: np.ndarray, *, routing: K.Routing = "soft",
-                     temperature: float | None = None, space: K.Space = "aligned") -> np.ndarray:
+                     temperature: float | None = None, space: K.Space = "aligned", member: int = 0) -> np.ndarray:
         """SPADE image embeddings ``(N, out_dim)`` of backbone features ``(N, D)``.
 
         ``space="published"``: the routed sum of the experts' image heads, as the published code
         computes it; ``"aligned"``: the same sum once every expert is in the common space (the
         Procrustes rotations applied; a model with a shared gene head is aligned by training, so
         both are equal; for ``alignment="none"`` there is no common space and both are equal).
+        ``member``: which seed of the ensemble embeds (each has its own space).
         """
         check_choice(routing, "routing", K.ROUTINGS)
         check_choice(space, "space", K.SPACES)
         t = self.config.routing_temperature if temperature is None else check_positive_float(temperature,
                                                                                               "temperature")
         x = self._check_features(features)
-        return self._run(lambda b: self.module.embed_images(b, temperature=t, hard=routing == "hard",
-                                                            aligned=space == "aligned"), x)
+        mod = self._member(member)
+        return self._run(lambda b: mod.embed_images(b, temperature=t, hard=routing == "hard",
+                                                    aligned=space == "aligned"), x)
 
-    def embed_images_by(self, features: np.ndarray, expert: int) -> np.ndarray:
+    def embed_images_by(self, features: np.ndarray, expert: int, *, member: int = 0) -> np.ndarray:
         """Image embeddings ``(N, out_dim)`` of backbone features ``(N, D)`` by one expert's image head.
+
+        ``member``: which seed of the ensemble embeds.
 
         Examples
         --------
@@ -114,7 +169,8 @@ class Spade(Model):
         e = int(expert)
         if not 0 <= e < self.n_experts:
             raise ValueError(f"`expert` must lie in [0, {self.n_experts}), got {expert!r}.")
-        return self._run(lambda b: self.module.embed_images_by(b, e), self._check_features(features))
+        mod = self._member(member)
+        return self._run(lambda b: mod.embed_images_by(b, e), self._check_features(features))
 
     def routing_weights(self, features: np.ndarray, *, temperature: float | None = None) -> np.ndarray:
         """Soft routing weights ``(N, n_experts)``."""
@@ -125,10 +181,11 @@ class Spade(Model):
         """Expert of each row: that of its nearest fine centroid."""
         return self._run(lambda b: self.module.assign(b)[:, None].float(), self._check_features(features))[:, 0].astype(np.int64)
 
-    def embed_genes(self, genes: np.ndarray, expert: np.ndarray) -> np.ndarray:
-        """Gene-side embeddings of expression rows ``(N, G)`` by their experts' gene heads."""
+    def embed_genes(self, genes: np.ndarray, expert: np.ndarray, *, member: int = 0) -> np.ndarray:
+        """Gene-side embeddings of expression rows ``(N, G)`` by their experts' gene heads (of ``member``)."""
         import torch
 
+        mod = self._member(member)
         g = np.asarray(genes, dtype=np.float32)
         if g.ndim != 2 or g.shape[1] != len(self.panel):
             raise ValueError(f"`genes` must be (N, {len(self.panel)}) over the model's panel, got {g.shape}.")
@@ -136,12 +193,17 @@ class Spade(Model):
         out = []
         with torch.inference_mode():
             for s in range(0, len(g), 8192):
-                out.append(self.module.embed_genes(torch.as_tensor(g[s: s + 8192]), torch.as_tensor(e[s: s + 8192])).numpy())
+                out.append(mod.embed_genes(torch.as_tensor(g[s: s + 8192]), torch.as_tensor(e[s: s + 8192])).numpy())
         return np.concatenate(out) if out else np.zeros((0, int(self.config.out_dim)), np.float32)
 
     # --- persistence ----------------------------------------------------------------------------
     def _to_files(self) -> tuple[dict[str, Any], Mapping[str, Any]]:
-        return self.config.to_json(), dict(self.module.state_dict())
+        # member 0 under the names of single models (old readers load it); the heads (and
+        # rotations) of the other seeds under member<i>.; the shared routing once
+        tensors = dict(self.module.state_dict())
+        for i, m in enumerate(self.members[1:], start=1):
+            tensors.update({member_prefix(i) + k: v for k, v in m.state_dict().items() if k.startswith(MEMBER_PARTS)})
+        return self.config.to_json(), tensors
 
     @classmethod
     def _expected_shapes(cls, config: SpadeConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -160,20 +222,32 @@ class Spade(Model):
         if "rotation" in shapes or config["alignment"] == "procrustes":  # Procrustes rotations, per expert
             o = int(config["out_dim"])
             out["rotation"] = (e, o, o)
+        # the other seeds of an ensemble: the same heads (and rotations) under member<i>.
+        own = {k: v for k, v in out.items() if k.startswith(MEMBER_PARTS)}
+        for i in range(1, int(config["n_members"])):
+            out.update({member_prefix(i) + k: v for k, v in own.items()})
         return out
 
     @classmethod
     def _from_files(cls, config: SpadeConfig, tensors: dict[str, Any]) -> Spade:
-        try:
-            module = build_module(config, centroids=tensors.get("centroids"),
-                                  fine_to_expert=tensors.get("fine_to_expert"), rotation=tensors.get("rotation"))
-        except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
-            raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ModelFileError(f"The tensors file does not fit the Spade config: missing {missing[:10]}, "
-                                 f"unexpected {unexpected[:10]}.")
-        return cls(module, config)
+        shared = {k: tensors[k] for k in ("centroids", "fine_to_expert") if k in tensors}
+        modules = []
+        for i in range(int(config["n_members"])):
+            p = member_prefix(i)
+            own = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p) and (
+                i > 0 or not k.startswith("member"))}
+            state = {**own, **shared} if i else own
+            try:
+                module = build_module(config, centroids=shared.get("centroids"),
+                                      fine_to_expert=shared.get("fine_to_expert"), rotation=state.get("rotation"))
+            except (ValueError, TypeError) as e:  # e.g. a fine-to-expert map outside [0, n_experts)
+                raise ModelFileError(f"The tensors file does not fit the Spade config: {e}") from e
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ModelFileError(f"The tensors file does not fit the Spade config ({p or 'member 0'}): missing "
+                                     f"{missing[:10]}, unexpected {unexpected[:10]}.")
+            modules.append(module)
+        return cls(modules[0], config, members=modules[1:])
 
     @classmethod
     def from_original(cls, expert_checkpoints: Sequence[str | os.PathLike],

@@ -323,7 +323,8 @@ def mixture_retrieve_predict(
     center: bool = False,
     batch_size: int = 4096,
     device: str | Any = "cpu",
-) -> tuple[np.ndarray, dict[str, Any]]:
+    return_variance: bool = False,
+) -> tuple[np.ndarray, dict[str, Any]] | tuple[np.ndarray, dict[str, Any], np.ndarray]:
     r"""Retrieval by a mixture of experts, each within its own embedding space.
 
     ``prediction(q) = sum_e a_e(q) * retrieval_e(q)``, where ``retrieval_e`` compares the query
@@ -357,11 +358,16 @@ def mixture_retrieve_predict(
     center
         Subtract, within each expert, the mean of its keys from its keys and queries before
         ranking (cosine similarity of centred embeddings; distances are unchanged).
+    return_variance
+        Also return the retrieval spread: the variance of the mixture of the experts' weighted
+        neighbour values, ``sum_e a_e (var_e + p_e^2) - p^2`` (each ``var_e`` the
+        :func:`neighbor_variance` of expert ``e``'s neighbours).
 
     Returns
     -------
     ``(predictions (n_query, n_values) float32, info)`` with ``info``: ``n_keys`` and
-    ``n_queries`` per expert (lists) and ``fallback`` (experts that used all reference rows).
+    ``n_queries`` per expert (lists) and ``fallback`` (experts that used all reference rows);
+    with ``return_variance``, also the ``(n_query, n_values)`` float32 spread.
 
     Examples
     --------
@@ -399,6 +405,7 @@ def mixture_retrieve_predict(
     tot = w.sum(1, keepdims=True)
     w = np.divide(w, tot, out=np.full_like(w, 1.0 / max(n_exp, 1)), where=tot > 0)
     pred = np.zeros((n_q, v.shape[1]), dtype=np.float64)
+    m2 = np.zeros_like(pred) if return_variance else None  # the mixture's second moment
     n_keys, n_queries, fallback = [], [], []
     all_rows = np.arange(v.shape[0])
     for e in range(n_exp):
@@ -416,8 +423,15 @@ def mixture_retrieve_predict(
         if center:
             mu = kx.mean(0, keepdims=True)
             q, kx = q - mu, kx - mu
-        p = retrieve_predict(q, kx, v[rows_k], k=min(k, len(rows_k)), weighting=weighting,
-                             similarity=similarity, temperature=temperature, batch_size=batch_size,
-                             device=device)
+        out = retrieve_predict(q, kx, v[rows_k], k=min(k, len(rows_k)), weighting=weighting,
+                               similarity=similarity, temperature=temperature, batch_size=batch_size,
+                               device=device, return_neighbors=return_variance)
+        p = out[0] if return_variance else out
         pred[rows_q] += w[rows_q, e, None] * p
-    return pred.astype(np.float32), {"n_keys": n_keys, "n_queries": n_queries, "fallback": fallback}
+        if m2 is not None:
+            var_e = neighbor_variance(v[rows_k], out[1], out[2], p).astype(np.float64)
+            m2[rows_q] += w[rows_q, e, None] * (var_e + np.asarray(p, dtype=np.float64) ** 2)
+    info = {"n_keys": n_keys, "n_queries": n_queries, "fallback": fallback}
+    if m2 is not None:
+        return pred.astype(np.float32), info, np.maximum(m2 - pred ** 2, 0.0).astype(np.float32)
+    return pred.astype(np.float32), info

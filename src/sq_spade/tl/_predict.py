@@ -154,7 +154,7 @@ def predict_expression(
 
     Where predictions go: a table ``predictions_key`` (default ``"predicted"``) annotating the
     same spots as the query table (same region and instance columns), with ``var`` = the panel,
-    ``layers[key_added]`` = predictions (mclSTExp also writes ``layers[key_added + "_sd"]``,
+    ``layers[key_added]`` = predictions (mclSTExp and SPADE also write ``layers[key_added + "_sd"]``,
     the predictive standard deviation: the weighted spread of the retrieved neighbours' values
     plus the spread of the ensemble's members, and, for a model calibrated by
     :func:`~sq_spade.tl.calibrate_conformal` or ``train_contrastive(coverage=...)``,
