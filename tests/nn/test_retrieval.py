@@ -172,3 +172,29 @@ def test_retrieval_on_the_gpu_equals_the_cpu(qkv):
         cpu = retrieve_predict(q, k, v, k=5, weighting=weighting, device="cpu")
         gpu = retrieve_predict(q, k, v, k=5, weighting=weighting, device="cuda")
         np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_mixture_variance_is_the_variance_of_the_mixture_of_neighbours():
+    from sq_spade.nn.retrieval import mixture_retrieve_predict, neighbor_variance
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 4)).astype(np.float32)
+    vals = rng.normal(size=(30, 3)).astype(np.float32)
+    q = rng.normal(size=(5, 4)).astype(np.float32)
+    ke = np.repeat([0, 1], 15)
+    # one expert: the neighbour variance of plain retrieval
+    one = mixture_retrieve_predict(lambda e, r: q[r], np.ones((5, 1)), np.zeros(30, int), lambda e, r: emb[r], vals,
+                                   k=6, return_variance=True)
+    p, idx, w = retrieve_predict(q, emb, vals, k=6, return_neighbors=True)
+    np.testing.assert_allclose(one[0], p, rtol=1e-6)
+    np.testing.assert_allclose(one[2], neighbor_variance(vals, idx, w, p), rtol=1e-5, atol=1e-6)
+    # two experts: sum_e a_e (var_e + p_e^2) - p^2
+    a = np.tile([[0.3, 0.7]], (5, 1))
+    pred, _, var = mixture_retrieve_predict(lambda e, r: q[r], a, ke, lambda e, r: emb[r], vals, k=6,
+                                            return_variance=True)
+    m2 = np.zeros_like(pred, dtype=np.float64)
+    for e in (0, 1):
+        pe, ie, we = retrieve_predict(q, emb[ke == e], vals[ke == e], k=6, return_neighbors=True)
+        m2 += a[:, e, None] * (neighbor_variance(vals[ke == e], ie, we, pe) + pe.astype(np.float64) ** 2)
+    np.testing.assert_allclose(var, m2 - pred.astype(np.float64) ** 2, rtol=1e-4, atol=1e-5)
+    assert len(mixture_retrieve_predict(lambda e, r: q[r], a, ke, lambda e, r: emb[r], vals, k=6)) == 2

@@ -28,7 +28,7 @@ class SpadeConfig(ModelConfig):
     read), ``n_experts``, ``n_fine`` (fine centroids), ``out_dim``, ``dropout``,
     ``routing_temperature`` (soft routing at inference), ``reference_side`` (what
     :func:`sq_spade.tl.predict_expression` retrieves against), ``centroid_groups`` (group of
-    each fine centroid), ``history`` (losses), ``selection`` (the number of experts and how it
+    each fine centroid), ``history`` (losses of member 0), ``selection`` (the number of experts and how it
     was chosen, validation scores of the reference sides) and ``alignment`` (how the experts
     share one space: ``"shared_genes"``, ``"procrustes"`` or ``"none"``, the published
     independent experts and the value of models saved before the option), ``n_members``

@@ -685,7 +685,10 @@ def embed(
     Distances of each spot's frozen features to every fine centroid, ``softmax(-d / T)``, weights
     summed per expert, and the weighted sum of the experts' image heads (``routing="hard"``: the
     nearest fine centroid's expert only). Features are computed with the model's backbone when
-    ``obsm`` lacks them; features of another backbone are refused.
+    ``obsm`` lacks them; features of another backbone are refused. An ensemble
+    (``model.n_members > 1``) embeds with member 0: each member lives in its own space, so
+    their embeddings are not averaged (:meth:`~sq_spade.models.Spade.embed_images` takes
+    ``member=`` for the others).
 
     Parameters
     ----------
