@@ -121,14 +121,15 @@ def test_train_experts_resumes_from_a_checkpoint(tmp_path):
     from tests.train.test_checkpoint import interrupt_after
 
     a, b = _data(size=6), _data(size=6)
-    ma = _train(a, epochs=4, dropout=0.3, n_seeds=1)
+    ma = _train(a, epochs=4, dropout=0.3, recipe="published")
     with pytest.raises(ValueError, match="n_seeds=1"):  # checkpoints hold one training run
         _train(b, epochs=4, checkpoint_dir=tmp_path)
     with interrupt_after(2):
-        _train(b, epochs=4, dropout=0.3, n_seeds=1, checkpoint_every=1, checkpoint_dir=tmp_path)
+        _train(b, epochs=4, dropout=0.3, recipe="published", checkpoint_every=1, checkpoint_dir=tmp_path)
     assert K.SPADE_KEY not in b.tables["table"].obsm  # the interrupted run wrote nothing
     assert read_checkpoint(tmp_path)["epoch"] == 2
-    mb = _train(b, epochs=4, dropout=0.3, n_seeds=1, checkpoint_every=1, checkpoint_dir=tmp_path, resume=True)
+    mb = _train(b, epochs=4, dropout=0.3, recipe="published", checkpoint_every=1, checkpoint_dir=tmp_path,
+                resume=True)
     assert np.array_equal(a.tables["table"].obsm[K.SPADE_KEY], b.tables["table"].obsm[K.SPADE_KEY])
     assert ma.history == mb.history
 

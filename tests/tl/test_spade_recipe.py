@@ -109,7 +109,7 @@ def test_published_recipe_is_one_member_at_temperature_1_for_100_epochs():
     assert pub.n_members == 1 and pub.config["params"]["temperature"] == 1.0
     assert np.asarray(pub.history["train_loss"], float).shape[0] == 100
     # the same as the small-data recipe with every setting given explicitly
-    same = _train(_data(size=6), recipe="small_data", n_seeds=1, temperature=1.0, epochs=100,
+    same = _train(_data(size=6), recipe="small_data", n_seeds=1, temperature=1.0, epochs=100, refit=False,
                   train_sections=["s0", "s1"])
     f = sd.tables["table"].obsm["X_fake"]
     np.testing.assert_array_equal(pub.embed_images(f), same.embed_images(f))
@@ -129,3 +129,83 @@ def test_small_data_defaults_and_explicit_arguments_override_the_recipe():
         _train(sd, recipe="large")
     with pytest.raises(ValueError, match="n_seeds"):
         _train(sd, n_seeds=0)
+
+
+# --- stage B: the epoch count by validation ACG -------------------------------------------------------------------
+def test_fit_experts_epoch_score_keeps_the_best_scoring_epoch_for_every_expert():
+    import torch
+
+    from sq_spade.train import fit_experts
+
+    rng = np.random.default_rng(0)
+    f, g = rng.normal(size=(60, 8)).astype("f4"), rng.normal(size=(60, 5)).astype("f4")
+    scripted = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.0])
+    states = []
+
+    def score(img, gene):
+        assert not img.training and not torch.is_grad_enabled()
+        states.append({k: v.detach().clone() for k, v in img.state_dict().items()})
+        return next(scripted)
+
+    img, _, hist = fit_experts(f, g, np.repeat([0, 1], 30), n_experts=2, epochs=6, batch_size=16, out_dim=4,
+                               device="cpu", epoch_score=score)
+    assert list(hist["val_score"]) == [0.1, 0.5, 0.3, 0.2, 0.4, 0.0] and hist["best_val_score"] == 0.5
+    assert list(hist["best_epoch"]) == [1, 1]  # for every expert jointly
+    for k, v in img.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), states[1][k].numpy())
+    # with patience, the run ends after `patience` epochs without a better score
+    scripted = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.0])
+    _, _, hist = fit_experts(f, g, np.repeat([0, 1], 30), n_experts=2, epochs=6, batch_size=16, out_dim=4,
+                             device="cpu", epoch_score=lambda i, g_: next(scripted), patience=2)
+    assert hist["n_epochs"] == 4 and list(hist["best_epoch"]) == [1, 1]
+    with pytest.raises(TypeError, match="epoch_score"):
+        fit_experts(f, g, np.repeat([0, 1], 30), n_experts=2, epochs=1, device="cpu", epoch_score=0.5)
+
+
+@pytest.fixture(scope="module")
+def refit_model():
+    sd = _data(size=7)
+    return sd, _train(sd, n_seeds=4, epochs=6, train_sections=["s0", "s1", "s2"])
+
+
+def test_refit_rotates_the_held_out_section_and_trains_the_median_best_epoch(refit_model):
+    _, model = refit_model
+    sel = model.config["selection"]
+    assert sel["held_out_sections"] == ["s2", "s1", "s0", "s2"] and sel["validation_sections"] == ["s2", "s1", "s0"]
+    assert sel["select"] == "acg" and model.config["params"]["refit"] is True
+    best = sel["best_epochs"]
+    assert len(best) == 4 and all(1 <= b <= 6 for b in best)
+    assert sel["refit_epochs"] == max(1, int(np.round(np.median(best))))
+    for curve, b, top in zip(sel["val_acg"], best, sel["best_val_acg"], strict=True):
+        assert len(curve) == 6 and curve[b - 1] == top == max(curve)
+    # every member trained on all training sections for the refit epoch count, on one clustering
+    assert model.n_members == 4
+    assert np.asarray(model.history["train_loss"], float).shape[0] == sel["refit_epochs"]
+    assert model.history["n_train"] == [int(n) for n in np.bincount(model.assign(
+        refit_model[0].tables["table"].obsm["X_fake"]), minlength=model.n_experts)]
+
+
+def test_given_validation_sections_select_by_acg_without_refit(ensemble):
+    sd, model = ensemble
+    sel = model.config["selection"]
+    assert sel["select"] == "acg" and sel["validation_sections"] == ["s2"]
+    assert "held_out_sections" not in sel and "refit_epochs" not in sel and not model.config["params"]["refit"]
+    assert len(sel["best_epochs"]) == 3 and np.isfinite(np.asarray(model.history["val_loss"], float)).any()
+    # the score is the prediction's: member 0 (its best epoch) retrieves s2 from s0, s1 with that ACG
+    fq, fr, vr, vals = _arrays(sd)
+    t = sd.tables["table"]
+    vq = vals[np.isin(t.obs[K.OBS.SECTION].astype(str).to_numpy(), ["s2"])]
+    pred, _ = spade_retrieve(_member(model, 0), fq, fr, vr, side="images", k=min(200, len(fr)))
+    from sq_spade._metrics import expression_metrics
+
+    assert float(expression_metrics(pred, vq)[0]["ACG"]) == pytest.approx(sel["best_val_acg"][0], abs=1e-6)
+
+
+def test_refit_arguments_are_checked():
+    sd = _data(size=5)
+    with pytest.raises(ValueError, match="validation_sections"):
+        _train(sd, refit=True, train_sections=["s0", "s1"], validation_sections=["s2"])
+    with pytest.raises(ValueError, match="at least 2"):
+        _train(sd, refit=True, train_sections=["s0"])
+    with pytest.raises(TypeError, match="refit"):
+        _train(sd, refit="yes", train_sections=["s0"])

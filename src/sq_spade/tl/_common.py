@@ -126,3 +126,20 @@ def split_sections(table: Any, train_sections: Sequence[str] | str | None,
 def rows_of(table: Any, sections: Sequence[str]) -> np.ndarray:
     """Boolean mask of the rows of ``sections``."""
     return np.isin(section_labels(table), list(sections))
+
+
+def held_out_sections(train: Sequence[str], n_seeds: int) -> list[str]:
+    """The training section each seed holds out with ``refit``: seed ``i`` holds out ``train[-(1 + i % n)]``.
+
+    The held-out section rotates from the last training section backwards, so that with at
+    least as many seeds as training sections every section is held out once (one seed: the
+    last section). With fewer seeds, only the last ``n_seeds`` sections are held out. Shared
+    by mclSTExp's and SPADE's small-data recipes.
+
+    Examples
+    --------
+    >>> held_out_sections(["a", "b", "c"], 4)
+    ['c', 'b', 'a', 'c']
+    """
+    n = len(train)
+    return [train[-(1 + i % n)] for i in range(n_seeds)]

@@ -28,6 +28,7 @@ from sq_spade.tl._baselines import train_baseline
 from sq_spade.tl._common import (
     comparable_provenance,
     features_provenance,
+    held_out_sections,
     model_feature_provenance,
     recipe_of,
     resolve_features,
@@ -537,17 +538,6 @@ def _recipe(recipe: str, *, finetune: str, epochs: int | None, temperature: floa
         raise ValueError("A fine-tuned model trains one seed, retrieves with spot keys and selects by loss: "
                          "`n_seeds`, `keys`, `select` and `views` apply to finetune='none'.")
     return out
-
-
-def held_out_sections(train: Sequence[str], n_seeds: int) -> list[str]:
-    """The training section each seed holds out with ``refit``: seed ``i`` holds out ``train[-(1 + i % n)]``.
-
-    The held-out section rotates from the last training section backwards, so that with at
-    least as many seeds as training sections every section is held out once (one seed: the
-    last section). With fewer seeds, only the last ``n_seeds`` sections are held out.
-    """
-    n = len(train)
-    return [train[-(1 + i % n)] for i in range(n_seeds)]
 
 
 def _fit_recipe(*, train_feats: np.ndarray, feats: np.ndarray, gin: np.ndarray, values: np.ndarray,

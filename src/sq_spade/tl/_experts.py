@@ -32,6 +32,7 @@ from sq_spade.tl._common import (
     check_same_provenance,
     comparable_provenance,
     features_provenance,
+    held_out_sections,
     model_feature_provenance,
     recipe_of,
     resolve_features,
@@ -113,6 +114,7 @@ def train_experts(
     loss: K.Loss = "bleep",
     temperature: float | None = None,
     n_seeds: int | None = None,
+    refit: bool | None = None,
     gene_input: K.GeneInput = "log1p_cp10k",
     dropout: float = 0.1,
     routing_temperature: float = 0.1,
@@ -147,12 +149,23 @@ def train_experts(
       ``seed``; seed ``i`` initialises and batches with ``seed + i``) and saved together
       (:attr:`~sq_spade.models.Spade.members`); predictions average the members' retrievals
       (her2st 0.1925 with 5 seeds);
-    - without ``validation_sections`` the heads train 15 epochs; with them, up to 40 epochs,
-      each expert keeping its best-validation-loss epoch.
+    - the epoch count is chosen by validation ACG: after each epoch the held-out spots are
+      predicted by the mixture's expert-consistent retrieval from the training spots (image
+      side, ``k = min(200, n_train)``), and all experts keep the epoch of the best ACG (up to
+      ``epochs`` = 40, with ``patience``). With ``refit`` (default when no
+      ``validation_sections`` are given and there are at least 2 training sections) the
+      held-out section rotates over the seeds as for mclSTExp: seed ``i`` of ``n`` training
+      sections holds out ``train[-(1 + i % n)]``, clusters its own training spots and trains
+      on them; every seed is then retrained on all training sections (on the one clustering)
+      for the median of the seeds' best epochs. Given ``validation_sections`` validate every
+      seed, without refit. With neither (one training section) the heads train 15 epochs.
+      ``config["selection"]`` records the held-out sections, the best epochs, the validation
+      ACG per epoch and the refit epoch count.
 
     ``"published"`` is SPADE's own setting and the behaviour of sq_spade before the recipe:
-    temperature 1, 100 epochs, one seed. Every argument given explicitly (``epochs``,
-    ``temperature``, ``n_seeds``) overrides the recipe.
+    temperature 1, 100 epochs, one seed, each expert keeping its best-validation-loss epoch when
+    there are ``validation_sections``, no refit. Every argument given explicitly (``epochs``,
+    ``temperature``, ``n_seeds``, ``refit``) overrides the recipe.
 
     Parameters
     ----------
@@ -174,6 +187,10 @@ def train_experts(
     n_seeds
         Sets of heads trained on the same experts and averaged at prediction (``None``: 5 in
         ``"small_data"``, 1 in ``"published"``).
+    refit
+        Choose the epoch count on held-out training sections (rotated over the seeds), then
+        retrain every seed on all training sections (``None``: in ``"small_data"``, when no
+        ``validation_sections`` are given and there are at least 2 training sections).
     gene_input
         ``"log1p_cp10k"`` (library size over the panel, 1e4, log1p) or ``"raw"`` counts (the
         original code's choice).
@@ -217,16 +234,12 @@ def train_experts(
     seed = settings.resolve_seed(seed)
     import torch
 
-
     table = get_table(sdata, table_key)
-    rc = _recipe(recipe, epochs=epochs, temperature=temperature, n_seeds=n_seeds)
+    rc = _recipe(recipe, epochs=epochs, temperature=temperature, n_seeds=n_seeds, refit=refit)
     opts = _fit_options(epochs=rc["epochs"], batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                         temperature=rc["temperature"], patience=patience, seed=seed,
                         device=device or settings.device, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, resume=resume)
-    if rc["n_seeds"] > 1 and (checkpoint_dir is not None or resume is not False):
-        raise ValueError(f"`checkpoint_dir` and `resume` checkpoint one training run: pass `n_seeds=1` (or "
-                         f"recipe='published'); got n_seeds={rc['n_seeds']}.")
     check_choice(gene_input, "gene_input", K.GENE_INPUTS)
     check_choice(reference_side, "reference_side", K.REFERENCE_SIDE_CHOICES)
     check_choice(alignment, "alignment", K.ALIGNMENTS)
@@ -234,21 +247,36 @@ def train_experts(
     choose_n_experts(n_experts, 0)  # checks the argument before any feature is computed
     check_positive(routing_temperature, "routing_temperature")
     train, val = split_sections(table, train_sections, validation_sections)
+    do_refit = rc["refit"] if rc["refit"] is not None else (recipe == "small_data" and not val and len(train) >= 2)
+    if do_refit and val:
+        raise ValueError("`refit=True` chooses the epoch count on held-out training sections: leave "
+                         "`validation_sections` empty.")
+    if do_refit and len(train) < 2:
+        raise ValueError(f"`refit=True` needs at least 2 training sections, got {train}.")
+    if (rc["n_seeds"] > 1 or do_refit or (val and rc["select"] == "acg")) and (
+            checkpoint_dir is not None or resume is not False):
+        raise ValueError(f"`checkpoint_dir` and `resume` checkpoint one training run selected by validation loss: "
+                         f"pass recipe='published' (or n_seeds=1, refit=False and no validation_sections); got "
+                         f"n_seeds={rc['n_seeds']}, refit={do_refit}, select={rc['select']!r}.")
     genes_list = resolve_panel(table, panel, n_top, train)  # cheap checks before any feature is computed
     expr, _ = panel_expression(table, genes_list, gene_input=gene_input)
+    values = expr if gene_input == "log1p_cp10k" else panel_expression(table, genes_list, gene_input="log1p_cp10k")[0]
     fkey, feats = resolve_features(sdata, table, features_key=features_key, backbone=backbone,
                                    device=device, table_key=table_key)
     prov = features_provenance(table, fkey)
     tr, va = rows_of(table, train), rows_of(table, val)
     if tr.sum() < 2:
         raise ValueError(f"Training sections {train} have {int(tr.sum())} spots; at least 2 are needed.")
-    groups = None
-    if group_key is not None:
-        if group_key not in table.obs:
-            raise KeyError(f"`group_key={group_key!r}` is not a column of `obs`; available: {list(table.obs.columns)}.")
-        groups = table.obs[group_key].astype(str).to_numpy()[tr]
-    n_exp, selection = choose_n_experts(n_experts, int(tr.sum()))
-    clus = two_stage_clustering(feats[tr], groups, n_fine=n_fine, n_experts=n_exp, seed=seed)
+    if group_key is not None and group_key not in table.obs:
+        raise KeyError(f"`group_key={group_key!r}` is not a column of `obs`; available: {list(table.obs.columns)}.")
+
+    def cluster(rows: np.ndarray) -> Any:
+        groups = None if group_key is None else table.obs[group_key].astype(str).to_numpy()[rows]
+        n_exp, _ = choose_n_experts(n_experts, int(rows.sum()))
+        return two_stage_clustering(feats[rows], groups, n_fine=n_fine, n_experts=n_exp, seed=seed)
+
+    _, selection = choose_n_experts(n_experts, int(tr.sum()))
+    clus = cluster(tr)
     _warn_small_experts(clus.expert, clus.n_experts)
     centroids = torch.as_tensor(clus.centroids)
     f2e = torch.as_tensor(clus.fine_to_expert)
@@ -257,9 +285,9 @@ def train_experts(
         d = torch.cdist(torch.as_tensor(feats[va]), centroids)
         val_expert = clus.fine_to_expert[d.argmin(1).numpy()]
     fits, selection = _fit_recipe(
-        feats, expr, tr, va, clus.expert, val_expert, rc=rc, opts=opts, val=val,
-        fit_kw=dict(n_experts=clus.n_experts, dropout=dropout, shared_gene_head=alignment == "shared_genes"),
-        selection=selection)
+        feats, expr, values, tr, va, clus, val_expert, rc=rc, opts=opts, table=table, train=train, val=val,
+        refit=do_refit, cluster=cluster, routing_temperature=routing_temperature, selection=selection,
+        fit_kw=dict(dropout=dropout, shared_gene_head=alignment == "shared_genes"))
     members = [(img, gene, _procrustes(img, feats[tr], seed) if alignment == "procrustes" else None)
                for img, gene, _ in fits]
     (img_heads, gene_heads, rotation), history = members[0], fits[0][2]
@@ -272,16 +300,14 @@ def train_experts(
                       rotation=rotation, members=members[1:],
                       params={"recipe": recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                               "weight_decay": weight_decay, "loss": loss, "temperature": rc["temperature"],
-                              "n_seeds": rc["n_seeds"], "seed": seed,
+                              "n_seeds": rc["n_seeds"], "refit": do_refit, "select": rc["select"], "seed": seed,
                               "n_experts_requested": n_experts, "group_key": group_key, "features_key": fkey,
                               "patience": patience, K.FEATURE_PROVENANCE_PARAM: comparable_provenance(prov or None)})
     if reference_side == "auto" and va.any():
-        values = (expr if gene_input == "log1p_cp10k"
-                  else panel_expression(table, genes_list, gene_input="log1p_cp10k")[0])
         model.config["reference_side"], scores = _choose_reference_side(model, feats[tr], expr[tr], values[tr],
                                                                         feats[va], values[va])
         selection.update(scores)
-    model.config["selection"] = selection
+    model.config["selection"] = to_jsonable(selection, nonfinite="null")
     # write results only once everything has succeeded
     emb = model.embed_images(feats)
     table.obsm[key_added] = emb
@@ -325,16 +351,19 @@ def _assemble(img_heads: Any, gene_heads: Any, centroids: Any, f2e: Any, history
 
 
 # --- the training recipe -------------------------------------------------------------------------------------
-#: The recipes' defaults: epochs (the most, with validation), epochs without validation, loss
-#: temperature, seeds. ``"small_data"`` measured on her2st and MOB leave-one-section-out
-#: (docs/methods.md); ``"published"``: SPADE's own.
+#: The recipes' defaults: epochs (the most, with selection), epochs without any way to select,
+#: loss temperature, seeds, what selects the epoch. ``"small_data"`` measured on her2st and MOB
+#: leave-one-section-out (docs/methods.md); ``"published"``: SPADE's own.
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "small_data": {"epochs": 40, "fixed_epochs": 15, "temperature": 32.0, "n_seeds": 5},
-    "published": {"epochs": 100, "fixed_epochs": 100, "temperature": 1.0, "n_seeds": 1},
+    "small_data": {"epochs": 40, "fixed_epochs": 15, "temperature": 32.0, "n_seeds": 5, "select": "acg"},
+    "published": {"epochs": 100, "fixed_epochs": 100, "temperature": 1.0, "n_seeds": 1, "select": "loss"},
 }
+#: Neighbours of the validation ACG that selects the epoch (at most the training spots).
+SELECT_K = 200
 
 
-def _recipe(recipe: str, *, epochs: int | None, temperature: float | None, n_seeds: int | None) -> dict[str, Any]:
+def _recipe(recipe: str, *, epochs: int | None, temperature: float | None, n_seeds: int | None,
+            refit: bool | None = None) -> dict[str, Any]:
     """The recipe's defaults with the arguments given explicitly, checked."""
     check_choice(recipe, "recipe", K.RECIPES)
     d = RECIPE_DEFAULTS[recipe]
@@ -343,32 +372,115 @@ def _recipe(recipe: str, *, epochs: int | None, temperature: float | None, n_see
         "fixed_epochs": d["fixed_epochs"] if epochs is None else epochs,
         "temperature": d["temperature"] if temperature is None else temperature,
         "n_seeds": d["n_seeds"] if n_seeds is None else n_seeds,
+        "refit": refit,
+        "select": d["select"],
     }
     check_positive(out["n_seeds"], "n_seeds", integer=True)
+    if refit is not None and not isinstance(refit, bool):
+        raise TypeError(f"`refit` must be None, True or False, got {refit!r}.")
     return out
 
 
-def _fit_recipe(feats: np.ndarray, expr: np.ndarray, tr: np.ndarray, va: np.ndarray, expert: np.ndarray,
-                val_expert: np.ndarray | None, *, rc: dict[str, Any], opts: Any, val: list[str],
-                fit_kw: dict[str, Any], selection: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Train the recipe's seeds on the experts ``expert`` of the training rows ``tr``.
+def acg_score(f_ref: np.ndarray, v_ref: np.ndarray, f_val: np.ndarray, v_val: np.ndarray, centroids: np.ndarray,
+              fine_to_expert: np.ndarray, *, routing_temperature: float = 0.1, k: int = SELECT_K) -> Any:
+    """An ``epoch_score`` for :func:`sq_spade.train.fit_experts`: validation ACG of the mixture's retrieval.
 
-    Returns ``[(image_heads, gene_heads, history), ...]``, one per seed, and ``selection``
-    updated with what was chosen how.
+    The validation spots ``f_val`` are routed (soft, ``routing_temperature``) over the experts
+    of the clustering (``centroids``, ``fine_to_expert``) and predicted by expert-consistent
+    retrieval from the reference spots ``f_ref`` (values ``v_ref``), image side (each expert's
+    image head embeds queries and keys; a rotation would change no similarity), with
+    ``k = min(k, n_ref)``: what :func:`spade_retrieve` does at prediction. The score is the
+    ACG of the predictions against ``v_val``.
+
+    Examples
+    --------
+    >>> score = acg_score(f_tr, v_tr, f_va, v_va, clus.centroids, clus.fine_to_expert)  # doctest: +SKIP
+    >>> fit_experts(f_tr, g_tr, clus.expert, n_experts=clus.n_experts, epoch_score=score)  # doctest: +SKIP
+    """
+    import torch
+
+    from sq_spade.nn.experts import route
+    from sq_spade.nn.retrieval import mixture_retrieve_predict
+
+    c = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
+    f2e = torch.as_tensor(np.asarray(fine_to_expert)).long()
+    n_exp = int(f2e.max()) + 1
+    fr, fv = (np.ascontiguousarray(f, dtype=np.float32) for f in (f_ref, f_val))
+    with torch.no_grad():
+        weights = route(torch.as_tensor(fv), c, f2e, n_exp, routing_temperature).numpy()
+        key_expert = f2e[torch.cdist(torch.as_tensor(fr), c).argmin(1)].numpy()
+    kk = min(int(k), len(fr))
+
+    def score(img_heads: Any, gene_heads: Any) -> float:
+        dev = next(img_heads.parameters()).device
+
+        def embed(x: np.ndarray) -> Any:
+            return lambda e, rows: img_heads.forward_one(torch.as_tensor(x[rows]).to(dev), e).cpu().numpy()
+
+        with torch.no_grad():
+            pred, _ = mixture_retrieve_predict(embed(fv), weights, key_expert, embed(fr), v_ref, k=kk)
+        return float(expression_metrics(pred, v_val)[0]["ACG"])
+
+    return score
+
+
+def _fit_recipe(feats: np.ndarray, expr: np.ndarray, values: np.ndarray, tr: np.ndarray, va: np.ndarray, clus: Any,
+                val_expert: np.ndarray | None, *, rc: dict[str, Any], opts: Any, table: Any, train: list[str],
+                val: list[str], refit: bool, cluster: Any, routing_temperature: float, fit_kw: dict[str, Any],
+                selection: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Train the recipe's seeds; with ``refit``, choose the epoch count on rotated held-out sections first.
+
+    Returns ``[(image_heads, gene_heads, history), ...]``, one per seed (all on the experts of
+    ``clus``, the clustering of the training rows ``tr``), and ``selection`` updated with what
+    was chosen how. ``cluster(rows)`` clusters other training rows (a selection run's).
     """
     from sq_spade.train import fit_experts
 
     seeds = [opts.seed + i for i in range(rc["n_seeds"])]
     selection = {**selection, "seeds": seeds}
-    if va.any():  # each expert of each seed keeps its best validation-loss epoch
-        fits = [fit_experts(feats[tr], expr[tr], expert, val_features=feats[va], val_genes=expr[va],
-                            val_expert=val_expert, options=opts.replace(seed=s), **fit_kw) for s in seeds]
+
+    def fit(rows: np.ndarray, c: Any, seed: int, epochs: int, rows_va: np.ndarray | None = None,
+            val_kw: dict[str, Any] | None = None) -> Any:
+        score = None if rows_va is None else acg_score(
+            feats[rows], values[rows], feats[rows_va], values[rows_va], c.centroids, c.fine_to_expert,
+            routing_temperature=routing_temperature)
+        return fit_experts(feats[rows], expr[rows], c.expert, n_experts=c.n_experts, epoch_score=score,
+                           options=opts.replace(seed=seed, epochs=epochs), **fit_kw, **(val_kw or {}))
+
+    def record(runs: list[Any]) -> None:
+        selection.update({"select": "acg", "best_epochs": [int(f[2]["best_epoch"][0]) + 1 for f in runs],
+                          "best_val_acg": [float(f[2]["best_val_score"]) for f in runs],
+                          "val_acg": [[float(v) for v in f[2]["val_score"]] for f in runs]})
+
+    if va.any() and rc["select"] == "loss":  # each expert of each seed keeps its best validation-loss epoch
+        fits = [fit_experts(feats[tr], expr[tr], clus.expert, n_experts=clus.n_experts, val_features=feats[va],
+                            val_genes=expr[va], val_expert=val_expert, options=opts.replace(seed=s), **fit_kw)
+                for s in seeds]
         selection.update({"validation_sections": list(val), "select": "loss",
                           "best_epochs": [[int(b) + 1 for b in f[2]["best_epoch"]] for f in fits]})
+    elif va.any():  # every seed selects its epoch by validation ACG on the given sections
+        # (the validation loss is recorded too, in the history)
+        val_kw = dict(val_features=feats[va], val_genes=expr[va], val_expert=val_expert)
+        fits = [fit(tr, clus, s, rc["epochs"], va, val_kw) for s in seeds]
+        selection["validation_sections"] = list(val)
+        record(fits)
+    elif refit:  # rotated held-out sections choose the epoch count, then every seed trains on all
+        held = held_out_sections(train, len(seeds))
+        clusterings: dict[str, Any] = {}
+        runs = []
+        for h, s in zip(held, seeds, strict=True):
+            rows = tr & ~rows_of(table, [h])
+            if h not in clusterings:
+                clusterings[h] = cluster(rows)
+            runs.append(fit(rows, clusterings[h], s, rc["epochs"], rows_of(table, [h])))
+        record(runs)
+        n_ep = max(1, int(np.round(np.median(selection["best_epochs"]))))
+        selection.update({"held_out_sections": list(held), "validation_sections": list(dict.fromkeys(held)),
+                          "refit_epochs": n_ep})
+        fits = [fit(tr, clus, s, n_ep) for s in seeds]
     else:
         n_ep = rc["fixed_epochs"]
-        fits = [fit_experts(feats[tr], expr[tr], expert, options=opts.replace(seed=s, epochs=n_ep), **fit_kw)
-                for s in seeds]
+        fits = [fit(tr, clus, s, n_ep) for s in seeds]
         selection["fixed_epochs"] = n_ep
     return fits, selection
 

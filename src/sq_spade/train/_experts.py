@@ -175,7 +175,8 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
                 n_experts: int, val_features: np.ndarray | None = None, val_genes: np.ndarray | None = None,
                 val_expert: np.ndarray | None = None, dropout: float = 0.1, out_dim: int = 256,
                 warmup_steps: int = 0, empty: str = "raise", init: tuple[ExpertHeads, ExpertHeads] | None = None,
-                shared_gene_head: bool = False, options: FitOptions | None = None, **training: Any,
+                shared_gene_head: bool = False, options: FitOptions | None = None,
+                epoch_score: Callable[[ExpertHeads, ExpertHeads], float] | None = None, **training: Any,
                 ) -> tuple[ExpertHeads, ExpertHeads, dict[str, Any]]:
     """Train SPADE's experts: one image head and one gene head per expert, on its own spots.
 
@@ -234,6 +235,14 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         chosen by the validation loss summed over experts, for all experts together, so that
         image heads and the gene head stay of one epoch. The returned gene heads hold ``E``
         copies of the shared head (the saved format does not change).
+    epoch_score
+        ``epoch_score(image_heads, gene_heads) -> float`` (higher is better), called after each
+        epoch with the heads in eval mode under ``torch.no_grad`` (on the training device; with
+        ``shared_gene_head`` the gene heads are the one shared head). When given, it selects
+        the epoch instead of the validation loss: all experts together keep the parameters of
+        the best-scoring epoch, and with ``patience`` the run ends after ``patience`` epochs
+        without a better score. E.g. SPADE's validation ACG of the mixture's retrieval
+        (:func:`sq_spade.tl.train_experts`). Not checkpointed: refused with ``checkpoint_dir``.
     options
         The training options (:class:`FitOptions`); default :meth:`FitOptions.experts`: SPADE's
         100 epochs, batches of 128 per expert, AdamW with ``lr`` 1e-4 and ``weight_decay``
@@ -264,7 +273,8 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         the same shape (learning rate of the epoch's last step), ``best_epoch`` of shape
         ``(E,)`` (-1 without validation), ``best_val_loss``, ``stopped_epoch`` (-1: not
         stopped), ``n_train``, ``n_val``, ``steps`` (optimizer steps per expert), ``trained``
-        (bool) and ``n_epochs``.
+        (bool) and ``n_epochs``; with ``epoch_score``, ``val_score`` ``(n_epochs,)`` and
+        ``best_epoch`` the best-scoring epoch for every expert.
 
     Examples
     --------
@@ -280,6 +290,11 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
     opts = resolve_options(options, _DEFAULTS, training)
     n_experts = check_positive_int(n_experts, "n_experts")
     check_choice(empty, "empty", ("raise", "warn"))
+    if epoch_score is not None and not callable(epoch_score):
+        raise TypeError(f"`epoch_score` must be None or a callable (image_heads, gene_heads) -> float, got "
+                        f"{type(epoch_score).__name__}.")
+    if epoch_score is not None and (opts.checkpoint_dir is not None or opts.resume is not False):
+        raise ValueError("`epoch_score` is not checkpointed: pass `checkpoint_dir=None` and `resume=False`.")
     warmup_steps = check_positive_int(warmup_steps, "warmup_steps", allow_zero=True)
     if isinstance(features, TrainingWindows):
         if genes is not None or expert is not None:
@@ -349,14 +364,16 @@ def fit_experts(features: np.ndarray | TrainingWindows, genes: np.ndarray | None
         return _fit(source, vx if has_val else None, vg if has_val else None,
                     vex if has_val else None, n_experts=n_experts, opts=opts, dropout=dropout,
                     out_dim=out_dim, warmup_steps=warmup_steps, dev=dev, n_train=n_train, n_val=n_val,
-                    init=init, ckpt=ckpt, shared=bool(shared_gene_head))
+                    init=init, ckpt=ckpt, shared=bool(shared_gene_head), epoch_score=epoch_score)
 
 
 def _fit(source: TrainingWindows, vx: np.ndarray | None,
          vg: np.ndarray | None, vex: np.ndarray | None, *, n_experts: int, opts: FitOptions,
          dropout: float, out_dim: int, warmup_steps: int, dev: torch.device,
          n_train: np.ndarray, n_val: np.ndarray, init: tuple[ExpertHeads, ExpertHeads] | None,
-         ckpt: Checkpointer | None = None, shared: bool = False) -> tuple[ExpertHeads, ExpertHeads, dict]:
+         ckpt: Checkpointer | None = None, shared: bool = False,
+         epoch_score: Callable[[ExpertHeads, ExpertHeads], float] | None = None,
+         ) -> tuple[ExpertHeads, ExpertHeads, dict]:
     epochs, batch_size, lr, seed = opts.epochs, opts.batch_size, opts.lr, opts.seed
     loss_fn, temperature = _LOSSES[opts.loss], opts.temperature
     e_all = n_experts
@@ -409,6 +426,9 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
     stopped = np.zeros(e_all, dtype=bool)
     stopped_epoch = np.full(e_all, -1)
     best = {k: v.detach().clone() for k, v in _named(img, gen).items()}
+    # the score's selection: one criterion for all experts (a scalar EarlyStopping on -score)
+    scorer = EarlyStopping(opts.patience) if epoch_score is not None else None
+    scores: list[float] = []
     history = History()
     start, stop = 0, epochs
     if ckpt is not None and (resumed := ckpt.attach({"image": img, "gene": gen}, opt,
@@ -443,7 +463,9 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
             train_loss = np.where(rows_sum > 0, loss_sum / rows_sum, np.nan)
         check_loss_finite(train_loss, epoch, lr, which=rows_sum > 0)
 
-        if vx is not None:
+        if vx is not None and scorer is not None:  # the score selects: the validation loss is only recorded
+            val_loss = _evaluate(img, gen, val_plan, vxt, vgt, loss_fn, temperature, dev, e_all, shared)
+        elif vx is not None:
             val_loss = _evaluate(img, gen, val_plan, vxt, vgt, loss_fn, temperature, dev, e_all, shared)
             # experts that stopped early keep their best; NaN leaves their record untouched
             val_loss = np.where(stopped, np.nan, val_loss)
@@ -463,6 +485,17 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
             val_loss = np.full(e_all, np.nan)
         history.append(train_loss, val_loss, last_lr)
         done = bool((stopped | (n_train == 0)).all())
+        if scorer is not None:
+            img.eval()
+            gen.eval()
+            with torch.no_grad():
+                score = float(epoch_score(img, gen))
+            img.train()
+            gen.train()
+            scores.append(score)
+            if scorer.step(-score if np.isfinite(score) else np.nan):
+                best = {k: v.detach().clone() for k, v in _named(img, gen).items()}
+            done = done or bool(scorer.stop)
         if ckpt is not None:
             ckpt.end_epoch(epoch + 1, done or epoch + 1 == epochs,
                            values={"steps": steps[:e_all] if not shared else steps, "stopped": stopped,
@@ -473,15 +506,25 @@ def _fit(source: TrainingWindows, vx: np.ndarray | None,
             break
 
     # experts with validation spots get their best epoch back, the others keep their last
-    if vx is not None and has_val.any():
+    if scorer is not None:  # every expert gets the best-scoring epoch back
+        if scorer.best_epoch >= 0:
+            with torch.no_grad():
+                for k, v in _named(img, gen).items():
+                    v.copy_(best[k])
+    elif vx is not None and has_val.any():
         keep = torch.from_numpy(has_val & (stopper.best_epoch >= 0)).to(dev)
         with torch.no_grad():
             for k, v in _named(img, gen).items():
                 v.copy_(torch.where(_expert_mask(keep, v), best[k], v))
-    best_epoch = (np.asarray(stopper.best_epoch) if vx is not None
-                  else np.full(e_all, -1))
-    best_val = (np.where(best_epoch >= 0, stopper.best, np.nan) if vx is not None
-                else np.full(e_all, np.nan))
+    if scorer is not None:
+        best_epoch, best_val = np.full(e_all, int(scorer.best_epoch)), np.full(e_all, np.nan)
+        history.extra.update({"val_score": np.asarray(scores, dtype=np.float64),
+                              "best_val_score": float(-scorer.best) if scorer.best_epoch >= 0 else np.nan})
+    else:
+        best_epoch = (np.asarray(stopper.best_epoch) if vx is not None
+                      else np.full(e_all, -1))
+        best_val = (np.where(best_epoch >= 0, stopper.best, np.nan) if vx is not None
+                    else np.full(e_all, np.nan))
     history.best_epoch = best_epoch
     history.extra.update({
         "best_val_loss": best_val, "stopped_epoch": stopped_epoch, "n_train": n_train,
