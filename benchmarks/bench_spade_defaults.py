@@ -47,7 +47,10 @@ def accuracy(split: str, seeds: list[int], published: bool, k: int) -> pd.DataFr
                 res = sqs.tl.evaluate_expression(pred, by=None)
                 extra = {}
                 if hasattr(model, "n_experts"):
-                    extra = {"n_experts": model.n_experts, "reference_side": model.config["reference_side"]}
+                    sel = model.config["selection"] or {}
+                    extra = {"n_experts": model.n_experts, "reference_side": model.config["reference_side"],
+                             "n_members": model.n_members, "refit_epochs": sel.get("refit_epochs"),
+                             "best_epochs": sel.get("best_epochs")}
                 rows.append({"split": split, "test": "+".join(test_secs), "seed": seed, "method": name,
                              "ACG": float(res["ACG"].iloc[0]), "HEG": float(res["HEG"].iloc[0]),
                              "seconds": round(time.perf_counter() - t0, 1), **extra})

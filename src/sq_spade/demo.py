@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
     parser = argparse.ArgumentParser(prog="python -m sq_spade.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results", help="folder for the outputs (default: results)")
-    parser.add_argument("--epochs", type=int, default=100, help="SPADE training epochs (default: 100)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="SPADE training epochs (default: the small-data recipe's choice)")
     parser.add_argument("--experts", default="auto",
                         help="number of experts (default: auto, sized to the data; 16 is the published count)")
     parser.add_argument("--k", type=int, default=50, help="reference spots retrieved per query (default: 50)")
