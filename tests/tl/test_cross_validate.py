@@ -68,6 +68,11 @@ def test_by_patient_groups_sections_and_validation_auto():
     t.obsm["X_fake"] = np.random.default_rng(0).normal(size=(t.n_obs, 4)).astype(np.float32)
     df = cross_validate(four, method="ridge", panel="heg", n_top=5, features_key="X_fake", backbone="fake",
                         sections=["s0", "s1", "s2", "s3"])
+    # default: every method trains on all the fold's training sections, as a user's call would
+    assert (df["validation_sections"] == "").all()
+    assert list(df["train_sections"]) == ["s1,s2,s3", "s0,s2,s3", "s0,s1,s3", "s0,s1,s2"]
+    df = cross_validate(four, method="ridge", panel="heg", n_top=5, features_key="X_fake", backbone="fake",
+                        sections=["s0", "s1", "s2", "s3"], validation="auto")
     assert list(df["validation_sections"]) == ["s3", "s3", "s3", "s2"]  # the last training section validates
     assert list(df["train_sections"]) == ["s1,s2", "s0,s2", "s0,s1", "s0,s1"]
     df = cross_validate(four, method="ridge", panel="heg", n_top=5, features_key="X_fake", backbone="fake",

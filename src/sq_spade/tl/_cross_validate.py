@@ -98,7 +98,7 @@ def cross_validate(
     sections: Sequence[str] | None = None,
     panel: str | Sequence[str] = "spade",
     n_top: int = 50,
-    validation: str | None = "auto",
+    validation: str | None = None,
     k: int = 200,
     weighting: K.Weighting = "inverse_sq_l2",
     features_key: str | None = None,
@@ -143,8 +143,12 @@ def cross_validate(
     n_top
         Genes per section (``"spade"``) or in total (``"heg"``).
     validation
-        ``"auto"``: with at least 3 training sections in a fold, the last one validates (early
-        stopping, SPADE's reference side) instead of training; ``None``: no validation.
+        ``None`` (default): every method trains on all the fold's training sections, as a user's
+        call would; mclSTExp's and SPADE's small-data recipes then hold out training sections in
+        turn to choose their epoch count and refit on all of them. ``"auto"``: with at least 3
+        training sections in a fold, the last one validates (early stopping, SPADE's reference
+        side) instead of training, for every method (ridge and kNN then train on one section
+        fewer).
     k, weighting
         Retrieval settings of :func:`sq_spade.tl.predict_expression` (SPADE, mclSTExp); ``k``
         is capped at the number of reference spots of a fold (with a warning).
