@@ -140,8 +140,8 @@ MUTATIONS: list[Mutation] = [
              _node(PLUMB, "test_weighting_and_temperature_reach_the_retrieval"),
              "temperature not passed through predict_expression"),
     Mutation("spade_temperature_dropped", "weighting/temperature", "tl/_experts.py",
-             "embed_keys, values, k=k, weighting=weighting, temperature=temperature)",
-             "embed_keys, values, k=k, weighting=weighting)",
+             "temperature=temperature, return_variance=return_sd)",
+             "return_variance=return_sd)",
              _node(PLUMB, "test_weighting_and_temperature_reach_the_retrieval[spade]"),
              "SPADE's predictor drops the softmax temperature"),
     # --- evaluate_expression's by and n_heg
