@@ -19,7 +19,7 @@ the k-NN regressor all retrieve with :func:`retrieve_predict`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +30,8 @@ from sq_spade import _constants as K
 from sq_spade._utils import resolve_device
 from sq_spade._validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["combine_keys", "mixture_retrieve_predict", "neighbor_variance", "retrieve_predict",
-           "weighted_neighbor_mean"]
+__all__ = ["combine_keys", "ensemble_prediction", "mixture_retrieve_predict", "neighbor_variance",
+           "retrieve_predict", "weighted_neighbor_mean"]
 
 WEIGHTINGS = K.WEIGHTINGS
 SIMILARITIES = K.SIMILARITIES
@@ -92,6 +92,26 @@ def weighted_neighbor_mean(values: np.ndarray, idx: np.ndarray, w: np.ndarray) -
     W = sp.csr_matrix((np.asarray(w, dtype=np.float32).ravel(), np.asarray(idx).ravel(),
                        np.arange(0, n * k + 1, k)), shape=(n, values.shape[0]))
     return np.asarray(W @ values, dtype=np.float32)
+
+
+def ensemble_prediction(predictions: Sequence[np.ndarray], spreads: Sequence[np.ndarray],
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """An ensemble's prediction and predictive standard deviation from its members' retrievals.
+
+    The prediction is the members' mean; the variance is the mean retrieval spread plus the
+    spread of the members' predictions (the law of total variance). One member: its own
+    prediction, unchanged. Shared by mclSTExp's and SPADE's ensembles.
+
+    Examples
+    --------
+    >>> p, sd = ensemble_prediction([np.zeros((1, 2)), np.full((1, 2), 2.0)], [np.ones((1, 2))] * 2)
+    >>> p.tolist(), sd.tolist()
+    ([[1.0, 1.0]], [[1.4142135381698608, 1.4142135381698608]])
+    """
+    P = np.stack([np.asarray(p, dtype=np.float64) for p in predictions])
+    var = np.mean([np.asarray(s, dtype=np.float64) for s in spreads], axis=0) + P.var(axis=0)
+    pred = np.asarray(predictions[0], dtype=np.float32) if len(P) == 1 else P.mean(axis=0).astype(np.float32)
+    return pred, np.sqrt(var).astype(np.float32)
 
 
 def neighbor_variance(values: np.ndarray, idx: np.ndarray, w: np.ndarray, mean: np.ndarray) -> np.ndarray:

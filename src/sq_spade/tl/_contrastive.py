@@ -618,7 +618,12 @@ def _retrieve(model: MclSTExp, fq: np.ndarray | None, ref_gin: np.ndarray, ref_p
     the variance is the mean retrieval spread (weighted variance of the neighbours' values)
     plus the spread of the members' predictions (the law of total variance).
     """
-    from sq_spade.nn.retrieval import combine_keys, neighbor_variance, retrieve_predict
+    from sq_spade.nn.retrieval import (
+        combine_keys,
+        ensemble_prediction,
+        neighbor_variance,
+        retrieve_predict,
+    )
 
     keys = model.config.keys
     preds, spreads = [], []
@@ -631,9 +636,7 @@ def _retrieve(model: MclSTExp, fq: np.ndarray | None, ref_gin: np.ndarray, ref_p
                                      return_neighbors=True)
         preds.append(p)
         spreads.append(neighbor_variance(values, idx, w, p))
-    P = np.stack(preds)
-    var = np.mean(spreads, axis=0) + P.var(axis=0)
-    return P.mean(axis=0).astype(np.float32), np.sqrt(var).astype(np.float32)
+    return ensemble_prediction(preds, spreads)
 
 
 # --- conformal intervals ------------------------------------------------------------------------------------

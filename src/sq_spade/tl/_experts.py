@@ -840,7 +840,7 @@ def spade_retrieve(model: Spade, query_features: np.ndarray, reference_features:
     --------
     >>> pred, info = spade_retrieve(model, f_query, f_ref, expr_ref, side="images", k=50)  # doctest: +SKIP
     """
-    from sq_spade.nn.retrieval import mixture_retrieve_predict
+    from sq_spade.nn.retrieval import ensemble_prediction, mixture_retrieve_predict
 
     side = model.config.reference_side if side is None else side
     check_choice(side, "side", K.REFERENCE_SIDES)
@@ -873,12 +873,10 @@ def spade_retrieve(model: Spade, query_features: np.ndarray, reference_features:
     if side == "both":
         key_expert, vals = np.concatenate([key_expert, key_expert]), np.concatenate([values, values])
     runs = [member_retrieve(m) for m in range(model.n_members)]
-    P = np.stack([r[0] for r in runs])
-    # one member: its prediction itself (a mean of one float32 array could round differently)
-    pred = runs[0][0] if len(runs) == 1 else P.mean(axis=0).astype(np.float32)
     info = {"reference_side": side, "routing": routing, "n_reference": int(len(vals)),
             "n_members": model.n_members, **runs[0][1]}
     if not return_sd:
-        return pred, info
-    var = np.mean([r[2] for r in runs], axis=0, dtype=np.float64) + P.astype(np.float64).var(axis=0)
-    return pred, info, np.sqrt(var).astype(np.float32)
+        preds = [r[0] for r in runs]  # the mean as ensemble_prediction takes it (float64)
+        return (preds[0] if len(preds) == 1 else np.mean(preds, axis=0, dtype=np.float64).astype(np.float32)), info
+    pred, sd = ensemble_prediction([r[0] for r in runs], [r[2] for r in runs])
+    return pred, info, sd
